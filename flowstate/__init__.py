@@ -1,0 +1,96 @@
+"""flowstate: a low-level, asyncio-native state and workflow engine.
+
+Flows are async functions that take a :class:`StateCtx` and return commands; an
+:class:`Engine` applies them through a pluggable driver with atomic compare-and-set commits.
+"""
+
+from flowstate import recovery
+from flowstate._commands import (
+    Command,
+    Commit,
+    Delay,
+    End,
+    Execute,
+    GetData,
+    Noop,
+    Pause,
+    Resume,
+    Stack,
+    StoreData,
+    Transit,
+    Unstack,
+)
+from flowstate._engine import Engine, ExecuteResult, Flow, FlowRegistry
+from flowstate._query import StatesPage, StatesQuery
+from flowstate._state import Data, State, StateCtx, Status, Transition
+from flowstate._watcher import Watcher
+from flowstate.drivers.base import Driver, open_driver
+from flowstate.errors import (
+    ClosedError,
+    Conflict,
+    ConflictError,
+    DriverError,
+    DriverUnavailableError,
+    FlowNotFoundError,
+    FlowstateError,
+    InvalidCommandError,
+    InvalidQueryError,
+    InvalidURLError,
+    MissingDependencyError,
+    NotFoundError,
+    SchemaVersionError,
+    UnknownDriverError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClosedError",
+    "Command",
+    "Commit",
+    "Conflict",
+    "ConflictError",
+    "Data",
+    "Delay",
+    "Driver",
+    "DriverError",
+    "DriverUnavailableError",
+    "End",
+    "Engine",
+    "Execute",
+    "ExecuteResult",
+    "Flow",
+    "FlowNotFoundError",
+    "FlowRegistry",
+    "FlowstateError",
+    "GetData",
+    "InvalidCommandError",
+    "InvalidQueryError",
+    "InvalidURLError",
+    "MissingDependencyError",
+    "Noop",
+    "NotFoundError",
+    "Pause",
+    "Resume",
+    "SchemaVersionError",
+    "Stack",
+    "State",
+    "StateCtx",
+    "StatesPage",
+    "StatesQuery",
+    "Status",
+    "StoreData",
+    "Transit",
+    "Transition",
+    "Unstack",
+    "Watcher",
+    "open_driver",
+    "recovery",
+]
+
+# Reprs and docs say flowstate.Engine, not flowstate._engine.Engine.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = "flowstate"
+del _name, _obj

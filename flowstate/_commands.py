@@ -1,0 +1,343 @@
+"""Commands: the instructions flows return and ``Engine.do`` applies.
+
+Transit, End, Pause, Resume, Stack and Unstack change the working copy in memory; wrap them in
+``Commit`` to store the result atomically. Delay and StoreData are always stored: outside a
+``Commit`` each behaves as a ``Commit`` of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Mapping
+
+import msgspec
+from attrs import define, field
+
+from flowstate._state import (
+    PAUSED_ANNOTATION,
+    StateCtx,
+    Transition,
+    decode_ctx,
+    encode_ctx,
+)
+from flowstate.errors import InvalidCommandError
+
+__all__ = [
+    "Command",
+    "Commit",
+    "Delay",
+    "End",
+    "Execute",
+    "GetData",
+    "Noop",
+    "Pause",
+    "Resume",
+    "Stack",
+    "StoreData",
+    "Transit",
+    "Unstack",
+]
+
+RESUMED_ANNOTATION = "flowstate.resumed"
+
+
+class Command:
+    """Base of every command."""
+
+    __slots__ = ()
+
+
+def _check_ctx(ctx: object, command: str) -> None:
+    if not isinstance(ctx, StateCtx):
+        raise InvalidCommandError(f"{command} needs a StateCtx, not {type(ctx).__name__}")
+
+
+def _check_flow_id(to: object, command: str) -> None:
+    if not to or not isinstance(to, str):
+        raise InvalidCommandError(
+            f"{command} needs a non-empty flow id (str), not {to!r}; use End to finish a state"
+        )
+
+
+def _set(ctx: StateCtx, transition: Transition) -> None:
+    ctx.current.transition = transition
+    ctx.transitions.append(transition)
+
+
+@define(slots=True, init=False)
+class Transit(Command):
+    """Move ``ctx`` to flow ``to`` (memory only; wrap in ``Commit`` to store it).
+
+    Returned by a flow, ``Engine.execute`` goes on with flow ``to``.
+    """
+
+    ctx: StateCtx
+    to: str
+    annotations: dict[str, str] | None
+
+    def __init__(
+        self, ctx: StateCtx, to: str, *, annotations: Mapping[str, str] | None = None
+    ) -> None:
+        _check_ctx(ctx, "Transit")
+        _check_flow_id(to, "Transit")
+        self.ctx = ctx
+        self.to = to
+        self.annotations = dict(annotations) if annotations else None
+
+    def _mutate(self) -> None:
+        _set(self.ctx, Transition(to=self.to, annotations=dict(self.annotations or {})))
+
+
+@define(slots=True)
+class End(Command):
+    """Finish ``ctx``: its transition points nowhere (``to == ""``), a terminal resting status."""
+
+    ctx: StateCtx = field()
+
+    @ctx.validator
+    def _validate(self, _attr: object, value: object) -> None:
+        _check_ctx(value, "End")
+
+    def _mutate(self) -> None:
+        _set(self.ctx, Transition())
+
+
+@define(slots=True, init=False)
+class Pause(Command):
+    """Pause ``ctx``: it rests (the recoverer leaves it alone) until ``Resume``.
+
+    ``to`` is where ``Resume`` continues; by default the flow the state is at now.
+    """
+
+    ctx: StateCtx
+    to: str
+
+    def __init__(self, ctx: StateCtx, to: str | None = None) -> None:
+        _check_ctx(ctx, "Pause")
+        to = ctx.current.transition.to if to is None else to
+        _check_flow_id(to, "Pause")
+        self.ctx = ctx
+        self.to = to
+
+    def _mutate(self) -> None:
+        _set(self.ctx, Transition(to=self.to, annotations={PAUSED_ANNOTATION: "true"}))
+
+
+@define(slots=True)
+class Resume(Command):
+    """Continue a paused ``ctx`` at the flow it was paused at."""
+
+    ctx: StateCtx = field()
+
+    @ctx.validator
+    def _validate(self, _attr: object, value: object) -> None:
+        _check_ctx(value, "Resume")
+
+    def _mutate(self) -> None:
+        to = self.ctx.current.transition.to
+        _check_flow_id(to, "Resume")
+        _set(self.ctx, Transition(to=to, annotations={RESUMED_ANNOTATION: "true"}))
+
+
+@define(slots=True, init=False)
+class Delay(Command):
+    """When due, transit ``ctx`` to ``to`` and execute it, if the state has not moved since.
+
+    The delay is bound to the state version the commit writes (a ``Delay`` always writes its
+    state): any later commit of the state cancels it. Give exactly one of ``seconds`` (from
+    now) or ``until`` (a timezone-aware datetime). Returned by a flow, execution stops with
+    status ``delayed``; outside a ``Commit`` it is committed on its own.
+    """
+
+    ctx: StateCtx
+    to: str
+    at: datetime.datetime
+
+    def __init__(
+        self,
+        ctx: StateCtx,
+        to: str,
+        *,
+        seconds: float | None = None,
+        until: datetime.datetime | None = None,
+    ) -> None:
+        _check_ctx(ctx, "Delay")
+        _check_flow_id(to, "Delay")
+        if (seconds is None) == (until is None):
+            raise InvalidCommandError("Delay needs exactly one of seconds= or until=")
+        if seconds is not None:
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+                math.isfinite(seconds) and seconds >= 0
+            ):
+                raise InvalidCommandError(f"Delay seconds must be a finite number >= 0, not {seconds!r}")
+            at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+        else:
+            if not isinstance(until, datetime.datetime) or until.tzinfo is None:
+                raise InvalidCommandError("Delay until= must be a timezone-aware datetime")
+            at = until.astimezone(datetime.UTC)
+        self.ctx = ctx
+        self.to = to
+        self.at = at
+
+
+@define(slots=True)
+class Execute(Command):
+    """Run ``ctx``'s flow loop. Passed to ``Engine.do`` it runs in the background, owned by
+    the engine; returned by a flow, ``Engine.execute`` goes on with ``ctx``.
+    """
+
+    ctx: StateCtx = field()
+
+    @ctx.validator
+    def _validate(self, _attr: object, value: object) -> None:
+        _check_ctx(value, "Execute")
+
+
+@define(slots=True, init=False)
+class Noop(Command):
+    """Do nothing. Returned by a flow, execution stops with status ``noop``; inside a
+    ``Commit`` it stores ``ctx`` as it is (e.g. to persist changed annotations).
+    """
+
+    ctx: StateCtx | None
+
+    def __init__(self, ctx: StateCtx | None = None) -> None:
+        if ctx is not None:
+            _check_ctx(ctx, "Noop")
+        self.ctx = ctx
+
+
+@define(slots=True, init=False)
+class Stack(Command):
+    """Store the whole of ``stacked`` in ``carrier.current.annotations[key]``.
+
+    The annotation must be unused. Use ``Unstack`` to restore it (call-and-return).
+    """
+
+    carrier: StateCtx
+    stacked: StateCtx
+    key: str
+
+    def __init__(self, carrier: StateCtx, stacked: StateCtx, key: str) -> None:
+        _check_ctx(carrier, "Stack")
+        _check_ctx(stacked, "Stack")
+        if not key or not isinstance(key, str):
+            raise InvalidCommandError("Stack needs a non-empty annotation key")
+        self.carrier = carrier
+        self.stacked = stacked
+        self.key = key
+
+    @property
+    def ctx(self) -> StateCtx:
+        return self.carrier
+
+    def _mutate(self) -> None:
+        annotations = self.carrier.current.annotations
+        if self.key in annotations:
+            raise InvalidCommandError(
+                f"Stack: annotation {self.key!r} of state {self.carrier.id!r} is already used; "
+                "Unstack it first or pick another key"
+            )
+        annotations[self.key] = encode_ctx(self.stacked)
+
+
+@define(slots=True, init=False)
+class Unstack(Command):
+    """Restore the ctx stacked in ``carrier.current.annotations[key]`` into ``into`` and
+    clear the annotation.
+    """
+
+    carrier: StateCtx
+    into: StateCtx
+    key: str
+
+    def __init__(self, carrier: StateCtx, into: StateCtx, key: str) -> None:
+        _check_ctx(carrier, "Unstack")
+        _check_ctx(into, "Unstack")
+        if not key or not isinstance(key, str):
+            raise InvalidCommandError("Unstack needs a non-empty annotation key")
+        self.carrier = carrier
+        self.into = into
+        self.key = key
+
+    @property
+    def ctx(self) -> StateCtx:
+        return self.carrier
+
+    def _mutate(self) -> None:
+        raw = self.carrier.current.annotations.get(self.key)
+        if raw is None:
+            raise InvalidCommandError(
+                f"Unstack: state {self.carrier.id!r} has no stacked state under {self.key!r}"
+            )
+        try:
+            restored = decode_ctx(raw)
+        except msgspec.DecodeError as exc:
+            raise InvalidCommandError(
+                f"Unstack: annotation {self.key!r} of state {self.carrier.id!r} "
+                "does not hold a stacked state"
+            ) from exc
+        del self.carrier.current.annotations[self.key]
+        into = self.into
+        into.current = restored.current
+        into.committed = restored.committed
+        into.transitions = restored.transitions
+        into.data = restored.data
+
+
+@define(slots=True, init=False)
+class StoreData(Command):
+    """Store ``ctx.data[alias]`` with the state, atomically with the commit.
+
+    New data (``rev == 0``) gets the revision of the state version it is stored with;
+    data already stored keeps its revision. Outside a ``Commit`` it is committed on its own.
+    """
+
+    ctx: StateCtx
+    alias: str
+
+    def __init__(self, ctx: StateCtx, alias: str) -> None:
+        _check_ctx(ctx, "StoreData")
+        if not alias or not isinstance(alias, str):
+            raise InvalidCommandError("StoreData needs a non-empty alias")
+        self.ctx = ctx
+        self.alias = alias
+
+
+@define(slots=True, init=False)
+class GetData(Command):
+    """Load the data stored under ``alias`` as of ``ctx.committed`` into ``ctx.data[alias]``."""
+
+    ctx: StateCtx
+    alias: str
+
+    def __init__(self, ctx: StateCtx, alias: str) -> None:
+        _check_ctx(ctx, "GetData")
+        if not alias or not isinstance(alias, str):
+            raise InvalidCommandError("GetData needs a non-empty alias")
+        self.ctx = ctx
+        self.alias = alias
+
+
+@define(slots=True, init=False)
+class Commit(Command):
+    """Apply ``commands`` in order, then store every state they touch in one atomic write.
+
+    The write succeeds only if each state's stored latest revision still equals its
+    ``ctx.committed.rev``; otherwise nothing is written and ``ConflictError`` names every
+    conflicting state. ``Commit``, ``Execute`` and ``GetData`` cannot be nested inside.
+    """
+
+    commands: tuple[Command, ...]
+
+    def __init__(self, *commands: Command) -> None:
+        for command in commands:
+            if isinstance(command, (Commit, Execute, GetData)):
+                raise InvalidCommandError(
+                    f"{type(command).__name__} cannot be inside a Commit; "
+                    "apply it before or after the Commit"
+                )
+            if not isinstance(command, Command):
+                raise InvalidCommandError(f"Commit takes commands, not {type(command).__name__}")
+        self.commands = commands

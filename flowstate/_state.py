@@ -1,0 +1,214 @@
+"""The persisted model: State, Transition, Data, and StateCtx, the working set a flow acts on."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Literal, TypeAlias
+
+import msgspec
+
+from flowstate.errors import InvalidCommandError
+
+__all__ = [
+    "PAUSED_ANNOTATION",
+    "Data",
+    "State",
+    "StateCtx",
+    "Status",
+    "Transition",
+]
+
+Status: TypeAlias = Literal["running", "paused", "ended"]
+
+#: Transition annotation that marks a paused state (set by ``Pause``, dropped by the next transition).
+PAUSED_ANNOTATION = "flowstate.paused"
+#: Transition annotations written by ``Delay``: when the delay is due (ISO 8601) and where it leads.
+DELAY_AT_ANNOTATION = "flowstate.delay.at"
+DELAY_TO_ANNOTATION = "flowstate.delay.to"
+
+
+class Transition(msgspec.Struct, kw_only=True, gc=False):
+    """Where a state goes next.
+
+    Attributes:
+        to: The id of the flow to run next; ``""`` means none (the state has ended).
+        annotations: Transition-scoped annotations. A new transition starts with none, so
+            markers such as "paused" or "delayed" vanish once the state moves on.
+    """
+
+    to: str = ""
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class State(msgspec.Struct, kw_only=True):
+    """One version of a state record.
+
+    Attributes:
+        id: The state's id, unique within a store.
+        rev: The global revision this version was committed at (0: never committed).
+        labels: Indexed key/value pairs that queries and watchers filter on.
+        annotations: Free-form key/value pairs (strings only) kept across transitions.
+        committed_at: When this version was committed (UTC, millisecond precision).
+        transition: The current transition.
+    """
+
+    id: str
+    rev: int = 0
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+    committed_at: datetime.datetime | None = None
+    transition: Transition = msgspec.field(default_factory=Transition)
+
+    @property
+    def status(self) -> Status:
+        """``running``, ``paused`` or ``ended``, derived from the transition."""
+        transition = self.transition
+        if not transition.to:
+            return "ended"
+        if PAUSED_ANNOTATION in transition.annotations:
+            return "paused"
+        return "running"
+
+    @property
+    def is_ended(self) -> bool:
+        """True when no flow is set to run next (``End``, or never transited)."""
+        return not self.transition.to
+
+    @property
+    def is_paused(self) -> bool:
+        """True when ``Pause`` set the current transition; ``Resume`` continues it."""
+        return bool(self.transition.to) and PAUSED_ANNOTATION in self.transition.annotations
+
+    @property
+    def is_delayed(self) -> bool:
+        """True when this version was committed together with a ``Delay``.
+
+        The delay is pending while this version stays the state's latest one: firing it, or
+        any other commit, writes a new version with a fresh transition.
+        """
+        return DELAY_AT_ANNOTATION in self.transition.annotations
+
+    @property
+    def delay_at(self) -> datetime.datetime | None:
+        """When this version's delay is due, or None."""
+        raw = self.transition.annotations.get(DELAY_AT_ANNOTATION)
+        return datetime.datetime.fromisoformat(raw) if raw is not None else None
+
+    def copy(self) -> State:
+        """Return an independent copy (no dict is shared with this one)."""
+        transition = self.transition
+        return State(
+            id=self.id,
+            rev=self.rev,
+            labels=dict(self.labels),
+            annotations=dict(self.annotations),
+            committed_at=self.committed_at,
+            transition=Transition(to=transition.to, annotations=dict(transition.annotations)),
+        )
+
+
+class Data(msgspec.Struct, frozen=True, kw_only=True):
+    """A blob attached to a state under an alias (see ``StoreData`` and ``GetData``).
+
+    Data is immutable: to change it, put a new ``Data(blob=...)`` (``rev=0``) into
+    ``ctx.data``. ``StoreData`` writes a new version only for such new data; data loaded or
+    stored before keeps its revision.
+
+    Attributes:
+        blob: The payload.
+        rev: The revision of the state version the blob was stored with (0: not stored yet).
+    """
+
+    blob: bytes
+    rev: int = 0
+
+
+class StateCtx(msgspec.Struct, kw_only=True):
+    """The working set a flow acts on.
+
+    Attributes:
+        current: The working copy; commands and flows change it.
+        committed: The last version stored (or read); its ``rev`` is the compare-and-set
+            token for the next commit. ``rev == 0`` means the state must not exist yet.
+        transitions: Transitions made since the last commit, oldest first.
+        data: Blobs attached to the state, by alias.
+    """
+
+    current: State
+    committed: State
+    transitions: list[Transition] = msgspec.field(default_factory=list)
+    data: dict[str, Data] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        id: str,
+        *,
+        labels: dict[str, str] | None = None,
+        annotations: dict[str, str] | None = None,
+    ) -> StateCtx:
+        """Create the context of a state that does not exist yet.
+
+        Raises:
+            InvalidCommandError: ``id`` is empty, or a label or annotation is not a string.
+        """
+        if not id or not isinstance(id, str):
+            raise InvalidCommandError("a state id must be a non-empty string")
+        state = State(id=id, labels=dict(labels or {}), annotations=dict(annotations or {}))
+        check_strings(state)
+        return cls(current=state, committed=State(id=id))
+
+    @classmethod
+    def of(cls, state: State) -> StateCtx:
+        """Wrap a stored state version: ``current`` is a working copy of it."""
+        return cls(current=state.copy(), committed=state)
+
+    @property
+    def id(self) -> str:
+        """The state's id."""
+        return self.current.id
+
+    def copy(self) -> StateCtx:
+        """Return an independent copy of the whole context."""
+        return StateCtx(
+            current=self.current.copy(),
+            committed=self.committed.copy(),
+            transitions=[
+                Transition(to=t.to, annotations=dict(t.annotations)) for t in self.transitions
+            ],
+            data=dict(self.data),
+        )
+
+
+def check_strings(state: State) -> None:
+    """Raise InvalidCommandError unless every label and annotation key and value is a str."""
+    for kind, mapping in (
+        ("label", state.labels),
+        ("annotation", state.annotations),
+        ("transition annotation", state.transition.annotations),
+    ):
+        for key, value in mapping.items():
+            if type(key) is not str or type(value) is not str:
+                raise InvalidCommandError(
+                    f"state {state.id!r}: {kind} {key!r} = {value!r} must map str to str"
+                )
+
+
+def utcnow_ms() -> datetime.datetime:
+    """The current UTC time truncated to milliseconds (the precision stored for commits)."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
+
+
+def encode_ctx(ctx: StateCtx) -> str:
+    """Serialise a whole StateCtx to a JSON string (used by ``Stack``)."""
+    return _ctx_json_encoder.encode(ctx).decode()
+
+
+def decode_ctx(raw: str | bytes) -> StateCtx:
+    """Parse a StateCtx written by :func:`encode_ctx`."""
+    return _ctx_json_decoder.decode(raw)
+
+
+_ctx_json_encoder = msgspec.json.Encoder()
+_ctx_json_decoder = msgspec.json.Decoder(StateCtx)

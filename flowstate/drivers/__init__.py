@@ -1,0 +1,29 @@
+"""Storage drivers. ``open_driver(url)`` picks one by URL scheme."""
+
+from flowstate.drivers.base import (
+    CommitRequest,
+    CommitResult,
+    DelayedState,
+    DelaysPage,
+    Driver,
+    Lease,
+    StateWrite,
+    SupportsLease,
+    hide_password,
+    open_driver,
+    register_driver,
+)
+
+__all__ = [
+    "CommitRequest",
+    "CommitResult",
+    "DelayedState",
+    "DelaysPage",
+    "Driver",
+    "Lease",
+    "StateWrite",
+    "SupportsLease",
+    "hide_password",
+    "open_driver",
+    "register_driver",
+]

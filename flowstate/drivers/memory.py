@@ -1,0 +1,293 @@
+"""The in-memory driver (``memory://``): a real driver whose store lives and dies with the process.
+
+Layout: an append-only log of encoded versions (revision ``r`` at index ``r - 1``), the latest
+revision per id, a posting list of revisions per label pair, and the commit times (which never
+decrease along the log, so ``since_time`` is a binary search). Commits run without awaiting,
+so each one is atomic with respect to every other coroutine in the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import datetime
+import enum
+import heapq
+import itertools
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from flowstate._query import StatesPage, StatesQuery
+from flowstate._state import State, utcnow_ms
+from flowstate.drivers.base import (
+    CommitRequest,
+    CommitResult,
+    DelayedState,
+    DelaysPage,
+    Driver,
+    Lease,
+)
+from flowstate.errors import (
+    ClosedError,
+    Conflict,
+    ConflictError,
+    InvalidURLError,
+    NotFoundError,
+)
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = ["MemoryDriver"]
+
+
+class _Lifecycle(enum.Enum):
+    UNOPENED = 1  # created; open() not called yet
+    OPENED = 2  # usable
+    CLOSED = 3  # aclose() called; every call raises ClosedError
+
+
+class _Entry:
+    """One stored version: the fields queries filter on, and the encoded State."""
+
+    __slots__ = ("committed_at", "id", "labels", "raw", "rev")
+
+    def __init__(
+        self, rev: int, id: str, labels: dict[str, str], committed_at: datetime.datetime, raw: bytes
+    ) -> None:
+        self.rev = rev
+        self.id = id
+        self.labels = labels
+        self.committed_at = committed_at
+        self.raw = raw
+
+
+class MemoryDriver(Driver):
+    """Stores everything in this process. Nothing survives the process; use it for tests,
+    single-process tools and as the reference the other drivers are checked against.
+    """
+
+    scheme = "memory"
+
+    def __init__(self) -> None:
+        self._lifecycle = _Lifecycle.UNOPENED
+        self._log: list[_Entry] = []
+        self._times: list[datetime.datetime] = []
+        self._latest: dict[str, int] = {}
+        self._by_label: dict[tuple[str, str], list[int]] = {}
+        self._data: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+        self._delays: list[tuple[int, bytes]] = []
+        self._leases: dict[str, tuple[Lease, float]] = {}
+        self._lease_tokens = itertools.count(1)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._encoder = msgspec.msgpack.Encoder()
+        self._state_decoder = msgspec.msgpack.Decoder(State)
+        self._delay_decoder = msgspec.msgpack.Decoder(DelayedState)
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        if url.rstrip("/").lower() != "memory:":
+            raise InvalidURLError(f"{url!r}: the memory driver's URL is 'memory://'")
+        return cls()
+
+    def __repr__(self) -> str:
+        return f"MemoryDriver(head_rev={len(self._log)}, {self._lifecycle.name.lower()})"
+
+    def _check(self) -> None:
+        if self._lifecycle is not _Lifecycle.OPENED:
+            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+            raise ClosedError(f"the memory driver is {state}")
+
+    async def open(self) -> None:
+        if self._lifecycle is _Lifecycle.CLOSED:
+            raise ClosedError("the memory driver is closed and cannot be reopened")
+        self._lifecycle = _Lifecycle.OPENED
+
+    async def aclose(self) -> None:
+        self._lifecycle = _Lifecycle.CLOSED
+        waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(ClosedError("the memory driver was closed"))
+
+    async def commit(self, request: CommitRequest) -> CommitResult:
+        self._check()
+        latest = self._latest
+        conflicts = [
+            Conflict(w.state.id, w.expected_rev, latest.get(w.state.id, 0))
+            for w in request.writes
+            if latest.get(w.state.id, 0) != w.expected_rev
+        ]
+        if conflicts:
+            raise ConflictError(conflicts)
+        committed_at = utcnow_ms()
+        if self._times and committed_at < self._times[-1]:
+            committed_at = self._times[-1]  # the wall clock went back; keep times monotonic
+        encode = self._encoder.encode
+        revs = []
+        for write in request.writes:
+            state = write.state
+            rev = len(self._log) + 1
+            stored = msgspec.structs.replace(state, rev=rev, committed_at=committed_at)
+            raw = encode(stored)
+            self._log.append(_Entry(rev, state.id, dict(state.labels), committed_at, raw))
+            self._times.append(committed_at)
+            latest[state.id] = rev
+            for pair in state.labels.items():
+                self._by_label.setdefault(pair, []).append(rev)
+            if write.data:
+                for alias, blob in write.data.items():
+                    self._data.setdefault((state.id, alias), []).append((rev, bytes(blob)))
+            if write.delay_at is not None:
+                delayed = DelayedState(state=stored, to=write.delay_to, at=write.delay_at)
+                self._delays.append((rev, encode(delayed)))
+            revs.append(rev)
+        if self._waiters:
+            self._wake()
+        return CommitResult(revs=revs, committed_at=committed_at)
+
+    def _wake(self) -> None:
+        head = len(self._log)
+        still = []
+        for rev, fut in self._waiters:
+            if rev <= head:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((rev, fut))
+        self._waiters = still
+
+    async def get_state(self, state_id: str, rev: int = 0) -> State:
+        self._check()
+        if rev == 0:
+            rev = self._latest.get(state_id, 0)
+            if not rev:
+                raise NotFoundError(f"state {state_id!r} not found")
+        elif not 0 < rev <= len(self._log) or self._log[rev - 1].id != state_id:
+            raise NotFoundError(f"state {state_id!r} has no version at rev {rev}")
+        return self._state_decoder.decode(self._log[rev - 1].raw)
+
+    async def head_rev(self) -> int:
+        self._check()
+        return len(self._log)
+
+    async def get_states(self, query: StatesQuery) -> StatesPage:
+        self._check()
+        head = len(self._log)
+        since_rev = query.since_rev
+        if query.since_time is not None:
+            since_rev = max(since_rev, bisect.bisect_left(self._times, query.since_time))
+        if query.since_latest:
+            last = next(self._matches(query, since_rev, reverse=True), None)
+            if last is None:
+                return StatesPage(states=[], more=False, head_rev=head)
+            since_rev = last - 1
+        decode = self._state_decoder.decode
+        states = []
+        matches = self._matches(query, since_rev)
+        for rev in matches:
+            if len(states) == query.limit:
+                return StatesPage(states=states, more=True, head_rev=head)
+            states.append(decode(self._log[rev - 1].raw))
+        return StatesPage(states=states, more=False, head_rev=head)
+
+    def _matches(self, query: StatesQuery, since_rev: int, *, reverse: bool = False) -> Iterator[int]:
+        """Revisions after ``since_rev`` that match ``query`` (ascending, or descending)."""
+        log = self._log
+        latest = self._latest
+        label_sets = query.label_sets
+        if label_sets:
+            candidates = self._label_candidates(label_sets, since_rev, reverse)
+        elif reverse:
+            candidates = iter(range(len(log), since_rev, -1))
+        else:
+            candidates = iter(range(since_rev + 1, len(log) + 1))
+        for rev in candidates:
+            entry = log[rev - 1]
+            if query.latest_only and latest[entry.id] != rev:
+                continue
+            if label_sets and not any(
+                all(entry.labels.get(k) == v for k, v in wanted.items()) for wanted in label_sets
+            ):
+                continue
+            yield rev
+
+    def _label_candidates(
+        self, label_sets: list[dict[str, str]], since_rev: int, reverse: bool
+    ) -> Iterator[int]:
+        """Merge, per AND-map, the shortest posting list: a superset of the matches."""
+        lists = []
+        for wanted in label_sets:
+            postings = [self._by_label.get(pair, []) for pair in wanted.items()]
+            shortest = min(postings, key=len)
+            start = bisect.bisect_right(shortest, since_rev)
+            lists.append(reversed(shortest[start:]) if reverse else iter(shortest[start:]))
+        if len(lists) == 1:
+            return lists[0]
+        merged = heapq.merge(*lists, reverse=reverse)
+        return (rev for rev, _ in itertools.groupby(merged))
+
+    async def wait_for_rev(self, rev: int) -> None:
+        self._check()
+        if len(self._log) >= rev:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((rev, fut))
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+            self._waiters = [w for w in self._waiters if w[1] is not fut]
+
+    async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
+        self._check()
+        versions = self._data.get((state_id, alias), [])
+        if rev:
+            versions = versions[: bisect.bisect_right(versions, rev, key=lambda v: v[0])]
+        if not versions:
+            at = f" at rev {rev}" if rev else ""
+            raise NotFoundError(f"state {state_id!r} has no data {alias!r}{at}")
+        return versions[-1]
+
+    async def get_delays(self, since_rev: int = 0, limit: int = 100) -> DelaysPage:
+        self._check()
+        start = bisect.bisect_right(self._delays, since_rev, key=lambda d: d[0])
+        chunk = self._delays[start : start + limit]
+        delays = [self._delay_decoder.decode(raw) for _, raw in chunk]
+        return DelaysPage(delays=delays, more=start + limit < len(self._delays))
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        self._check()
+        now = time.monotonic()
+        held = self._leases.get(name)
+        if held is not None and held[1] > now and held[0].holder != holder:
+            return None
+        lease = Lease(name=name, holder=holder, token=next(self._lease_tokens), ttl=ttl)
+        self._leases[name] = (lease, now + ttl)
+        return lease
+
+    async def renew_lease(self, lease: Lease) -> Lease | None:
+        self._check()
+        now = time.monotonic()
+        held = self._leases.get(lease.name)
+        if held is None or held[0].token != lease.token or held[1] <= now:
+            return None
+        self._leases[lease.name] = (lease, now + lease.ttl)
+        return lease
+
+    async def release_lease(self, lease: Lease) -> None:
+        self._check()
+        held = self._leases.get(lease.name)
+        if held is not None and held[0].token == lease.token:
+            del self._leases[lease.name]
+
+    async def get_lease(self, name: str) -> Lease | None:
+        self._check()
+        held = self._leases.get(name)
+        if held is None or held[1] <= time.monotonic():
+            return None
+        return held[0]

@@ -1,0 +1,151 @@
+"""The flowstate error tree.
+
+Every error flowstate raises derives from one root, so ``except flowstate.FlowstateError``
+catches them all::
+
+    FlowstateError
+    ├── ClosedError                      an engine, driver or watcher used after aclose()
+    ├── ConflictError                    a commit lost the revision race; nothing was written
+    ├── NotFoundError (LookupError)      no such state, revision or data
+    │   └── FlowNotFoundError            no flow registered under that id
+    ├── UnknownDriverError (LookupError) no driver for that URL scheme
+    ├── MissingDependencyError (ImportError)   the driver's extra is not installed
+    ├── InvalidURLError (ValueError)     a driver URL that cannot be parsed
+    ├── InvalidCommandError (ValueError) a command that cannot be applied as given
+    ├── InvalidQueryError (ValueError)   a query filter that cannot be evaluated
+    └── DriverError                      the storage backend failed; the original is chained
+        ├── DriverUnavailableError       connection lost; retrying the same call is safe
+        └── SchemaVersionError           the store was written by a newer flowstate
+
+Backend exceptions (sqlite3, grpc, aetcd) never reach users: each driver translates them at its
+edge into a ``DriverError`` subclass and chains the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "ClosedError",
+    "Conflict",
+    "ConflictError",
+    "DriverError",
+    "DriverUnavailableError",
+    "FlowNotFoundError",
+    "FlowstateError",
+    "InvalidCommandError",
+    "InvalidQueryError",
+    "InvalidURLError",
+    "MissingDependencyError",
+    "NotFoundError",
+    "SchemaVersionError",
+    "UnknownDriverError",
+]
+
+
+class FlowstateError(Exception):
+    """Root of every error flowstate raises."""
+
+
+class ClosedError(FlowstateError):
+    """The object was closed (or never opened) and cannot be used."""
+
+
+class Conflict:
+    """One state whose stored revision differed from the one a commit expected."""
+
+    __slots__ = ("actual_rev", "expected_rev", "state_id")
+
+    def __init__(self, state_id: str, expected_rev: int, actual_rev: int) -> None:
+        self.state_id = state_id
+        self.expected_rev = expected_rev
+        self.actual_rev = actual_rev
+
+    def __repr__(self) -> str:
+        return (
+            f"Conflict(state_id={self.state_id!r}, expected_rev={self.expected_rev}, "
+            f"actual_rev={self.actual_rev})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Conflict):
+            return NotImplemented
+        return (self.state_id, self.expected_rev, self.actual_rev) == (
+            other.state_id,
+            other.expected_rev,
+            other.actual_rev,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.state_id, self.expected_rev, self.actual_rev))
+
+
+class ConflictError(FlowstateError):
+    """A commit's compare-and-set failed; nothing in the commit was written.
+
+    ``conflicts`` lists every state whose stored latest revision (``actual_rev``, 0 when the
+    state does not exist) differed from the revision the commit expected.
+    """
+
+    def __init__(self, conflicts: Iterable[Conflict]) -> None:
+        self.conflicts = list(conflicts)
+        detail = ", ".join(
+            f"{c.state_id!r} (expected rev {c.expected_rev}, found {c.actual_rev})"
+            for c in self.conflicts
+        )
+        super().__init__(f"commit conflicts on {detail}; re-read the states and retry")
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the conflicting states, in commit order."""
+        return [c.state_id for c in self.conflicts]
+
+    def __reduce__(self) -> tuple[type[ConflictError], tuple[list[Conflict]]]:
+        return (type(self), (self.conflicts,))
+
+
+class NotFoundError(FlowstateError, LookupError):
+    """No state, revision or data matches the request."""
+
+
+class FlowNotFoundError(NotFoundError):
+    """No flow is registered under the requested id."""
+
+    def __init__(self, flow_id: str) -> None:
+        self.flow_id = flow_id
+        super().__init__(f"no flow registered under {flow_id!r}; register it with engine.flows")
+
+    def __reduce__(self) -> tuple[type[FlowNotFoundError], tuple[str]]:
+        return (type(self), (self.flow_id,))
+
+
+class UnknownDriverError(FlowstateError, LookupError):
+    """No driver is registered for a URL scheme."""
+
+
+class MissingDependencyError(FlowstateError, ImportError):
+    """A driver needs an optional dependency that is not installed."""
+
+
+class InvalidURLError(FlowstateError, ValueError):
+    """A driver URL that cannot be parsed."""
+
+
+class InvalidCommandError(FlowstateError, ValueError):
+    """A command that cannot be applied as given (empty id, nested Commit, ...)."""
+
+
+class InvalidQueryError(FlowstateError, ValueError):
+    """A query filter that cannot be evaluated (negative revision, naive datetime, ...)."""
+
+
+class DriverError(FlowstateError):
+    """The storage backend failed. The backend's exception is chained as ``__cause__``."""
+
+
+class DriverUnavailableError(DriverError):
+    """The backend cannot be reached. Nothing was half-applied; retrying is safe."""
+
+
+class SchemaVersionError(DriverError):
+    """The store was written with a schema this flowstate version does not know."""
