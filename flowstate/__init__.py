@@ -82,6 +82,7 @@ __all__ = [
     "StoreData",
     "Transit",
     "Transition",
+    "UnknownDriverError",
     "Unstack",
     "Watcher",
     "open_driver",

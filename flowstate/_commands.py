@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 from attrs import define, field
@@ -22,6 +22,9 @@ from flowstate._state import (
     encode_ctx,
 )
 from flowstate.errors import InvalidCommandError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "Command",
@@ -58,6 +61,15 @@ def _check_flow_id(to: object, command: str) -> None:
         raise InvalidCommandError(
             f"{command} needs a non-empty flow id (str), not {to!r}; use End to finish a state"
         )
+
+
+def _is_finite_non_negative(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _set(ctx: StateCtx, transition: Transition) -> None:
@@ -167,10 +179,10 @@ class Delay(Command):
         if (seconds is None) == (until is None):
             raise InvalidCommandError("Delay needs exactly one of seconds= or until=")
         if seconds is not None:
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
-                math.isfinite(seconds) and seconds >= 0
-            ):
-                raise InvalidCommandError(f"Delay seconds must be a finite number >= 0, not {seconds!r}")
+            if not _is_finite_non_negative(seconds):
+                raise InvalidCommandError(
+                    f"Delay seconds must be a finite number >= 0, not {seconds!r}"
+                )
             at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
         else:
             if not isinstance(until, datetime.datetime) or until.tzinfo is None:

@@ -6,7 +6,6 @@ import asyncio
 import enum
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 import msgspec
@@ -50,6 +49,7 @@ from flowstate.errors import (
 )
 
 if TYPE_CHECKING:
+    from types import TracebackType
     from typing import Self
 
 __all__ = ["Engine", "ExecuteResult", "Flow", "FlowRegistry"]
@@ -307,14 +307,14 @@ class Engine:
             if isinstance(command, _MUTATORS):
                 command._mutate()
                 ctx = command.ctx
-            elif type(command) is Delay:
-                ctx = command.ctx  # type: ignore[attr-defined]
+            elif isinstance(command, Delay):
+                ctx = command.ctx
                 if ctx.id in delays:
                     raise InvalidCommandError(f"state {ctx.id!r} has two Delays in one Commit")
-                delays[ctx.id] = command  # type: ignore[assignment]
-            elif type(command) is StoreData:
-                ctx = command.ctx  # type: ignore[attr-defined]
-                alias = command.alias  # type: ignore[attr-defined]
+                delays[ctx.id] = command
+            elif isinstance(command, StoreData):
+                ctx = command.ctx
+                alias = command.alias
                 data = ctx.data.get(alias)
                 if data is None:
                     raise InvalidCommandError(
@@ -323,10 +323,10 @@ class Engine:
                     )
                 if not data.rev:
                     stored_data.setdefault(ctx.id, {})[alias] = data.blob
-            elif type(command) is Noop:
-                if command.ctx is None:  # type: ignore[attr-defined]
+            elif isinstance(command, Noop):
+                if command.ctx is None:
                     continue
-                ctx = command.ctx  # type: ignore[attr-defined]
+                ctx = command.ctx
             else:
                 raise InvalidCommandError(f"{type(command).__name__} cannot be inside a Commit")
             seen = touched.setdefault(ctx.id, ctx)

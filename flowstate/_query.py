@@ -35,15 +35,18 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
     limit: int = 50
 
     def __post_init__(self) -> None:
-        if type(self.since_rev) is not int or self.since_rev < 0:
+        if not is_int(self.since_rev) or self.since_rev < 0:
             raise InvalidQueryError(f"since_rev must be an int >= 0, not {self.since_rev!r}")
-        if type(self.limit) is not int or self.limit < 1:
+        if not is_int(self.limit) or self.limit < 1:
             raise InvalidQueryError(f"limit must be an int >= 1, not {self.limit!r}")
-        if self.since_time is not None and (
-            not isinstance(self.since_time, datetime.datetime) or self.since_time.tzinfo is None
+        # Checked as plain objects: callers may pass anything, whatever the annotations say.
+        since_time: object = self.since_time
+        if since_time is not None and (
+            not isinstance(since_time, datetime.datetime) or since_time.tzinfo is None
         ):
             raise InvalidQueryError("since_time must be a timezone-aware datetime")
-        label_sets = [self.labels] if isinstance(self.labels, Mapping) else self.labels
+        given: object = self.labels
+        label_sets = [given] if isinstance(given, Mapping) else given
         if not isinstance(label_sets, Sequence):
             raise InvalidQueryError("labels must be a dict or a list of dicts")
         for labels in label_sets:
@@ -67,13 +70,16 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
         if not label_sets:
             return True
         labels = state.labels
-        return any(
-            all(labels.get(k) == v for k, v in wanted.items()) for wanted in label_sets
-        )
+        return any(all(labels.get(k) == v for k, v in wanted.items()) for wanted in label_sets)
 
     def replace(self, **changes: object) -> StatesQuery:
         """Return a copy with some fields changed."""
         return msgspec.structs.replace(self, **changes)
+
+
+def is_int(value: object) -> bool:
+    """True for a real int (bool is not one here)."""
+    return type(value) is int
 
 
 class StatesPage(msgspec.Struct, kw_only=True):

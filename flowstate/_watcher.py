@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from attrs import define, field
 
-from flowstate._query import StatesQuery
-from flowstate._state import State
 from flowstate.errors import ClosedError
 
 if TYPE_CHECKING:
+    from types import TracebackType
     from typing import Self
 
+    from flowstate._query import StatesQuery
+    from flowstate._state import State
     from flowstate.drivers.base import Driver
 
 __all__ = ["Watcher"]

@@ -23,7 +23,10 @@ edge into a ``DriverError`` subclass and chains the original as ``__cause__``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = [
     "ClosedError",

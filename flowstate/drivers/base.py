@@ -19,7 +19,6 @@ import datetime
 import importlib
 import importlib.metadata
 import logging
-from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,6 +28,7 @@ from flowstate._state import State
 from flowstate.errors import MissingDependencyError, UnknownDriverError
 
 if TYPE_CHECKING:
+    from types import TracebackType
     from typing import Self
 
     from flowstate._query import StatesPage, StatesQuery
@@ -342,7 +342,7 @@ def open_driver(url: str) -> Driver:
     """
     from flowstate.errors import InvalidURLError
 
-    if not isinstance(url, str) or "://" not in url:
+    if not _is_url(url):
         raise InvalidURLError(
             f"{url!r} is not a driver URL; expected e.g. 'memory://' or 'sqlite:///flowstate.db'"
         )
@@ -350,6 +350,10 @@ def open_driver(url: str) -> Driver:
     driver = _load(scheme).from_url(url)
     logger.debug("opened driver %s", hide_password(url))
     return driver
+
+
+def _is_url(value: object) -> bool:
+    return isinstance(value, str) and "://" in value
 
 
 def hide_password(url: str) -> str:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import datetime
 import enum
 import heapq
 import itertools
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -39,6 +37,8 @@ from flowstate.errors import (
 )
 
 if TYPE_CHECKING:
+    import datetime
+    from collections.abc import Iterator
     from typing import Self
 
 __all__ = ["MemoryDriver"]
@@ -186,7 +186,7 @@ class MemoryDriver(Driver):
                 return StatesPage(states=[], more=False, head_rev=head)
             since_rev = last - 1
         decode = self._state_decoder.decode
-        states = []
+        states: list[State] = []
         matches = self._matches(query, since_rev)
         for rev in matches:
             if len(states) == query.limit:
@@ -194,7 +194,9 @@ class MemoryDriver(Driver):
             states.append(decode(self._log[rev - 1].raw))
         return StatesPage(states=states, more=False, head_rev=head)
 
-    def _matches(self, query: StatesQuery, since_rev: int, *, reverse: bool = False) -> Iterator[int]:
+    def _matches(
+        self, query: StatesQuery, since_rev: int, *, reverse: bool = False
+    ) -> Iterator[int]:
         """Revisions after ``since_rev`` that match ``query`` (ascending, or descending)."""
         log = self._log
         latest = self._latest
