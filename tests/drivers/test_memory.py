@@ -9,6 +9,7 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.testing.conformance import DriverTests
+from flowstate.testing.stateful import run_driver_machine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -25,3 +26,7 @@ def test_url() -> None:
     assert isinstance(fs.open_driver("memory://"), MemoryDriver)
     with pytest.raises(fs.InvalidURLError):
         fs.open_driver("memory://somewhere")
+
+
+def test_memory_driver_matches_the_model() -> None:
+    run_driver_machine(MemoryDriver)
