@@ -100,7 +100,7 @@ class DriverStateMachine(RuleBasedStateMachine):
             result = await coro
             await asyncio.sleep(0)
             leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
-            leftover.discard(asyncio.current_task())  # type: ignore[arg-type]
+            leftover.discard(asyncio.current_task())
             assert not leftover, f"a step left tasks running: {leftover}"
             return result
 
