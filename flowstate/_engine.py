@@ -64,6 +64,7 @@ F = TypeVar("F", bound=Flow)
 ExecuteStatus: TypeAlias = Literal["ended", "paused", "delayed", "noop", "conflict"]
 
 _MUTATORS = (Transit, End, Pause, Resume, Stack, Unstack)
+_MUTATOR_TYPES = frozenset(_MUTATORS)
 
 
 class FlowRegistry(Mapping[str, Flow]):
@@ -103,6 +104,9 @@ class FlowRegistry(Mapping[str, Flow]):
             return fn
 
         return decorate
+
+    def get(self, flow_id: str, default: Flow | None = None) -> Flow | None:  # type: ignore[override]
+        return self._flows.get(flow_id, default)
 
     def __getitem__(self, flow_id: str) -> Flow:
         try:
@@ -300,72 +304,20 @@ class Engine:
 
     async def _commit(self, commit: Commit) -> None:
         """Apply the commit's commands in memory, then store every touched state at once."""
-        touched: dict[str, StateCtx] = {}
-        delays: dict[str, Delay] = {}
-        stored_data: dict[str, dict[str, bytes]] = {}
-        for command in commit.commands:
-            if isinstance(command, _MUTATORS):
-                command._mutate()
-                ctx = command.ctx
-            elif isinstance(command, Delay):
-                ctx = command.ctx
-                if ctx.id in delays:
-                    raise InvalidCommandError(f"state {ctx.id!r} has two Delays in one Commit")
-                delays[ctx.id] = command
-            elif isinstance(command, StoreData):
-                ctx = command.ctx
-                alias = command.alias
-                data = ctx.data.get(alias)
-                if data is None:
-                    raise InvalidCommandError(
-                        f"StoreData: state {ctx.id!r} has no data {alias!r}; "
-                        f"set ctx.data[{alias!r}] = Data(blob=...) first"
-                    )
-                if not data.rev:
-                    stored_data.setdefault(ctx.id, {})[alias] = data.blob
-            elif isinstance(command, Noop):
-                if command.ctx is None:
-                    continue
-                ctx = command.ctx
-            else:
-                raise InvalidCommandError(f"{type(command).__name__} cannot be inside a Commit")
-            seen = touched.setdefault(ctx.id, ctx)
-            if seen is not ctx:
-                raise InvalidCommandError(
-                    f"two different StateCtx objects for state {ctx.id!r} in one Commit"
-                )
-        if not touched:
-            return
-        writes = []
-        for state_id, ctx in touched.items():
-            state = ctx.current
-            if ctx.committed.id != state_id:
-                raise InvalidCommandError(
-                    f"ctx.current.id {state_id!r} differs from ctx.committed.id "
-                    f"{ctx.committed.id!r}; a state's id cannot change"
-                )
-            check_strings(state)
-            write = StateWrite(
-                state=state, expected_rev=ctx.committed.rev, data=stored_data.get(state_id)
-            )
-            delay = delays.get(state_id)
-            if delay is not None:
-                transition = state.transition
-                marked = {
-                    **transition.annotations,
-                    DELAY_AT_ANNOTATION: delay.at.isoformat(),
-                    DELAY_TO_ANNOTATION: delay.to,
-                }
-                write.state = msgspec.structs.replace(
-                    state, transition=Transition(to=transition.to, annotations=marked)
-                )
-                write.delay_to = delay.to
-                write.delay_at = delay.at
-            writes.append(write)
+        commands = commit.commands
+        if len(commands) == 1 and type(commands[0]) in _MUTATOR_TYPES:
+            # The common case, one state moved by one command: skip the bookkeeping.
+            command = commands[0]
+            command._mutate()  # type: ignore[attr-defined]
+            ctxs = [command.ctx]  # type: ignore[attr-defined]
+            writes = [_state_write(ctxs[0], None, None)]
+        else:
+            ctxs, writes = _collect(commands)
+            if not writes:
+                return
         result = await self.driver.commit(CommitRequest(writes=writes))
         committed_at = result.committed_at
-        for write, rev in zip(writes, result.revs, strict=True):
-            ctx = touched[write.state.id]
+        for ctx, write, rev in zip(ctxs, writes, result.revs, strict=True):
             current = ctx.current
             if write.delay_at is not None:
                 current.transition = write.state.transition
@@ -410,7 +362,10 @@ class Engine:
                 return ExecuteResult("ended", ctx, steps)
             if PAUSED_ANNOTATION in transition.annotations:
                 return ExecuteResult("paused", ctx, steps)
-            command = await flows[transition.to](ctx, self)
+            flow = flows.get(transition.to)
+            if flow is None:
+                raise FlowNotFoundError(transition.to)
+            command = await flow(ctx, self)
             steps += 1
             kind = type(command)
             if kind is Commit:
@@ -528,6 +483,76 @@ class Engine:
         """
         self._check_open()
         return Watcher(self.driver, _query(query, filters), self._closed)
+
+
+def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateWrite]]:
+    """Apply a commit's commands in memory; return the touched ctxs and their writes."""
+    touched: dict[str, StateCtx] = {}
+    delays: dict[str, Delay] = {}
+    stored_data: dict[str, dict[str, bytes]] = {}
+    for command in commands:
+        if isinstance(command, _MUTATORS):
+            command._mutate()
+            ctx = command.ctx
+        elif isinstance(command, Delay):
+            ctx = command.ctx
+            if ctx.id in delays:
+                raise InvalidCommandError(f"state {ctx.id!r} has two Delays in one Commit")
+            delays[ctx.id] = command
+        elif isinstance(command, StoreData):
+            ctx = command.ctx
+            alias = command.alias
+            data = ctx.data.get(alias)
+            if data is None:
+                raise InvalidCommandError(
+                    f"StoreData: state {ctx.id!r} has no data {alias!r}; "
+                    f"set ctx.data[{alias!r}] = Data(blob=...) first"
+                )
+            if not data.rev:
+                stored_data.setdefault(ctx.id, {})[alias] = data.blob
+        elif isinstance(command, Noop):
+            if command.ctx is None:
+                continue
+            ctx = command.ctx
+        else:
+            raise InvalidCommandError(f"{type(command).__name__} cannot be inside a Commit")
+        seen = touched.setdefault(ctx.id, ctx)
+        if seen is not ctx:
+            raise InvalidCommandError(
+                f"two different StateCtx objects for state {ctx.id!r} in one Commit"
+            )
+    ctxs = list(touched.values())
+    writes = [_state_write(c, stored_data.get(c.id), delays.get(c.id)) for c in ctxs]
+    return ctxs, writes
+
+
+def _state_write(ctx: StateCtx, data: dict[str, bytes] | None, delay: Delay | None) -> StateWrite:
+    """The write that stores ctx.current, checked, with its data and delay."""
+    state = ctx.current
+    if ctx.committed.id != state.id:
+        raise InvalidCommandError(
+            f"ctx.current.id {state.id!r} differs from ctx.committed.id "
+            f"{ctx.committed.id!r}; a state's id cannot change"
+        )
+    check_strings(state)
+    if delay is None:
+        return StateWrite(state=state, expected_rev=ctx.committed.rev, data=data)
+    # The stored version carries the delay marker; ctx.current gets it only once committed.
+    transition = state.transition
+    marked = {
+        **transition.annotations,
+        DELAY_AT_ANNOTATION: delay.at.isoformat(),
+        DELAY_TO_ANNOTATION: delay.to,
+    }
+    return StateWrite(
+        state=msgspec.structs.replace(
+            state, transition=Transition(to=transition.to, annotations=marked)
+        ),
+        expected_rev=ctx.committed.rev,
+        data=data,
+        delay_to=delay.to,
+        delay_at=delay.at,
+    )
 
 
 def _query(query: StatesQuery | None, filters: dict[str, Any]) -> StatesQuery:

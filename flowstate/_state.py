@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Literal, TypeAlias
 
 import msgspec
@@ -182,22 +183,39 @@ class StateCtx(msgspec.Struct, kw_only=True):
 
 def check_strings(state: State) -> None:
     """Raise InvalidCommandError unless every label and annotation key and value is a str."""
-    for kind, mapping in (
-        ("label", state.labels),
-        ("annotation", state.annotations),
-        ("transition annotation", state.transition.annotations),
-    ):
+    for mapping in (state.labels, state.annotations, state.transition.annotations):
         for key, value in mapping.items():
-            if type(key) is not str or type(value) is not str:
+            if key.__class__ is not str or value.__class__ is not str:
                 raise InvalidCommandError(
-                    f"state {state.id!r}: {kind} {key!r} = {value!r} must map str to str"
+                    f"state {state.id!r}: {key!r} = {value!r} in labels or annotations; "
+                    "labels and annotations map str to str"
                 )
 
 
 def utcnow_ms() -> datetime.datetime:
     """The current UTC time truncated to milliseconds (the precision stored for commits)."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
+    return _clock.now()
+
+
+class _MillisecondClock:
+    """Hands out one datetime per millisecond: commits within a millisecond share it."""
+
+    __slots__ = ("_last", "_last_ms")
+
+    def __init__(self) -> None:
+        self._last_ms = -1
+        self._last = datetime.datetime.fromtimestamp(0, datetime.UTC)
+
+    def now(self) -> datetime.datetime:
+        ms = time.time_ns() // 1_000_000
+        if ms != self._last_ms:
+            self._last_ms = ms
+            self._last = _EPOCH + datetime.timedelta(milliseconds=ms)
+        return self._last
+
+
+_EPOCH = datetime.datetime.fromtimestamp(0, datetime.UTC)
+_clock = _MillisecondClock()
 
 
 def encode_ctx(ctx: StateCtx) -> str:

@@ -114,30 +114,43 @@ class MemoryDriver(Driver):
                 fut.set_exception(ClosedError("the memory driver was closed"))
 
     async def commit(self, request: CommitRequest) -> CommitResult:
-        self._check()
+        # The hot path of every engine step: locals and no per-write allocations beyond the
+        # stored entry itself.
+        if self._lifecycle is not _Lifecycle.OPENED:
+            self._check()
         latest = self._latest
-        conflicts = [
-            Conflict(w.state.id, w.expected_rev, latest.get(w.state.id, 0))
-            for w in request.writes
-            if latest.get(w.state.id, 0) != w.expected_rev
-        ]
-        if conflicts:
-            raise ConflictError(conflicts)
+        writes = request.writes
+        for w in writes:
+            if latest.get(w.state.id, 0) != w.expected_rev:
+                raise ConflictError(
+                    Conflict(w.state.id, w.expected_rev, latest.get(w.state.id, 0))
+                    for w in writes
+                    if latest.get(w.state.id, 0) != w.expected_rev
+                )
+        times = self._times
         committed_at = utcnow_ms()
-        if self._times and committed_at < self._times[-1]:
-            committed_at = self._times[-1]  # the wall clock went back; keep times monotonic
+        if times and committed_at < times[-1]:
+            committed_at = times[-1]  # the wall clock went back; keep times monotonic
         encode = self._encoder.encode
+        log = self._log
+        by_label = self._by_label
+        replace = msgspec.structs.replace
         revs = []
-        for write in request.writes:
+        for write in writes:
             state = write.state
-            rev = len(self._log) + 1
-            stored = msgspec.structs.replace(state, rev=rev, committed_at=committed_at)
-            raw = encode(stored)
-            self._log.append(_Entry(rev, state.id, dict(state.labels), committed_at, raw))
-            self._times.append(committed_at)
+            rev = len(log) + 1
+            stored = replace(state, rev=rev, committed_at=committed_at)
+            labels = state.labels
+            log.append(_Entry(rev, state.id, dict(labels), committed_at, encode(stored)))
+            times.append(committed_at)
             latest[state.id] = rev
-            for pair in state.labels.items():
-                self._by_label.setdefault(pair, []).append(rev)
+            if labels:
+                for pair in labels.items():
+                    postings = by_label.get(pair)
+                    if postings is None:
+                        by_label[pair] = [rev]
+                    else:
+                        postings.append(rev)
             if write.data:
                 for alias, blob in write.data.items():
                     self._data.setdefault((state.id, alias), []).append((rev, bytes(blob)))
