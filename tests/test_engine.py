@@ -1,0 +1,184 @@
+"""Engine behaviour that does not depend on the driver (the conformance suite covers the rest)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+import flowstate as fs
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[fs.Engine]:
+    async with fs.Engine("memory://") as engine:
+        yield engine
+
+
+async def noop(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    return fs.Noop(ctx)
+
+
+def test_flow_registry() -> None:
+    registry = fs.FlowRegistry({"a": noop})
+    assert "a" in registry
+    assert list(registry) == ["a"]
+    assert len(registry) == 1
+
+    @registry.flow("b")
+    async def b(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Noop(ctx)
+
+    assert registry["b"] is b
+    registry.unregister("a")
+    with pytest.raises(fs.FlowNotFoundError, match="'a'"):
+        registry["a"]
+    with pytest.raises(fs.FlowNotFoundError):
+        registry.unregister("a")
+    with pytest.raises(fs.InvalidCommandError):
+        registry.register("", noop)
+    with pytest.raises(fs.InvalidCommandError):
+        registry.register("c", "not callable")  # type: ignore[arg-type]
+
+
+def test_engine_takes_a_registry_as_is() -> None:
+    registry = fs.FlowRegistry({"a": noop})
+    assert fs.Engine("memory://", flows=registry).flows is registry
+
+
+async def test_background_failures_are_logged(
+    engine: fs.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    failed = asyncio.Event()
+
+    @engine.flow("explode")
+    async def explode(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        failed.set()
+        raise RuntimeError("kaboom")
+
+    ctx = fs.StateCtx.new("s")
+    with caplog.at_level(logging.ERROR, logger="flowstate"):
+        await engine.do(fs.Commit(fs.Transit(ctx, "explode")), fs.Execute(ctx))
+        await failed.wait()
+        await asyncio.sleep(0)  # the failing task finishes its except block
+    assert "background execution of state 's' failed" in caplog.text
+    assert "kaboom" in caplog.text
+
+
+async def test_execute_follows_returned_execute_to_another_state(engine: fs.Engine) -> None:
+    other = fs.StateCtx.new("other")
+
+    @engine.flow("hand-over")
+    async def hand_over(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        await engine.do(fs.Commit(fs.End(ctx), fs.Transit(other, "finish")))
+        return fs.Execute(other)
+
+    @engine.flow("finish")
+    async def finish(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    ctx = fs.StateCtx.new("first")
+    await engine.do(fs.Commit(fs.Transit(ctx, "hand-over")))
+    result = await engine.execute(ctx)
+    assert (result.status, result.ctx.id, result.steps) == ("ended", "other", 2)
+
+
+async def test_transit_without_commit_stays_in_memory(engine: fs.Engine) -> None:
+    @engine.flow("a")
+    async def a(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Transit(ctx, "b")
+
+    @engine.flow("b")
+    async def b(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Pause(ctx)
+
+    ctx = fs.StateCtx.new("s")
+    await engine.do(fs.Commit(fs.Transit(ctx, "a")))
+    result = await engine.execute(ctx)
+    assert result.status == "paused"
+    assert [t.to for t in ctx.transitions] == ["b", "b"]
+    stored = await engine.get_state("s")
+    assert stored.current.transition.to == "a"
+
+
+async def test_resume_continues_where_pause_left(engine: fs.Engine) -> None:
+    calls = []
+
+    @engine.flow("wait")
+    async def wait(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        calls.append(ctx.current.transition.annotations.copy())
+        if ctx.current.is_paused:
+            raise AssertionError("a paused state is never run")
+        if "flowstate.resumed" in ctx.current.transition.annotations:
+            return fs.Commit(fs.End(ctx))
+        return fs.Commit(fs.Pause(ctx))
+
+    ctx = fs.StateCtx.new("s")
+    await engine.do(fs.Commit(fs.Transit(ctx, "wait")))
+    assert (await engine.execute(ctx)).status == "paused"
+    assert (await engine.execute(ctx)).steps == 0
+    await engine.do(fs.Commit(fs.Resume(ctx)))
+    assert (await engine.execute(ctx)).status == "ended"
+    assert len(calls) == 2
+
+
+async def test_delay_outside_commit_is_committed(engine: fs.Engine) -> None:
+    ctx = fs.StateCtx.new("s")
+    await engine.do(fs.Commit(fs.Transit(ctx, "a")))
+    await engine.do(fs.Delay(ctx, "b", seconds=60))
+    stored = await engine.get_state("s")
+    assert stored.current.is_delayed
+    assert stored.current.delay_at is not None
+    page = await engine.driver.get_delays()
+    assert [d.to for d in page.delays] == ["b"]
+
+
+async def test_store_data_outside_commit_is_committed(engine: fs.Engine) -> None:
+    ctx = fs.StateCtx.new("s")
+    ctx.data["d"] = fs.Data(blob=b"x")
+    await engine.do(fs.StoreData(ctx, "d"))
+    assert ctx.data["d"].rev == ctx.committed.rev == 1
+
+
+async def test_stack_of_a_ctx_with_data_round_trips(engine: fs.Engine) -> None:
+    inner = fs.StateCtx.new("inner", labels={"k": "v"})
+    inner.data["d"] = fs.Data(blob=b"\x00\xff", rev=3)
+    carrier = fs.StateCtx.new("carrier")
+    await engine.do(fs.Stack(carrier, inner, "k"))
+    restored = fs.StateCtx.new("x")
+    await engine.do(fs.Unstack(carrier, restored, "k"))
+    assert restored == inner
+
+
+async def test_unstack_of_garbage_is_an_invalid_command(engine: fs.Engine) -> None:
+    carrier = fs.StateCtx.new("carrier", annotations={"k": "not json"})
+    with pytest.raises(fs.InvalidCommandError, match="does not hold a stacked state"):
+        await engine.do(fs.Unstack(carrier, fs.StateCtx.new("x"), "k"))
+
+
+async def test_commit_of_nothing_writes_nothing(engine: fs.Engine) -> None:
+    await engine.do(fs.Commit(), fs.Commit(fs.Noop()))
+    assert await engine.driver.head_rev() == 0
+
+
+async def test_aclose_is_idempotent_and_safe_before_open() -> None:
+    engine = fs.Engine("memory://")
+    await engine.aclose()
+    await engine.aclose()
+    assert engine.is_closed
+
+
+async def test_delay_until_must_be_aware() -> None:
+    import datetime
+
+    ctx = fs.StateCtx.new("s")
+    with pytest.raises(fs.InvalidCommandError):
+        fs.Delay(ctx, "x", until=datetime.datetime(2030, 1, 1))  # naive on purpose
+    with pytest.raises(fs.InvalidCommandError):
+        fs.Delay(ctx, "x", seconds=1, until=datetime.datetime.now(datetime.UTC))
+    delay = fs.Delay(ctx, "x", until=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC))
+    assert delay.at.year == 2030
