@@ -41,6 +41,7 @@ from flowstate.errors import (
     SchemaVersionError,
     UnknownDriverError,
 )
+from flowstate.recovery import Delayer, Recoverer
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "ConflictError",
     "Data",
     "Delay",
+    "Delayer",
     "Driver",
     "DriverError",
     "DriverUnavailableError",
@@ -71,6 +73,7 @@ __all__ = [
     "Noop",
     "NotFoundError",
     "Pause",
+    "Recoverer",
     "Resume",
     "SchemaVersionError",
     "Stack",

@@ -8,12 +8,12 @@ Transit, End, Pause, Resume, Stack and Unstack change the working copy in memory
 from __future__ import annotations
 
 import datetime
-import math
 from typing import TYPE_CHECKING
 
 import msgspec
 from attrs import define, field
 
+from flowstate._checks import is_number
 from flowstate._state import (
     PAUSED_ANNOTATION,
     StateCtx,
@@ -61,15 +61,6 @@ def _check_flow_id(to: object, command: str) -> None:
         raise InvalidCommandError(
             f"{command} needs a non-empty flow id (str), not {to!r}; use End to finish a state"
         )
-
-
-def _is_finite_non_negative(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
 
 
 def _set(ctx: StateCtx, transition: Transition) -> None:
@@ -179,7 +170,7 @@ class Delay(Command):
         if (seconds is None) == (until is None):
             raise InvalidCommandError("Delay needs exactly one of seconds= or until=")
         if seconds is not None:
-            if not _is_finite_non_negative(seconds):
+            if not is_number(seconds):
                 raise InvalidCommandError(
                     f"Delay seconds must be a finite number >= 0, not {seconds!r}"
                 )

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from flowstate._checks import is_int
 from flowstate._state import State
 from flowstate.errors import InvalidQueryError
 
@@ -75,11 +76,6 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
     def replace(self, **changes: object) -> StatesQuery:
         """Return a copy with some fields changed."""
         return msgspec.structs.replace(self, **changes)
-
-
-def is_int(value: object) -> bool:
-    """True for a real int (bool is not one here)."""
-    return type(value) is int
 
 
 class StatesPage(msgspec.Struct, kw_only=True):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+import flowstate as fs
+from flowstate.drivers.base import Driver
+from flowstate.drivers.memory import MemoryDriver
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +41,36 @@ async def _check_tasks() -> AsyncIterator[None]:
 def _is_runner(task: asyncio.Task[object]) -> bool:
     """The anyio test runner wraps each fixture step in a task of its own; that one is fine."""
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
+
+
+STORES = ["memory", "sqlite"]
+
+
+@pytest.fixture(params=STORES)
+async def new_driver(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[], Driver]]:
+    """A factory of (unopened) driver objects that all reach one fresh store.
+
+    Memory stores live in one object, so the memory factory hands out that object each time.
+    """
+    created: list[Driver] = []
+    if request.param == "memory":
+        shared = MemoryDriver()
+
+        def make() -> Driver:
+            if not created:
+                created.append(shared)
+            return shared
+
+    else:
+        url = f"sqlite:///{tmp_path}/store.db"
+
+        def make() -> Driver:
+            driver = fs.open_driver(url)
+            created.append(driver)
+            return driver
+
+    yield make
+    for driver in created:
+        await driver.aclose()

@@ -1,3 +1,28 @@
-"""Recovery: per-state recovery settings (the recoverer and delayer services build on them)."""
+"""Recovery: the leader-elected Recoverer and Delayer, and per-state recovery settings.
 
-__all__: list[str] = []
+A committed state that is *running* will complete: the :class:`Recoverer` retries it when
+it stalls and force-ends it once its attempts are spent, and the :class:`Delayer` fires its
+delays. Run either as ``async with Recoverer(engine):`` in the application, or as a cluster
+service with ``flowstate recover URL --flows package.module:flows`` (as many replicas as
+you like: one leads, the others stand by).
+"""
+
+from flowstate.recovery._services import Delayer, Recoverer, RecoveryStats
+from flowstate.recovery._settings import (
+    attempt,
+    disable,
+    is_disabled,
+    set_max_attempts,
+    set_retry_after,
+)
+
+__all__ = [
+    "Delayer",
+    "Recoverer",
+    "RecoveryStats",
+    "attempt",
+    "disable",
+    "is_disabled",
+    "set_max_attempts",
+    "set_retry_after",
+]

@@ -1,0 +1,373 @@
+"""The Recoverer and the Delayer: background services that one process per store leads."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import enum
+import heapq
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from attrs import define
+
+from flowstate._checks import is_int, is_number
+from flowstate._commands import Commit, End, Execute, Noop, Transit
+from flowstate._state import State, StateCtx
+from flowstate.drivers.base import DelayedState, SupportsLease
+from flowstate.errors import (
+    ClosedError,
+    ConflictError,
+    DriverError,
+    InvalidCommandError,
+    NotFoundError,
+)
+from flowstate.recovery import _settings as settings
+from flowstate.recovery._election import Election
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+    from flowstate._engine import Engine
+
+__all__ = ["Delayer", "Recoverer", "RecoveryStats"]
+
+logger = logging.getLogger("flowstate.recovery")
+
+#: Ids of the states the services keep their cursors in; flows should not use this prefix.
+INTERNAL_PREFIX = "flowstate."
+INTERNAL_LABEL = {"flowstate.internal": "recovery"}
+#: Transition annotation on a state a delay fired: when the delay was due.
+FIRED_ANNOTATION = "flowstate.delay.fired"
+
+
+@define
+class RecoveryStats:
+    """Counters of what a service did since it started (across leadership terms).
+
+    Attributes:
+        added: Running states the recoverer started tracking; delays the delayer read.
+        completed: Tracked states that came to rest (ended, paused or delayed) by themselves.
+        retried: States the recoverer re-committed and executed again.
+        dropped: States force-ended after their last attempt (recoverer); delays whose state
+            had moved on, so they did not fire (delayer).
+        fired: Delays that fired (delayer).
+        leader_changes: How often this process won or lost leadership.
+    """
+
+    added: int = 0
+    completed: int = 0
+    retried: int = 0
+    dropped: int = 0
+    fired: int = 0
+    leader_changes: int = 0
+
+
+class _Lifecycle(enum.Enum):
+    UNOPENED = 1  # created; enter it with `async with`
+    OPENED = 2  # campaigning, leading or standing by
+    CLOSED = 3  # stopped; leadership handed back
+
+
+class _LeaderService:
+    """Lifecycle, leader election, stats and a persisted cursor shared by both services."""
+
+    lease_name: str
+    cursor_id: str
+
+    def __init__(self, engine: Engine, *, lease_ttl: float) -> None:
+        if not is_number(lease_ttl, strict=True):
+            raise InvalidCommandError(f"lease_ttl must be a positive number, not {lease_ttl!r}")
+        self.engine = engine
+        self.lease_ttl = float(lease_ttl)
+        self.stats = RecoveryStats()
+        self._lifecycle = _Lifecycle.UNOPENED
+        self._task_group: asyncio.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._leading = asyncio.Event()
+        self._election: Election | None = None
+        self._cursor_ctx: StateCtx | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this process leads and does the work."""
+        return self._leading.is_set()
+
+    async def wait_leader(self) -> None:
+        """Return once this process leads."""
+        await self._leading.wait()
+
+    @property
+    def holder(self) -> str:
+        """This process's name in the leader lease."""
+        return self._election.holder if self._election is not None else "this process"
+
+    async def __aenter__(self) -> Self:
+        if self._lifecycle is not _Lifecycle.UNOPENED:
+            raise ClosedError(f"a {type(self).__name__} can be started once")
+        self.engine._check_open()
+        driver = self.engine.driver
+        group = asyncio.TaskGroup()
+        await group.__aenter__()
+        self._task_group = group
+        if isinstance(driver, SupportsLease):
+            self._election = Election(
+                driver, self.lease_name, ttl=self.lease_ttl, on_change=self._on_change
+            )
+            self._task = group.create_task(self._election.run(self._lead))
+        else:
+            logger.warning(
+                "%r has no leases: %s leads unconditionally", driver, type(self).__name__
+            )
+            self._task = group.create_task(self._lead_alone())
+        self._lifecycle = _Lifecycle.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop, handing leadership back at once. Calling it again does nothing."""
+        if self._lifecycle is not _Lifecycle.OPENED:
+            self._lifecycle = _Lifecycle.CLOSED
+            return
+        self._lifecycle = _Lifecycle.CLOSED
+        assert self._task_group is not None
+        if self._task is not None:
+            self._task.cancel()
+        await self._task_group.__aexit__(None, None, None)
+
+    def _on_change(self, leading: bool) -> None:
+        self.stats.leader_changes += 1
+        if leading:
+            self._leading.set()
+        else:
+            self._leading.clear()
+
+    async def _lead_alone(self) -> None:
+        self._on_change(True)
+        try:
+            await self._lead()
+        finally:
+            self._on_change(False)
+
+    async def _lead(self) -> None:
+        raise NotImplementedError
+
+    # -- the persisted cursor: a state of its own ------------------------------------------
+
+    async def _load_cursor(self) -> int:
+        try:
+            self._cursor_ctx = await self.engine.get_state(self.cursor_id)
+        except NotFoundError:
+            self._cursor_ctx = StateCtx.new(self.cursor_id, labels=INTERNAL_LABEL)
+            return 0
+        return int(self._cursor_ctx.current.annotations.get("cursor", "0"))
+
+    async def _save_cursor(self, cursor: int) -> None:
+        ctx = self._cursor_ctx
+        if ctx is None or ctx.committed.annotations.get("cursor") == str(cursor):
+            return
+        ctx.current.annotations["cursor"] = str(cursor)
+        try:
+            await self.engine.do(Commit(Noop(ctx)))
+        except ConflictError:
+            # Another leader wrote it: ours is stale, read theirs next time we lead.
+            self._cursor_ctx = await self.engine.get_state(self.cursor_id)
+
+
+class Recoverer(_LeaderService):
+    """Retries running states that stall; force-ends them once their attempts are spent.
+
+    A state is *running* when its transition names a flow and it is neither paused, delayed
+    nor excluded with ``recovery.disable``. If its latest version is still running
+    ``retry_after`` seconds after it was committed, the recoverer re-commits the same
+    transition with an attempt counter (``recovery.attempt(state)``) and executes it; after
+    ``max_attempts`` retries it commits ``End`` with the reason in the state annotation
+    ``flowstate.recovery.ended``. Every action is a revision-checked commit, so a retry
+    racing a live worker (or another recoverer) loses harmlessly.
+
+    It follows the ordered log from a persisted cursor (the oldest revision it may still need),
+    so a new leader neither rescans history nor misses a stalled state. Run it with
+    ``async with Recoverer(engine):``; one process per store leads, the others stand by.
+
+    Args:
+        engine: The engine whose flows retried states run on (it must know every flow).
+        retry_after: Default seconds a running state may go without a commit.
+        max_attempts: Default retries of one transition before the state is force-ended.
+        lease_ttl: Seconds a dead leader keeps the lease; standbys take over after it.
+        tick: Longest wait between checks for due retries.
+    """
+
+    lease_name = "flowstate.recoverer"
+    cursor_id = "flowstate.recovery.recoverer"
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry_after: float = 120,
+        max_attempts: int = 3,
+        lease_ttl: float = 10,
+        tick: float = 1.0,
+    ) -> None:
+        if not is_number(retry_after, strict=True):
+            raise InvalidCommandError(f"retry_after must be a positive number, not {retry_after!r}")
+        if not is_int(max_attempts) or max_attempts < 0:
+            raise InvalidCommandError(f"max_attempts must be an int >= 0, not {max_attempts!r}")
+        super().__init__(engine, lease_ttl=lease_ttl)
+        self.retry_after = float(retry_after)
+        self.max_attempts = max_attempts
+        self.tick = tick
+
+    async def _lead(self) -> None:
+        cursor = await self._load_cursor()
+        logger.info("%s recovers from rev %d", self.holder, cursor, extra={"cursor": cursor})
+        tracked: dict[str, int] = {}
+        due: list[tuple[float, int, str]] = []
+        seen = cursor
+        saved_at = time.monotonic()
+        async with self.engine.watch(since_rev=cursor, limit=500) as watcher:
+            while True:
+                now = time.time()
+                while due and due[0][0] <= now:
+                    _, rev, state_id = heapq.heappop(due)
+                    if tracked.get(state_id) == rev:
+                        await self._recover(state_id, rev, tracked)
+                wait = min(self.tick, due[0][0] - now) if due else self.tick
+                try:
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        state = await anext(watcher)
+                except TimeoutError:
+                    pass
+                else:
+                    if not state.id.startswith(INTERNAL_PREFIX):
+                        self._track(state, tracked, due)
+                        seen = state.rev
+                if time.monotonic() - saved_at >= self.tick:
+                    # Only what flows committed moves the cursor, never its own commits.
+                    await self._save_cursor(min(tracked.values()) - 1 if tracked else seen)
+                    saved_at = time.monotonic()
+
+    def _track(
+        self, state: State, tracked: dict[str, int], due: list[tuple[float, int, str]]
+    ) -> None:
+        if state.status == "running" and not state.is_delayed and not settings.is_disabled(state):
+            if state.id not in tracked:
+                self.stats.added += 1
+            tracked[state.id] = state.rev
+            assert state.committed_at is not None
+            deadline = state.committed_at.timestamp() + settings.retry_after_of(
+                state, self.retry_after
+            )
+            heapq.heappush(due, (deadline, state.rev, state.id))
+        elif tracked.pop(state.id, None) is not None:
+            self.stats.completed += 1
+
+    async def _recover(self, state_id: str, rev: int, tracked: dict[str, int]) -> None:
+        """Retry or force-end one stalled state; never let one state stop the others."""
+        try:
+            ctx = await self.engine.get_state(state_id)
+            if ctx.committed.rev != rev:
+                return  # it moved; the watcher brings the new version
+            state = ctx.committed
+            done = settings.attempt(state)
+            limit = settings.max_attempts_of(state, self.max_attempts)
+            extra = {"state_id": state_id, "rev": rev, "attempt": done}
+            if done >= limit:
+                ctx.current.annotations[settings.ENDED_REASON] = (
+                    f"still running {state.transition.to!r} after {done} retries"
+                )
+                tracked.pop(state_id, None)
+                await self.engine.do(Commit(End(ctx)))
+                self.stats.dropped += 1
+                logger.warning(
+                    "force-ended stalled state %r after %d retries", state_id, done, extra=extra
+                )
+                return
+            next_attempt = {settings.ATTEMPT: str(done + 1)}
+            await self.engine.do(
+                Commit(Transit(ctx, state.transition.to, annotations=next_attempt))
+            )
+            self.stats.retried += 1
+            logger.info("retrying stalled state %r (attempt %d)", state_id, done + 1, extra=extra)
+            await self.engine.do(Execute(ctx))
+        except ConflictError:
+            pass  # someone moved it first: the watcher brings the new version
+        except (DriverError, NotFoundError) as exc:
+            logger.warning("could not recover state %r now: %s", state_id, exc)
+
+
+class Delayer(_LeaderService):
+    """Fires delayed states when due: transits them to the delay's flow and executes them.
+
+    A delay fires only if its state has not moved since the version the delay was committed
+    with; otherwise it is dropped. Firing is a revision-checked commit, so each committed delay
+    fires at most once as flows see it, even across leader changes. A delay due in the past
+    fires at once. Run it with ``async with Delayer(engine):``; one process per store leads.
+
+    Args:
+        engine: The engine whose flows fired states run on.
+        lease_ttl: Seconds a dead leader keeps the lease; standbys take over after it.
+    """
+
+    lease_name = "flowstate.delayer"
+    cursor_id = "flowstate.recovery.delayer"
+
+    def __init__(self, engine: Engine, *, lease_ttl: float = 10) -> None:
+        super().__init__(engine, lease_ttl=lease_ttl)
+
+    async def _lead(self) -> None:
+        driver = self.engine.driver
+        seen = await self._load_cursor()
+        logger.info("%s fires delays from rev %d", self.holder, seen, extra={"cursor": seen})
+        pending: list[tuple[datetime.datetime, int, str, DelayedState]] = []
+        while True:
+            head = await driver.head_rev()
+            more = True
+            while more:
+                page = await driver.get_delays(since_rev=seen, limit=500)
+                for delayed in page.delays:
+                    heapq.heappush(pending, (delayed.at, delayed.rev, delayed.state.id, delayed))
+                    seen = delayed.rev
+                    self.stats.added += 1
+                more = page.more
+            now = datetime.datetime.now(datetime.UTC)
+            while pending and pending[0][0] <= now:
+                await self._fire(heapq.heappop(pending)[3])
+            # Not the head: the cursor's own commit would move it and wake this loop again.
+            await self._save_cursor(pending[0][1] - 1 if pending else seen)
+            wait = (pending[0][0] - now).total_seconds() if pending else None
+            try:
+                async with asyncio.timeout(wait):
+                    await driver.wait_for_rev(head + 1)
+            except TimeoutError:
+                pass
+
+    async def _fire(self, delayed: DelayedState) -> None:
+        state_id = delayed.state.id
+        extra = {"state_id": state_id, "rev": delayed.rev, "to": delayed.to}
+        try:
+            ctx = await self.engine.get_state(state_id)
+            if ctx.committed.rev != delayed.rev:
+                self.stats.dropped += 1
+                logger.debug("delay on %r dropped: the state moved on", state_id, extra=extra)
+                return
+            fired = {FIRED_ANNOTATION: delayed.at.isoformat()}
+            await self.engine.do(Commit(Transit(ctx, delayed.to, annotations=fired)))
+        except ConflictError:
+            self.stats.dropped += 1
+            return
+        except (DriverError, NotFoundError) as exc:
+            logger.warning("could not fire the delay on %r now: %s", state_id, exc)
+            return
+        self.stats.fired += 1
+        logger.debug("fired delay on %r", state_id, extra=extra)
+        await self.engine.do(Execute(ctx))

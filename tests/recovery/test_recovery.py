@@ -1,0 +1,223 @@
+"""Recoverer, Delayer and leader election, in one process, on every driver."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Callable
+
+import pytest
+
+import flowstate as fs
+from flowstate.drivers.base import Driver
+from flowstate.recovery import _settings
+
+pytestmark = pytest.mark.anyio
+
+LEASE_TTL = 1.0
+
+
+def fast_recoverer(engine: fs.Engine) -> fs.Recoverer:
+    """A recoverer with settings short enough for tests."""
+    return fs.Recoverer(engine, retry_after=0.2, lease_ttl=LEASE_TTL, tick=0.05)
+
+
+LABELS = {"suite": "recovery"}
+
+
+async def first(engine: fs.Engine, predicate: Callable[[fs.State], bool]) -> fs.State:
+    """The first version (from the start of the log) that satisfies ``predicate``."""
+    async with asyncio.timeout(20), engine.watch(labels=LABELS) as watcher:
+        async for state in watcher:
+            if predicate(state):
+                return state
+    raise AssertionError("the engine closed")
+
+
+def ended(state_id: str) -> Callable[[fs.State], bool]:
+    return lambda state: state.id == state_id and state.is_ended
+
+
+async def start_job(engine: fs.Engine, state_id: str, flow: str) -> fs.StateCtx:
+    """Commit a state as running, as a worker that then crashed would leave it."""
+    ctx = fs.StateCtx.new(state_id, labels=LABELS)
+    await engine.do(fs.Commit(fs.Transit(ctx, flow)))
+    return ctx
+
+
+async def test_stalled_state_is_retried(new_driver: Callable[[], Driver]) -> None:
+    attempts: list[int] = []
+
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        attempts.append(fs.recovery.attempt(ctx.current))
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine(new_driver(), flows={"work": work}) as engine:
+        await start_job(engine, "job", "work")
+        async with fast_recoverer(engine) as recoverer:
+            await first(engine, ended("job"))
+            stats = recoverer.stats
+        assert attempts == [1]
+        assert (stats.added, stats.retried, stats.dropped) == (1, 1, 0)
+        versions = [s async for s in engine.iter_states(labels=LABELS)]
+        assert [fs.recovery.attempt(v) for v in versions] == [0, 1, 0]
+
+
+async def test_force_ended_after_max_attempts(new_driver: Callable[[], Driver]) -> None:
+    attempts: list[int] = []
+
+    async def broken(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        attempts.append(fs.recovery.attempt(ctx.current))
+        raise RuntimeError("this flow always fails")
+
+    async with fs.Engine(new_driver(), flows={"broken": broken}) as engine:
+        ctx = fs.StateCtx.new("poison", labels=LABELS)
+        fs.recovery.set_max_attempts(ctx, 2)
+        await engine.do(fs.Commit(fs.Transit(ctx, "broken")))
+        async with fast_recoverer(engine) as recoverer:
+            final = await first(engine, ended("poison"))
+            stats = recoverer.stats
+        assert attempts == [1, 2]
+        assert final.annotations[_settings.ENDED_REASON] == "still running 'broken' after 2 retries"
+        assert (stats.retried, stats.dropped) == (2, 1)
+
+
+async def test_resting_states_are_left_alone(new_driver: Callable[[], Driver]) -> None:
+    calls: list[str] = []
+
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        calls.append(ctx.id)
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine(new_driver(), flows={"work": work}) as engine:
+        paused = fs.StateCtx.new("paused", labels=LABELS)
+        done = fs.StateCtx.new("done", labels=LABELS)
+        delayed = fs.StateCtx.new("delayed", labels=LABELS)
+        disabled = fs.StateCtx.new("disabled", labels=LABELS)
+        fs.recovery.disable(disabled)
+        await engine.do(
+            fs.Commit(
+                fs.Pause(paused, "work"),
+                fs.Transit(done, "work"),
+                fs.End(done),
+                fs.Transit(delayed, "work"),
+                fs.Delay(delayed, "work", seconds=3600),
+                fs.Transit(disabled, "work"),
+            )
+        )
+        await start_job(engine, "running", "work")
+        async with fast_recoverer(engine) as recoverer:
+            await first(engine, ended("running"))
+        assert calls == ["running"]
+        assert recoverer.stats.added == 1
+
+
+async def test_a_hanging_state_does_not_block_the_others(new_driver: Callable[[], Driver]) -> None:
+    hanging = asyncio.Event()
+
+    async def hang(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        hanging.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine(new_driver(), flows={"hang": hang, "work": work}) as engine:
+        await start_job(engine, "stuck", "hang")
+        await start_job(engine, "fine", "work")
+        async with fast_recoverer(engine):
+            await first(engine, ended("fine"))
+        assert hanging.is_set()
+
+
+async def test_one_leader_and_a_quick_handover(new_driver: Callable[[], Driver]) -> None:
+    async with fs.Engine(new_driver()) as one, fs.Engine(new_driver()) as two:
+        first_rec = fast_recoverer(one)
+        second_rec = fast_recoverer(two)
+        async with first_rec:
+            async with asyncio.timeout(10):
+                await first_rec.wait_leader()
+            async with second_rec:
+                await asyncio.sleep(LEASE_TTL)  # a standby's campaigns keep failing
+                assert first_rec.is_leader
+                assert not second_rec.is_leader
+                await first_rec.aclose()
+                assert first_rec.stats.leader_changes == 2, "leadership was handed back"
+                loop = asyncio.get_running_loop()
+                handed_back = loop.time()
+                async with asyncio.timeout(10):
+                    await second_rec.wait_leader()
+                assert loop.time() - handed_back <= LEASE_TTL, "a clean exit hands over"
+        assert second_rec.stats.leader_changes == 2
+
+
+async def test_recoverer_resumes_from_its_cursor(new_driver: Callable[[], Driver]) -> None:
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine(new_driver(), flows={"work": work}) as engine:
+        for i in range(3):
+            await start_job(engine, f"job{i}", "work")
+        async with fast_recoverer(engine) as recoverer:
+            await first(engine, ended("job2"))
+            assert recoverer.stats.added == 3
+            head = await engine.driver.head_rev()
+            async with asyncio.timeout(10), engine.watch(since_rev=head) as watcher:
+                async for state in watcher:  # the cursor moves past the finished jobs
+                    if state.id == fs.Recoverer.cursor_id:
+                        break
+        async with fast_recoverer(engine) as again:
+            await again.wait_leader()
+            await start_job(engine, "late", "work")
+            await first(engine, ended("late"))
+        assert again.stats.added == 1, "history before the cursor was not read again"
+
+
+async def test_delays_fire_once_when_due(new_driver: Callable[[], Driver]) -> None:
+    woken: list[tuple[str, str]] = []
+
+    async def wake(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        woken.append((ctx.id, ctx.current.transition.annotations["flowstate.delay.fired"]))
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine(new_driver(), flows={"wake": wake}) as engine:
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+        overdue, soon, moved = (
+            fs.StateCtx.new(i, labels=LABELS) for i in ("overdue", "soon", "moved")
+        )
+        await engine.do(
+            fs.Commit(fs.Pause(overdue, "x"), fs.Delay(overdue, "wake", until=past)),
+            fs.Commit(fs.Pause(moved, "x"), fs.Delay(moved, "wake", seconds=0.1)),
+            fs.Commit(fs.Pause(soon, "x"), fs.Delay(soon, "wake", seconds=0.3)),
+            fs.Commit(fs.Resume(moved)),  # moves on: its delay must not fire
+        )
+        due_soon = soon.committed.delay_at
+        async with fs.Delayer(engine, lease_ttl=1.0) as delayer:
+            woke = await first(engine, ended("soon"))
+            stats = delayer.stats
+        assert sorted(i for i, _ in woken) == ["overdue", "soon"]
+        assert (stats.fired, stats.dropped) == (2, 1)
+        assert due_soon is not None
+        assert woke.committed_at is not None
+        assert woke.committed_at >= due_soon - datetime.timedelta(milliseconds=1)
+        assert dict(woken)["overdue"] == past.isoformat()
+
+
+async def test_invalid_settings() -> None:
+    async with fs.Engine("memory://") as engine:
+        with pytest.raises(fs.InvalidCommandError):
+            fs.Recoverer(engine, retry_after=0)
+        with pytest.raises(fs.InvalidCommandError):
+            fs.Recoverer(engine, max_attempts=-1)
+        with pytest.raises(fs.InvalidCommandError):
+            fs.Delayer(engine, lease_ttl=float("nan"))
+    ctx = fs.StateCtx.new("s")
+    with pytest.raises(fs.InvalidCommandError):
+        fs.recovery.set_retry_after(ctx, -1)
+    with pytest.raises(fs.InvalidCommandError):
+        fs.recovery.set_max_attempts(ctx, 1.5)  # type: ignore[arg-type]
+    fs.recovery.set_retry_after(ctx, 5)
+    fs.recovery.set_max_attempts(ctx, 0)
+    assert _settings.retry_after_of(ctx.current, 120) == 5.0
+    assert _settings.max_attempts_of(ctx.current, 3) == 0
