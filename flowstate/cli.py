@@ -1,0 +1,552 @@
+"""The ``flowstate`` command: try flowstate and look into a store from the shell.
+
+``flowstate demo`` runs a small workflow; ``states``, ``get`` and ``watch`` read any store
+named by a driver URL. Also runnable as ``python -m flowstate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+from attrs import frozen
+
+import flowstate as fs
+from flowstate.drivers.sqlite import SQLiteDriver
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from flowstate.drivers.base import Driver
+
+__all__ = ["COMMANDS", "Command", "main"]
+
+PROG = "flowstate"
+DEMO_URL = "sqlite:///flowstate-demo.db"
+
+# Exit codes: 0 success, 1 an error the user can fix (bad URL, unknown id, ...), 2 a bad
+# command line (argparse's own code), 130 interrupted by Ctrl-C (what shells report for SIGINT).
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_json = msgspec.json.Encoder()
+
+DESCRIPTION = """\
+flowstate is an asyncio state and workflow engine. This command tries it out (demo) and looks
+into stores from the shell (states, get, watch).
+
+A store is named by a driver URL:
+  sqlite:///relative/path.db    a SQLite file, relative to the current directory
+  sqlite:////absolute/path.db   a SQLite file, absolute path
+  memory://                     an empty in-memory store (gone when the command ends)
+  etcd://host:2379/prefix       an etcd cluster (needs: pip install 'flowstate[etcd]')
+"""
+
+EPILOG = f"""\
+examples:
+  {PROG} demo                                  run the demo, store in ./flowstate-demo.db
+  {PROG} states {DEMO_URL} --label kind=order
+  {PROG} states {DEMO_URL} --latest-only --json
+  {PROG} get {DEMO_URL} r1-order-1
+  {PROG} watch {DEMO_URL} --since-rev 10       (Ctrl-C to stop)
+
+Run '{PROG} COMMAND --help' for the options of one command.
+"""
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed as one line with exit code 1."""
+
+
+@frozen
+class Command:
+    """One subcommand: its help texts, how it adds its arguments, and what runs it.
+
+    Attributes:
+        name: The word typed after ``flowstate``.
+        help: One line for the command list in ``flowstate --help``.
+        description: The text at the top of ``flowstate NAME --help``.
+        configure: Adds the command's arguments to its parser.
+        run: Runs the command with the parsed arguments; returns the exit code.
+    """
+
+    name: str
+    help: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Awaitable[int]]
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its error messages
+    return parse
+
+
+def _add_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", metavar="URL", help="the store, e.g. sqlite:///flowstate.db")
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--label",
+        metavar="KEY=VALUE",
+        type=_label,
+        action="append",
+        default=[],
+        help="only versions with this label; repeat it to require several labels",
+    )
+    parser.add_argument(
+        "--since-rev",
+        metavar="N",
+        type=_count(0),
+        default=0,
+        help="only versions committed after revision N (default: 0, from the start)",
+    )
+    parser.add_argument(
+        "--latest-only",
+        action="store_true",
+        help="only versions that are still their state's latest one",
+    )
+
+
+def _query(args: argparse.Namespace, limit: int = 50) -> fs.StatesQuery:
+    return fs.StatesQuery(
+        labels=dict(args.label),
+        since_rev=args.since_rev,
+        latest_only=args.latest_only,
+        limit=limit,
+    )
+
+
+def _open_existing(url: str) -> Driver:
+    """The driver of a store that must exist already: reading never creates a file."""
+    driver = fs.open_driver(url)
+    if (
+        isinstance(driver, SQLiteDriver)
+        and not driver.is_memory
+        and not Path(driver.path).is_file()
+    ):
+        raise CommandError(f"no flowstate store at {driver.path!r} (from {url!r})")
+    return driver
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _when(state: fs.State) -> str:
+    at = state.committed_at
+    if at is None:
+        return "-"
+    at = at.astimezone(datetime.UTC)
+    return f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d}Z"
+
+
+def _pairs(mapping: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(mapping.items())) or "-"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _write_json(value: object) -> None:
+    sys.stdout.write(_json.encode(value).decode() + "\n")
+    sys.stdout.flush()
+
+
+# -- states, get, watch ------------------------------------------------------------------------
+
+
+def _configure_states(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    _add_filters(parser)
+    parser.add_argument(
+        "--limit",
+        metavar="N",
+        type=_count(1),
+        default=50,
+        help="show at most N versions (default: 50)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"states": [...], "more": ..., "head_rev": ...} instead of a table',
+    )
+
+
+async def _run_states(args: argparse.Namespace) -> int:
+    async with _open_existing(args.url) as driver:
+        page = await driver.get_states(_query(args, args.limit))
+    if args.json:
+        _write_json(page)
+        return 0
+    if not page.states:
+        print(f"no state versions match (store revision {page.head_rev})")
+        return 0
+    rows = [("REV", "ID", "STATUS", "NEXT", "COMMITTED (UTC)", "LABELS")]
+    rows += [
+        (
+            str(state.rev),
+            state.id,
+            state.status,
+            state.transition.to or "-",
+            _when(state),
+            _pairs(state.labels),
+        )
+        for state in page.states
+    ]
+    print(_table(rows))
+    if page.more:
+        print(f"... more: add --since-rev {page.states[-1].rev} for the next page")
+    return 0
+
+
+def _configure_get(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    parser.add_argument("id", metavar="ID", help="the state's id")
+    parser.add_argument(
+        "--rev",
+        metavar="N",
+        type=_count(0),
+        default=0,
+        help="the version at revision N (default: the latest version)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the state as JSON")
+
+
+async def _run_get(args: argparse.Namespace) -> int:
+    if not args.id:
+        raise CommandError("the state id must not be empty")
+    async with _open_existing(args.url) as driver:
+        state = await driver.get_state(args.id, args.rev)
+    if args.json:
+        _write_json(state)
+        return 0
+    rows = [
+        ("id:", state.id),
+        ("rev:", str(state.rev)),
+        ("status:", state.status),
+        ("next flow:", state.transition.to or "- (ended)"),
+        ("committed:", _when(state)),
+        ("labels:", _pairs(state.labels)),
+        ("annotations:", _pairs(state.annotations)),
+        ("transition annotations:", _pairs(state.transition.annotations)),
+    ]
+    print(_table(rows))
+    return 0
+
+
+def _configure_watch(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    _add_filters(parser)
+
+
+async def _run_watch(args: argparse.Namespace) -> int:
+    async with (
+        _open_existing(args.url) as driver,
+        fs.Engine(driver) as engine,
+        engine.watch(_query(args, 100)) as watcher,
+    ):
+        async for state in watcher:
+            _write_json(state)
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+APPROVAL_LIMIT = 100  # orders of this amount (EUR) or more wait for a manager's approval
+MAX_CHARGE_ATTEMPTS = 3
+APPROVAL_DELAY = 0.3  # seconds the manager takes to look at an order
+
+
+def _note(ctx: fs.StateCtx, text: str) -> None:
+    ctx.current.annotations["note"] = text
+
+
+async def _validate(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    amount = int(ctx.current.annotations["amount"])
+    if amount >= APPROVAL_LIMIT:
+        _note(ctx, f"{amount} EUR: needs a manager's approval")
+        return fs.Commit(fs.Transit(ctx, "await_approval"))
+    _note(ctx, f"{amount} EUR: no approval needed")
+    return fs.Commit(fs.Transit(ctx, "charge"))
+
+
+async def _await_approval(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    # Pause rests the state (the recoverer leaves it alone); Resume continues at "charge".
+    _note(ctx, "waiting for a manager")
+    return fs.Commit(fs.Pause(ctx, "charge"))
+
+
+async def _charge(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    annotations = ctx.current.annotations
+    attempt = int(annotations.get("charge_attempts", "0")) + 1
+    annotations["charge_attempts"] = str(attempt)
+    declined = annotations.get("card") == "flaky" and attempt == 1
+    if declined and attempt < MAX_CHARGE_ATTEMPTS:
+        _note(ctx, f"card declined on attempt {attempt}: retrying")
+        return fs.Commit(fs.Transit(ctx, "charge"))
+    if declined:
+        _note(ctx, f"card declined {attempt} times: order cancelled")
+        return fs.Commit(fs.End(ctx))
+    _note(ctx, f"paid on attempt {attempt}")
+    return fs.Commit(fs.Transit(ctx, "ship"))
+
+
+async def _ship(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    _note(ctx, "shipped")
+    return fs.Commit(fs.End(ctx))
+
+
+DEMO_FLOWS: dict[str, fs.Flow] = {
+    "validate": _validate,
+    "await_approval": _await_approval,
+    "charge": _charge,
+    "ship": _ship,
+}
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=DEMO_URL,
+        help=f"the store to run the demo on (default: {DEMO_URL})",
+    )
+
+
+async def _next_run(engine: fs.Engine) -> int:
+    """Count demo runs in the store itself, so that each run's order ids are new."""
+    try:
+        counter = await engine.get_state("demo-runs")
+    except fs.NotFoundError:
+        counter = fs.StateCtx.new("demo-runs")
+    run = int(counter.current.annotations.get("count", "0")) + 1
+    counter.current.annotations["count"] = str(run)
+    await engine.do(fs.Commit(fs.Noop(counter)))
+    return run
+
+
+async def _follow(
+    engine: fs.Engine,
+    query: fs.StatesQuery,
+    orders: set[str],
+    on_state: Callable[[fs.State], Awaitable[None]],
+) -> None:
+    """Pass every version of the run's orders to ``on_state`` until all of them ended."""
+    ended: set[str] = set()
+    async with engine.watch(query) as watcher:
+        async for state in watcher:
+            await on_state(state)
+            if state.is_ended:
+                ended.add(state.id)
+                if ended == orders:
+                    return
+
+
+async def _run_demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    async with fs.Engine(args.url, flows=DEMO_FLOWS) as engine:
+        run = await _next_run(engine)
+        labels = {"kind": "order", "demo-run": str(run)}
+        since = await engine.driver.head_rev()
+        query = fs.StatesQuery(labels=labels, since_rev=since)
+        orders = {
+            f"r{run}-order-1": {"amount": "25", "card": "ok"},
+            f"r{run}-order-2": {"amount": "250", "card": "ok"},
+            f"r{run}-order-3": {"amount": "60", "card": "flaky"},
+        }
+        print(f"flowstate demo, run {run}, on {args.url}")
+        print("Three orders: a small one, a large one a manager must approve, and one whose")
+        print("card is declined once. Every committed version, as a watcher sees it:\n")
+        print(f"{'REV':>5}  {'ORDER':<14} {'STATUS':<8} {'NEXT':<15} NOTE", flush=True)
+
+        async def show(state: fs.State) -> None:
+            next_flow = state.transition.to or "-"
+            note = state.annotations.get("note", "new order")
+            print(
+                f"{state.rev:>5}  {state.id:<14} {state.status:<8} {next_flow:<15} {note}",
+                flush=True,
+            )
+
+        async def approve(state: fs.State) -> None:
+            # The manager: resumes each paused order a moment later, then runs it on.
+            if not state.is_paused:
+                return
+            await asyncio.sleep(APPROVAL_DELAY)
+            ctx = await engine.get_state(state.id)
+            if not ctx.current.is_paused:
+                return
+            _note(ctx, "approved by the manager")
+            await engine.do(fs.Commit(fs.Resume(ctx)))
+            await engine.execute(ctx)
+
+        async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+            group.create_task(_follow(engine, query, set(orders), show))
+            group.create_task(_follow(engine, query, set(orders), approve))
+            for order_id, annotations in orders.items():
+                ctx = fs.StateCtx.new(order_id, labels=labels, annotations=annotations)
+                await engine.do(fs.Commit(fs.Transit(ctx, "validate")))
+                group.create_task(engine.execute(ctx))
+    elapsed = time.monotonic() - started
+    print(f"\nAll {len(orders)} orders finished in {elapsed:.1f} s. Look at them again with:")
+    print(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
+    return 0
+
+
+# -- the command table -------------------------------------------------------------------------
+
+# Every subcommand, in the order `flowstate --help` lists them. A new subcommand (such as a
+# `recover` service runner) is one more entry here, with its configure and run functions.
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="demo",
+        help="run a small order-processing workflow and print its states as they change",
+        description=(
+            "Run three orders through a small workflow (validate, wait for approval, charge "
+            "with a retry, ship) and print every state version as a watcher sees it. "
+            "Finishes in a few seconds."
+        ),
+        configure=_configure_demo,
+        run=_run_demo,
+    ),
+    Command(
+        name="states",
+        help="list state versions in a store, oldest first",
+        description=(
+            "List the state versions of a store that match the filters, in revision order, "
+            "as a table (or JSON with --json)."
+        ),
+        configure=_configure_states,
+        run=_run_states,
+    ),
+    Command(
+        name="get",
+        help="show one state: its latest version, or the one at --rev",
+        description="Show one state: its latest version, or its version at --rev.",
+        configure=_configure_get,
+        run=_run_get,
+    ),
+    Command(
+        name="watch",
+        help="print state versions as JSON lines as they are committed, until Ctrl-C",
+        description=(
+            "Print every matching state version as one JSON line: first the ones already "
+            "stored after --since-rev, then each new one as it is committed. Stop with Ctrl-C."
+        ),
+        configure=_configure_watch,
+        run=_run_watch,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``flowstate`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fs.__version__}")
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+    for command in COMMANDS:
+        sub = subparsers.add_parser(
+            command.name, help=command.help, description=command.description
+        )
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def _error(message: object) -> int:
+    text = " ".join(str(message).split()) or "unknown error"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``flowstate`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 1 on an error (printed on one line to stderr), 2 on a
+        bad command line, 130 when interrupted with Ctrl-C.
+    """
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    run: Callable[[argparse.Namespace], Awaitable[int]] = args.run
+    try:
+        return asyncio.run(_main(run, args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (fs.FlowstateError, CommandError) as exc:
+        return _error(exc)
+    except ImportError as exc:  # a driver module that cannot be imported
+        return _error(f"cannot load the driver for {getattr(args, 'url', '?')!r}: {exc}")
+    except BaseExceptionGroup as group:
+        first = _first_error(group)
+        if first is None:
+            raise
+        return _error(first)
+    except BrokenPipeError:
+        # The reader went away (e.g. `flowstate watch ... | head`): stop quietly, and keep
+        # Python from complaining about the broken pipe again when it flushes at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+async def _main(
+    run: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    return await run(args)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first flowstate error in a task group's failure, if it holds one."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, fs.FlowstateError | CommandError):
+            return exc
+    return None

@@ -1,0 +1,1266 @@
+"""The SQLite driver (``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite://:memory:``).
+
+The durable embedded default: one database file in WAL mode, shared safely by any number of
+processes on one machine.
+
+URL options (query string): ``synchronous=normal|full`` (default ``normal``),
+``poll_interval=SECONDS`` (how often a waiting watcher looks for commits made by other
+processes; default 0.05) and ``busy_timeout=SECONDS`` (how long a commit waits for another
+process's write lock before failing with ``DriverUnavailableError``; default 5). Example:
+``sqlite:///var/flowstate.db?synchronous=full&poll_interval=0.1``. ``sqlite://:memory:`` is a
+private in-memory store that belongs to one driver object (for tests).
+
+Durability:
+    The database runs in WAL mode. With ``synchronous=normal`` (the default) a commit is
+    acknowledged once it is in the WAL, without an fsync: no acknowledged commit is lost when
+    the process crashes or is killed, but a power loss or an operating-system crash may lose
+    the last commits (never corrupting the file, never keeping part of a commit). With
+    ``synchronous=full`` every commit is fsynced before it is acknowledged and survives a
+    power loss too, at the cost of one fsync per transaction (group commit shares it between
+    concurrent commits).
+
+Threading:
+    Every SQLite call runs on one thread owned by the driver, with the standard library's
+    ``sqlite3``: ``open()`` starts it, ``aclose()`` stops and joins it. The event loop hands
+    that thread one function per request (a whole read, or a whole group of commits, each run
+    in one transaction) and gets the result back through ``call_soon_threadsafe``: one thread
+    round trip per request, not one per SQL statement. That round trip, not the disk, is what
+    limits throughput: aiosqlite makes one per statement, and a commit here runs five to eight
+    statements, so the driver talks to ``sqlite3`` directly. The thread is not a daemon; if a
+    driver is dropped without ``aclose()`` it warns ``ResourceWarning`` and the thread stops by
+    itself, and it also stops within a second after the main thread exits.
+
+Group commit:
+    Concurrent ``commit()`` calls are queued on the event loop and, while one group is being
+    written, the next group collects; each group is one ``BEGIN IMMEDIATE`` transaction. Inside
+    it every commit is checked on its own, in arrival order, against the latest-revision table
+    (overlaid with the commits of the group that went before it): a commit that conflicts gets
+    its own ``ConflictError`` and writes nothing, the others are written. A backend failure
+    rolls back the whole group and every commit in it fails with that ``DriverError``.
+
+Revisions and visibility:
+    A commit takes the next revisions of the store inside its write transaction (the states of
+    one commit get consecutive revisions, in request order). SQLite lets one writer in at a
+    time across all processes, so revisions become visible strictly in order, and readers see
+    whole transactions only. A page of results and its ``head_rev`` are read in one read
+    transaction. ``committed_at`` never decreases along revisions: a commit's time is clamped
+    to the time of the revision before it when the wall clock goes back.
+
+Watching:
+    ``wait_for_rev`` wakes at once for commits made through this driver object; while someone
+    waits, the database thread also looks for commits made through other connections (other
+    processes, other driver objects) every ``poll_interval`` seconds.
+
+Schema (version 1, stored in ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file
+as a flowstate store)::
+
+    fs_log(rev INTEGER PRIMARY KEY, id, committed_at, state)  every version; committed_at in
+        ms since the epoch (UTC), state the msgpack-encoded State without its rev and time.
+        Commit times never decrease along revisions, so ``since_time`` is a binary search
+        over the primary key (no time index to update on every commit)
+    fs_latest(id PRIMARY KEY, rev UNIQUE)    each state's latest revision: the compare-and-set
+        guard, and the index of ``latest_only`` queries
+    fs_labels(key, value, rev)               one row per label of each version (primary key
+        in that order), so a label filter reads only matching versions
+    fs_data(id, alias, rev, blob)            data versions
+    fs_delays(rev PRIMARY KEY, to_flow, at_us)   delays, bound to the version at ``rev``
+    fs_leases(name PRIMARY KEY, holder, token, ttl, expires_at)   leases; wall-clock expiry
+
+A file written by a newer schema version is refused with ``SchemaVersionError``; a later
+release migrates older files forward inside one transaction when it opens them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import functools
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, TypeVar
+from urllib.parse import parse_qsl, unquote
+
+import msgspec
+
+from flowstate._query import StatesPage, StatesQuery
+from flowstate._state import State
+from flowstate.drivers.base import (
+    CommitRequest,
+    CommitResult,
+    DelayedState,
+    DelaysPage,
+    Driver,
+    Lease,
+    StateWrite,
+)
+from flowstate.errors import (
+    ClosedError,
+    Conflict,
+    ConflictError,
+    DriverError,
+    DriverUnavailableError,
+    FlowstateError,
+    InvalidURLError,
+    NotFoundError,
+    SchemaVersionError,
+)
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = ["SCHEMA_VERSION", "SQLiteDriver"]
+
+logger = logging.getLogger("flowstate.drivers.sqlite")
+
+T = TypeVar("T")
+
+#: The schema version this release writes and reads (``PRAGMA user_version``).
+SCHEMA_VERSION: Final = 1
+#: ``PRAGMA application_id`` of a flowstate store ("FLST").
+APPLICATION_ID: Final = 0x464C5354
+
+_MEMORY = ":memory:"
+_SYNCHRONOUS = ("normal", "full")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+# How often an idle database thread checks whether the interpreter is shutting down.
+_IDLE_CHECK = 1.0
+# Upper bound on the label postings counted to pick the most selective pair of an AND-map.
+_PROBE_CAP = 1024
+
+_SCHEMA = (
+    """CREATE TABLE fs_log (
+        rev INTEGER PRIMARY KEY,
+        id TEXT NOT NULL,
+        committed_at INTEGER NOT NULL,
+        state BLOB NOT NULL
+    )""",
+    """CREATE TABLE fs_latest (
+        id TEXT PRIMARY KEY,
+        rev INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE UNIQUE INDEX fs_latest_rev ON fs_latest (rev)",
+    """CREATE TABLE fs_labels (
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        PRIMARY KEY (key, value, rev)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE fs_data (
+        id TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        blob BLOB NOT NULL,
+        UNIQUE (id, alias, rev)
+    )""",
+    """CREATE TABLE fs_delays (
+        rev INTEGER PRIMARY KEY,
+        to_flow TEXT NOT NULL,
+        at_us INTEGER NOT NULL
+    )""",
+    """CREATE TABLE fs_leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        ttl REAL NOT NULL,
+        expires_at REAL NOT NULL
+    )""",
+)
+
+_SQL_HEAD = "SELECT max(rev) FROM fs_log"
+_SQL_LAST = "SELECT rev, committed_at FROM fs_log WHERE rev = (SELECT max(rev) FROM fs_log)"
+_SQL_LATEST_REV = "SELECT rev FROM fs_latest WHERE id = ?"
+_SQL_INSERT_LOG = "INSERT INTO fs_log (rev, id, committed_at, state) VALUES (?, ?, ?, ?)"
+_SQL_INSERT_LABEL = "INSERT INTO fs_labels (key, value, rev) VALUES (?, ?, ?)"
+_SQL_UPSERT_LATEST = (
+    "INSERT INTO fs_latest (id, rev) VALUES (?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET rev = excluded.rev"
+)
+_SQL_INSERT_DATA = "INSERT INTO fs_data (id, alias, rev, blob) VALUES (?, ?, ?, ?)"
+_SQL_INSERT_DELAY = "INSERT INTO fs_delays (rev, to_flow, at_us) VALUES (?, ?, ?)"
+_SQL_STATE_LATEST = (
+    "SELECT l.rev, l.committed_at, l.state FROM fs_latest x JOIN fs_log l ON l.rev = x.rev "
+    "WHERE x.id = ?"
+)
+_SQL_STATE_AT = "SELECT id, committed_at, state FROM fs_log WHERE rev = ?"
+_SQL_TIME_FROM = "SELECT rev, committed_at FROM fs_log WHERE rev >= ? ORDER BY rev LIMIT 1"
+_SQL_PAGE_ALL = "SELECT rev, committed_at, state FROM fs_log WHERE rev > ? ORDER BY rev LIMIT ?"
+_SQL_PAGE_LATEST = (
+    "SELECT l.rev, l.committed_at, l.state FROM fs_latest x JOIN fs_log l ON l.rev = x.rev "
+    "WHERE x.rev > ? ORDER BY x.rev LIMIT ?"
+)
+_SQL_LAST_LATEST = "SELECT max(rev) FROM fs_latest WHERE rev > ?"
+_SQL_PROBE = (
+    "SELECT count(*) FROM (SELECT 1 FROM fs_labels WHERE key = ? AND value = ? AND rev > ? "
+    f"LIMIT {_PROBE_CAP})"
+)
+_SQL_DATA_LATEST = (
+    "SELECT rev, blob FROM fs_data WHERE id = ? AND alias = ? ORDER BY rev DESC LIMIT 1"
+)
+_SQL_DATA_AT = (
+    "SELECT rev, blob FROM fs_data WHERE id = ? AND alias = ? AND rev <= ? "
+    "ORDER BY rev DESC LIMIT 1"
+)
+_SQL_DELAYS = (
+    "SELECT d.rev, d.to_flow, d.at_us, l.committed_at, l.state "
+    "FROM fs_delays d JOIN fs_log l ON l.rev = d.rev WHERE d.rev > ? ORDER BY d.rev LIMIT ?"
+)
+_SQL_ANY_DELAY = "SELECT 1 FROM fs_delays WHERE rev > ? LIMIT 1"
+_SQL_LEASE = "SELECT holder, token, ttl, expires_at FROM fs_leases WHERE name = ?"
+
+# sqlite3 primary result codes (the low byte of an extended code).
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_IOERR = 10
+_SQLITE_PROTOCOL = 15
+_RETRY_SAFE = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_PROTOCOL})
+
+
+class _Lifecycle(enum.Enum):
+    UNOPENED = 1  # created; open() not called yet (or the last open() failed)
+    OPENED = 2  # usable
+    CLOSED = 3  # aclose() called; every call raises ClosedError
+
+
+class _Write(NamedTuple):
+    """One state write, prepared on the event loop so the database thread only binds values."""
+
+    id: str
+    expected_rev: int
+    state: bytes
+    labels: list[tuple[str, str]]
+    data: list[tuple[str, bytes]]
+    delay_to: str
+    delay_at_us: int | None
+
+
+_Outcome: TypeAlias = CommitResult | ConflictError
+_Done: TypeAlias = Callable[[Any, BaseException | None], None]
+
+
+def _to_datetime(ms: int) -> datetime.datetime:
+    return _EPOCH + datetime.timedelta(milliseconds=ms)
+
+
+def _micros(moment: datetime.datetime) -> int:
+    """Exact microseconds since the epoch (naive datetimes are taken as UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return (moment - _EPOCH) // datetime.timedelta(microseconds=1)
+
+
+@contextlib.contextmanager
+def _sqlite_errors(where: str) -> Iterator[None]:
+    """Turn sqlite3 exceptions into flowstate errors, chaining the original.
+
+    Busy or locked databases, I/O errors and lock-protocol failures roll the transaction back,
+    so the call can be retried safely: those become ``DriverUnavailableError``.
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        message = f"SQLite store {where}: {exc} ({name})"
+        if code is not None and code & 0xFF in _RETRY_SAFE:
+            raise DriverUnavailableError(message) from exc
+        raise DriverError(message) from exc
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    """A fresh instance of a group-wide error for each waiting commit, so that raising it in
+    several tasks does not pile their tracebacks onto one object.
+    """
+    try:
+        clone = type(error)(*error.args)
+    except TypeError:
+        return error
+    clone.__cause__ = error.__cause__
+    return clone
+
+
+def _settle(fut: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled; the outcome is discarded
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+def _run_callbacks(calls: list[tuple[_Done, object, BaseException | None]]) -> None:
+    for done, value, error in calls:
+        done(value, error)
+
+
+class _Stop:
+    """Queue marker: finish what is queued, close the connection, end the thread."""
+
+
+class _Poll:
+    """Queue marker: read the head revision now (someone started waiting)."""
+
+
+_STOP: Final = _Stop()
+_POLL: Final = _Poll()
+
+_Job: TypeAlias = tuple[Callable[[sqlite3.Connection], object], asyncio.AbstractEventLoop, _Done]
+
+
+class _Worker:
+    """The database thread: owns the sqlite3 connection and runs one function per request.
+
+    It holds no reference to the driver, so a driver dropped without ``aclose()`` can still
+    be collected (and then stops the thread).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        loop: asyncio.AbstractEventLoop,
+        on_head: Callable[[int], None],
+        poll_interval: float | None,
+        where: str,
+    ) -> None:
+        self._connect = connect
+        self._loop = loop
+        self._on_head = on_head
+        self._poll_interval = poll_interval
+        self._where = where
+        self._queue: queue.SimpleQueue[_Job | _Stop | _Poll] = queue.SimpleQueue()
+        self._stopped: asyncio.Future[None] = loop.create_future()
+        self._stopping = False
+        self._posted_head = 0
+        self._last_poll = 0.0
+        #: Set by the driver while some coroutine waits for a revision.
+        self.watching = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"flowstate-sqlite {where}", daemon=False
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(
+        self,
+        fn: Callable[[sqlite3.Connection], object],
+        loop: asyncio.AbstractEventLoop,
+        done: _Done,
+    ) -> None:
+        if self._stopping:
+            loop.call_soon(done, None, ClosedError("the SQLite driver is closed"))
+            return
+        self._queue.put((fn, loop, done))
+
+    def poke(self) -> None:
+        if not self._stopping:
+            self._queue.put(_POLL)
+
+    def stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self._queue.put(_STOP)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def wait_stopped(self) -> None:
+        """Wait for the thread to end (after :meth:`stop`), without blocking the loop."""
+        if asyncio.get_running_loop() is self._loop:
+            await asyncio.shield(self._stopped)
+        # The thread has posted its last callback and is returning: the join is immediate.
+        # From a foreign event loop (a misuse) this waits for the queued requests instead.
+        self._thread.join()
+
+    def _post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        failure: BaseException | None = None
+        try:
+            with _sqlite_errors(f"{self._where} cannot be opened"):
+                conn = self._connect()
+        except FlowstateError as exc:
+            failure = exc
+        try:
+            self._serve(conn, failure)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._post(self._loop, _settle, self._stopped, None, None)
+
+    def _serve(self, conn: sqlite3.Connection | None, failure: BaseException | None) -> None:
+        get = self._queue.get
+        while True:
+            timeout = self._poll_interval if self.watching and self._poll_interval else _IDLE_CHECK
+            try:
+                stop = self._handle(get(timeout=timeout), conn, failure)
+            except queue.Empty:
+                if not threading.main_thread().is_alive():
+                    return  # the interpreter is exiting and nobody closed the driver
+                if self.watching and conn is not None:
+                    self._poll(conn)
+                continue
+            if stop:
+                return
+            if (
+                self.watching
+                and conn is not None
+                and self._poll_interval
+                and time.monotonic() - self._last_poll >= self._poll_interval
+            ):
+                self._poll(conn)
+
+    def _handle(
+        self,
+        first: _Job | _Stop | _Poll,
+        conn: sqlite3.Connection | None,
+        failure: BaseException | None,
+    ) -> bool:
+        """Run ``first`` and everything queued behind it; True when told to stop.
+
+        A method of its own so that no finished request stays referenced while the thread
+        waits for the next one.
+        """
+        items = [first]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._queue.get_nowait())
+        stop = False
+        replies: dict[asyncio.AbstractEventLoop, list[tuple[_Done, object, Any]]] = {}
+        for job in items:
+            if isinstance(job, _Stop):
+                stop = True
+                continue
+            if isinstance(job, _Poll):
+                if conn is not None:
+                    self._poll(conn)
+                continue
+            fn, loop, done = job
+            value: object = None
+            error: BaseException | None = failure
+            if conn is not None:
+                try:
+                    with _sqlite_errors(self._where):
+                        value = fn(conn)
+                except Exception as exc:  # noqa: BLE001 - handed back to the awaiting caller
+                    error = exc
+            replies.setdefault(loop, []).append((done, value, error))
+        for loop, calls in replies.items():
+            self._post(loop, _run_callbacks, calls)
+        return stop
+
+    def _poll(self, conn: sqlite3.Connection) -> None:
+        """Tell the driver about commits made through other connections."""
+        self._last_poll = time.monotonic()
+        try:
+            row = conn.execute(_SQL_HEAD).fetchone()
+        except sqlite3.Error:
+            logger.debug("head poll failed on %s; retrying later", self._where, exc_info=True)
+            return
+        head = row[0] or 0
+        if head > self._posted_head:
+            self.noted(head)
+            self._post(self._loop, self._on_head, head)
+
+    def noted(self, head: int) -> None:
+        """Record that the driver already knows about ``head`` (no need to post it)."""
+        self._posted_head = max(self._posted_head, head)
+
+
+class SQLiteDriver(Driver):
+    """Stores states in one SQLite file (WAL mode), shared by any number of processes.
+
+    Args:
+        path: The database file, or ``":memory:"`` for a private in-memory store.
+        synchronous: ``"normal"`` (default: acknowledged commits survive a process crash) or
+            ``"full"`` (they also survive a power loss; one fsync per transaction).
+        poll_interval: Seconds between checks for commits from other processes while a
+            watcher waits.
+        busy_timeout: Seconds a statement waits for another process's lock before failing
+            with ``DriverUnavailableError``.
+
+    Use it from the event loop that opened it. See the module docstring for the schema, the
+    threading model and group commit.
+    """
+
+    scheme = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "flowstate.db",
+        *,
+        synchronous: str = "normal",
+        poll_interval: float = 0.05,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        path = os.fspath(path)
+        if not path:
+            raise InvalidURLError("the SQLite driver needs a file path or ':memory:'")
+        if synchronous.lower() not in _SYNCHRONOUS:
+            raise InvalidURLError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+        if not poll_interval > 0:
+            raise InvalidURLError(f"poll_interval must be > 0 seconds, not {poll_interval!r}")
+        if not busy_timeout >= 0:
+            raise InvalidURLError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+        self.path = path
+        self.synchronous = synchronous.lower()
+        self.poll_interval = float(poll_interval)
+        self.busy_timeout = float(busy_timeout)
+        self._lifecycle = _Lifecycle.UNOPENED
+        self._worker: _Worker | None = None
+        self._open_lock = asyncio.Lock()
+        self._head = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._pending: list[tuple[list[_Write], asyncio.Future[CommitResult]]] = []
+        self._flush_scheduled = False
+        self._in_flight = False
+        self._encoder = msgspec.msgpack.Encoder()
+        self._state_decoder = msgspec.msgpack.Decoder(State)
+
+    @property
+    def is_memory(self) -> bool:
+        """True for the private in-memory store (``sqlite://:memory:``)."""
+        return self.path == _MEMORY
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Create an unopened driver from a ``sqlite://`` URL (see the module docstring).
+
+        Raises:
+            InvalidURLError: The URL is not a valid SQLite driver URL.
+        """
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() != cls.scheme:
+            raise InvalidURLError(f"{url!r} is not a sqlite:// URL")
+        location, _, query = rest.partition("?")
+        if location in (_MEMORY, "/" + _MEMORY):
+            path = _MEMORY
+        elif location.startswith("/") and len(location) > 1:
+            path = unquote(location[1:])
+        else:
+            raise InvalidURLError(
+                f"{url!r}: expected sqlite:///relative/path.db, sqlite:////absolute/path.db "
+                "or sqlite://:memory: (a SQLite URL has no host)"
+            )
+        options: dict[str, Any] = {}
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError as exc:
+            raise InvalidURLError(f"{url!r}: malformed query string ({exc})") from None
+        for key, value in pairs:
+            if key == "synchronous":
+                options[key] = value
+            elif key in ("poll_interval", "busy_timeout"):
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    raise InvalidURLError(
+                        f"{url!r}: {key} must be a number of seconds, not {value!r}"
+                    ) from None
+            else:
+                raise InvalidURLError(
+                    f"{url!r}: unknown option {key!r}; "
+                    "known options: synchronous, poll_interval, busy_timeout"
+                )
+        return cls(path, **options)
+
+    def __repr__(self) -> str:
+        return (
+            f"SQLiteDriver({self.path!r}, synchronous={self.synchronous}, "
+            f"{self._lifecycle.name.lower()})"
+        )
+
+    def __del__(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is None or getattr(self, "_lifecycle", None) is _Lifecycle.CLOSED:
+            return
+        warnings.warn(
+            f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
+        worker.stop()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _check(self) -> _Worker:
+        worker = self._worker
+        if self._lifecycle is not _Lifecycle.OPENED or worker is None:
+            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+            raise ClosedError(f"the SQLite driver is {state}")
+        return worker
+
+    async def open(self) -> None:
+        """Start the database thread, and create or check the schema.
+
+        Raises:
+            ClosedError: The driver was closed.
+            SchemaVersionError: The file was written by a newer flowstate.
+            DriverError: The file cannot be opened or is not a flowstate store.
+        """
+        async with self._open_lock:
+            if self._lifecycle is _Lifecycle.CLOSED:
+                raise ClosedError("the SQLite driver is closed and cannot be reopened")
+            if self._lifecycle is _Lifecycle.OPENED:
+                return
+            loop = asyncio.get_running_loop()
+            ref = weakref.ref(self)
+
+            def on_head(head: int) -> None:
+                driver = ref()
+                if driver is not None:
+                    driver._advance(head)
+
+            worker = _Worker(
+                functools.partial(_connect, self.path, self.synchronous, self.busy_timeout),
+                loop,
+                on_head,
+                None if self.is_memory else self.poll_interval,
+                self.path,
+            )
+            worker.start()
+            self._worker = worker
+            try:
+                # No request may hold the driver itself: the database thread may keep a
+                # finished request a moment longer, and a dropped driver must be collectable.
+                setup = functools.partial(_setup, self.path, not self.is_memory)
+                head = await self._call(setup, worker)
+            except BaseException:
+                self._worker = None
+                worker.stop()
+                await worker.wait_stopped()
+                raise
+            worker.noted(head)
+            self._head = head
+            self._lifecycle = _Lifecycle.OPENED
+
+    async def aclose(self) -> None:
+        """Finish the queued requests, close the database and join its thread.
+
+        Calling it again does nothing. Waiters in :meth:`wait_for_rev` get ``ClosedError``.
+        """
+        if self._lifecycle is not _Lifecycle.CLOSED:
+            self._lifecycle = _Lifecycle.CLOSED
+            waiters, self._waiters = self._waiters, []
+            for _, fut in waiters:
+                if not fut.done():
+                    fut.set_exception(ClosedError("the SQLite driver was closed"))
+            if self._worker is not None:
+                self._flush()  # commits accepted before the close are still written
+                self._worker.stop()
+        worker = self._worker
+        if worker is not None:
+            await worker.wait_stopped()
+            self._worker = None
+
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], worker: _Worker | None = None
+    ) -> T:
+        """Run ``fn(connection)`` on the database thread (one round trip) and return its value."""
+        if worker is None:
+            worker = self._check()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        worker.submit(fn, loop, functools.partial(_settle, fut))
+        return await fut
+
+    # -- commits ---------------------------------------------------------------------------
+
+    async def commit(self, request: CommitRequest) -> CommitResult:
+        """Write every state of ``request`` atomically, if every ``expected_rev`` matches.
+
+        Concurrent commits are written together in one transaction (group commit); each one
+        still succeeds or conflicts on its own.
+
+        Raises:
+            ConflictError: Some state's latest revision differed from ``expected_rev``; it
+                lists every such state, and nothing was written.
+            ClosedError: The driver is not open.
+            DriverUnavailableError: The database stayed locked by another process longer
+                than ``busy_timeout`` (nothing was written), or an I/O error occurred while
+                committing. A retry with the same expected revisions is safe: it conflicts
+                if the first attempt was applied.
+            DriverError: SQLite failed otherwise; nothing was written.
+        """
+        self._check()
+        writes = [self._prepare(write) for write in request.writes]
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[CommitResult] = loop.create_future()
+        self._pending.append((writes, fut))
+        if not self._in_flight and not self._flush_scheduled:
+            # The database thread is idle: send this commit now. While a group is being
+            # written, later commits collect and go together once it is done.
+            self._flush()
+        return await fut
+
+    def _prepare(self, write: StateWrite) -> _Write:
+        state = write.state
+        blob = self._encoder.encode(msgspec.structs.replace(state, rev=0, committed_at=None))
+        data = [(alias, bytes(raw)) for alias, raw in write.data.items()] if write.data else []
+        delay_at = write.delay_at
+        return _Write(
+            state.id,
+            write.expected_rev,
+            blob,
+            list(state.labels.items()),
+            data,
+            write.delay_to,
+            None if delay_at is None else _micros(delay_at),
+        )
+
+    def _flush(self) -> None:
+        """Send the queued commits to the database thread as one group."""
+        self._flush_scheduled = False
+        worker = self._worker
+        group = [(writes, fut) for writes, fut in self._pending if not fut.done()]
+        self._pending = []
+        if not group or worker is None:
+            for _, fut in group:
+                fut.set_exception(ClosedError("the SQLite driver is closed"))
+            return
+        self._in_flight = True
+        commits = [writes for writes, _ in group]
+        worker.submit(
+            functools.partial(_write_group, commits),
+            asyncio.get_running_loop(),
+            functools.partial(self._group_done, worker, [fut for _, fut in group]),
+        )
+
+    def _group_done(
+        self,
+        worker: _Worker,
+        futures: list[asyncio.Future[CommitResult]],
+        value: tuple[list[_Outcome], int] | None,
+        error: BaseException | None,
+    ) -> None:
+        self._in_flight = False
+        if value is None:
+            failure = error or DriverError("the SQLite commit group failed")
+            for fut in futures:
+                _settle(fut, None, _copy_error(failure))
+        else:
+            outcomes, head = value
+            for fut, outcome in zip(futures, outcomes, strict=True):
+                if isinstance(outcome, ConflictError):
+                    _settle(fut, None, outcome)
+                else:
+                    _settle(fut, outcome, None)
+            worker.noted(head)
+            self._advance(head)
+        if self._pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get_state(self, state_id: str, rev: int = 0) -> State:
+        """Return a state's version at ``rev``, or its latest version when ``rev`` is 0.
+
+        Raises:
+            NotFoundError: No such state, or ``rev`` is not one of its versions.
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+        decode = self._state_decoder.decode
+
+        def read(conn: sqlite3.Connection) -> State:
+            if rev == 0:
+                row = conn.execute(_SQL_STATE_LATEST, (state_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"state {state_id!r} not found")
+                return _decode(decode, row[0], row[1], row[2])
+            row = conn.execute(_SQL_STATE_AT, (rev,)).fetchone()
+            if row is None or row[0] != state_id:
+                raise NotFoundError(f"state {state_id!r} has no version at rev {rev}")
+            return _decode(decode, rev, row[1], row[2])
+
+        return await self._call(read)
+
+    async def get_states(self, query: StatesQuery) -> StatesPage:
+        """Return one page of the versions matching ``query``, ascending by revision.
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+        page = await self._call(functools.partial(_read_page, self._state_decoder.decode, query))
+        self._advance(page.head_rev)
+        return page
+
+    async def head_rev(self) -> int:
+        """Return the store's latest revision (0 for an empty store).
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+        head = await self._call(_read_head)
+        self._advance(head)
+        return head
+
+    async def wait_for_rev(self, rev: int) -> None:
+        """Return once the store's latest revision is at least ``rev``.
+
+        Commits through this driver wake waiters at once; commits from other processes are
+        noticed within ``poll_interval`` seconds.
+
+        Raises:
+            ClosedError: The driver is not open, or was closed while waiting.
+        """
+        worker = self._check()
+        if self._head >= rev:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((rev, fut))
+        worker.watching = True
+        worker.poke()  # catch up at once with commits other processes made since the last read
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+            self._waiters = [w for w in self._waiters if w[1] is not fut]
+            if not self._waiters:
+                worker.watching = False
+
+    def _advance(self, head: int) -> None:
+        """Note that revisions up to ``head`` are committed; wake whoever waited for them."""
+        if head <= self._head:
+            return
+        self._head = head
+        if not self._waiters:
+            return
+        still = []
+        for rev, fut in self._waiters:
+            if rev <= head:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((rev, fut))
+        self._waiters = still
+
+    async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
+        """Return ``(rev, blob)`` of the newest data under ``alias`` at or below ``rev``.
+
+        ``rev`` 0 means the latest data version.
+
+        Raises:
+            NotFoundError: No such data.
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+
+        def read(conn: sqlite3.Connection) -> tuple[int, bytes]:
+            if rev:
+                row = conn.execute(_SQL_DATA_AT, (state_id, alias, rev)).fetchone()
+            else:
+                row = conn.execute(_SQL_DATA_LATEST, (state_id, alias)).fetchone()
+            if row is None:
+                at = f" at rev {rev}" if rev else ""
+                raise NotFoundError(f"state {state_id!r} has no data {alias!r}{at}")
+            return int(row[0]), bytes(row[1])
+
+        return await self._call(read)
+
+    async def get_delays(self, since_rev: int = 0, limit: int = 100) -> DelaysPage:
+        """Return delays committed after ``since_rev`` (exclusive), in commit order.
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+        decode = self._state_decoder.decode
+
+        def read(conn: sqlite3.Connection) -> DelaysPage:
+            if limit < 1:
+                more = conn.execute(_SQL_ANY_DELAY, (since_rev,)).fetchone() is not None
+                return DelaysPage(delays=[], more=more)
+            rows = conn.execute(_SQL_DELAYS, (since_rev, limit + 1)).fetchall()
+            delays = [
+                DelayedState(
+                    state=_decode(decode, rev, committed_at, blob),
+                    to=to,
+                    at=_EPOCH + datetime.timedelta(microseconds=at_us),
+                )
+                for rev, to, at_us, committed_at, blob in rows[:limit]
+            ]
+            return DelaysPage(delays=delays, more=len(rows) > limit)
+
+        return await self._call(read)
+
+    # -- leases (SupportsLease) -------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        """Claim ``name`` for ``holder`` unless another holder's claim is still live.
+
+        Expiry uses the wall clock, which every process on the machine shares.
+
+        Returns:
+            The lease (with a new token), or None when another holder's claim is live.
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+
+        def claim(conn: sqlite3.Connection) -> Lease | None:
+            with _write_transaction(conn):
+                now = time.time()
+                row = conn.execute(_SQL_LEASE, (name,)).fetchone()
+                if row is not None and row[3] > now and row[0] != holder:
+                    return None
+                top = conn.execute("SELECT max(token) FROM fs_leases").fetchone()[0] or 0
+                lease = Lease(name=name, holder=holder, token=top + 1, ttl=ttl)
+                conn.execute(
+                    "INSERT INTO fs_leases (name, holder, token, ttl, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                    "holder = excluded.holder, token = excluded.token, ttl = excluded.ttl, "
+                    "expires_at = excluded.expires_at",
+                    (name, holder, lease.token, ttl, now + ttl),
+                )
+                return lease
+
+        return await self._call(claim)
+
+    async def renew_lease(self, lease: Lease) -> Lease | None:
+        """Extend a live claim by its ttl.
+
+        Returns:
+            The lease, or None when the claim was lost (expired or taken).
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+
+        def renew(conn: sqlite3.Connection) -> Lease | None:
+            with _write_transaction(conn):
+                now = time.time()
+                cursor = conn.execute(
+                    "UPDATE fs_leases SET expires_at = ? "
+                    "WHERE name = ? AND token = ? AND expires_at > ?",
+                    (now + lease.ttl, lease.name, lease.token, now),
+                )
+                return lease if cursor.rowcount == 1 else None
+
+        return await self._call(renew)
+
+    async def release_lease(self, lease: Lease) -> None:
+        """Give up a claim at once; releasing a lost claim does nothing.
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+
+        def release(conn: sqlite3.Connection) -> None:
+            with _write_transaction(conn):
+                # The row stays (expired) so that tokens keep increasing across claims.
+                conn.execute(
+                    "UPDATE fs_leases SET expires_at = 0 WHERE name = ? AND token = ?",
+                    (lease.name, lease.token),
+                )
+
+        await self._call(release)
+
+    async def get_lease(self, name: str) -> Lease | None:
+        """Return the live claim on ``name``, or None.
+
+        Raises:
+            ClosedError: The driver is not open.
+            DriverError: SQLite failed.
+        """
+        self._check()
+
+        def read(conn: sqlite3.Connection) -> Lease | None:
+            row = conn.execute(_SQL_LEASE, (name,)).fetchone()
+            if row is None or row[3] <= time.time():
+                return None
+            return Lease(name=name, holder=row[0], token=row[1], ttl=row[2])
+
+        return await self._call(read)
+
+
+# -- functions run on the database thread ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
+    cursor = conn.cursor()
+    cursor.execute("BEGIN IMMEDIATE")  # take the write lock first: no upgrade deadlock
+    try:
+        yield cursor
+        cursor.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+@contextlib.contextmanager
+def _read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
+    cursor = conn.cursor()
+    cursor.execute("BEGIN")  # one snapshot for every statement of the read
+    try:
+        yield cursor
+    except BaseException:
+        _rollback(conn)
+        raise
+    cursor.execute("COMMIT")
+
+
+def _setup(path: str, wal: bool, conn: sqlite3.Connection) -> int:
+    """Check or create the schema of a store; return its head revision."""
+    version = _check_version(conn, path)
+    if wal:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("%s: WAL mode unavailable, using journal mode %s", path, mode)
+    if version == 0:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have created the schema while this one waited.
+            if _check_version(conn, path) == 0:
+                _create_schema(conn, path)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+    row = conn.execute(_SQL_HEAD).fetchone()
+    head: int = row[0] or 0
+    return head
+
+
+def _check_version(conn: sqlite3.Connection, path: str) -> int:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    application_id: int = conn.execute("PRAGMA application_id").fetchone()[0]
+    if application_id not in (0, APPLICATION_ID):
+        raise DriverError(f"{path} is not a flowstate store (application id {application_id:#x})")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path} was written by a newer flowstate (schema version {version}; this "
+            f"flowstate reads up to version {SCHEMA_VERSION}): upgrade flowstate to open it"
+        )
+    if version and application_id != APPLICATION_ID:
+        raise DriverError(f"{path} is not a flowstate store (user_version {version})")
+    return version
+
+
+def _create_schema(conn: sqlite3.Connection, path: str) -> None:
+    tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    if tables:
+        raise DriverError(
+            f"{path} is not a flowstate store: it already holds tables that flowstate "
+            "did not create"
+        )
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path,
+        timeout=busy_timeout,
+        isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
+        cached_statements=256,
+    )
+    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    return conn
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _decode(decode: Callable[[bytes], State], rev: int, committed_at: int, blob: bytes) -> State:
+    state = decode(blob)
+    state.rev = rev
+    state.committed_at = _to_datetime(committed_at)
+    return state
+
+
+def _read_head(conn: sqlite3.Connection) -> int:
+    head: int = conn.execute(_SQL_HEAD).fetchone()[0] or 0
+    return head
+
+
+def _write_group(
+    commits: list[list[_Write]], conn: sqlite3.Connection
+) -> tuple[list[_Outcome], int]:
+    """Write a group of commits in one transaction; each one is checked on its own.
+
+    Returns each commit's outcome (its result, or the ConflictError it gets) and the head
+    revision after the group.
+    """
+    with _write_transaction(conn) as cursor:
+        execute = cursor.execute
+        last = execute(_SQL_LAST).fetchone()
+        head, last_ms = (last[0], last[1]) if last is not None else (0, 0)
+        # The wall clock may go back; commit times must not (since_time relies on it).
+        now_ms = max(time.time_ns() // 1_000_000, last_ms)
+        committed_at = _to_datetime(now_ms)
+        latest: dict[str, int] = {}
+        written: dict[str, int] = {}
+        outcomes: list[_Outcome] = []
+        log_rows: list[tuple[int, str, int, bytes]] = []
+        label_rows: list[tuple[str, str, int]] = []
+        data_rows: list[tuple[str, str, int, bytes]] = []
+        delay_rows: list[tuple[int, str, int]] = []
+        for writes in commits:
+            conflicts: list[Conflict] = []
+            for write in writes:
+                actual = latest.get(write.id)
+                if actual is None:
+                    row = execute(_SQL_LATEST_REV, (write.id,)).fetchone()
+                    actual = latest[write.id] = row[0] if row is not None else 0
+                if actual != write.expected_rev:
+                    conflicts.append(Conflict(write.id, write.expected_rev, actual))
+            if conflicts:
+                outcomes.append(ConflictError(conflicts))
+                continue
+            revs = []
+            for write in writes:
+                head += 1
+                rev = head
+                latest[write.id] = written[write.id] = rev
+                log_rows.append((rev, write.id, now_ms, write.state))
+                for key, value in write.labels:
+                    label_rows.append((key, value, rev))
+                for alias, blob in write.data:
+                    data_rows.append((write.id, alias, rev, blob))
+                if write.delay_at_us is not None:
+                    delay_rows.append((rev, write.delay_to, write.delay_at_us))
+                revs.append(rev)
+            outcomes.append(CommitResult(revs=revs, committed_at=committed_at))
+        if log_rows:
+            executemany = cursor.executemany
+            executemany(_SQL_INSERT_LOG, log_rows)
+            if label_rows:
+                executemany(_SQL_INSERT_LABEL, label_rows)
+            executemany(_SQL_UPSERT_LATEST, written.items())
+            if data_rows:
+                executemany(_SQL_INSERT_DATA, data_rows)
+            if delay_rows:
+                executemany(_SQL_INSERT_DELAY, delay_rows)
+    return outcomes, head
+
+
+def _since_time_rev(cursor: sqlite3.Cursor, since_time: datetime.datetime, head: int) -> int:
+    """The revision before the first one committed at or after ``since_time``.
+
+    Commit times never decrease along revisions (each commit's time is clamped to the one
+    before it, under the write lock), so the revision primary key orders the log by time too:
+    a binary search over it takes O(log n) primary-key lookups, and commits keep no separate
+    time index up to date.
+    """
+    threshold_ms = -(-_micros(since_time) // 1000)  # stored times are whole milliseconds
+    # The smallest ``low`` such that the first version at or after ``low`` (if any) is not
+    # older than the threshold; every version before ``low`` is older.
+    low, high = 1, head + 1
+    while low < high:
+        middle = (low + high) // 2
+        row = cursor.execute(_SQL_TIME_FROM, (middle,)).fetchone()
+        if row is None or row[1] >= threshold_ms:
+            high = middle
+        else:
+            low = row[0] + 1
+    return low - 1
+
+
+def _label_arms(
+    cursor: sqlite3.Cursor, label_sets: list[dict[str, str]], latest_only: bool, since_rev: int
+) -> tuple[str, list[object]]:
+    """SQL selecting the matching revisions after ``since_rev``, one SELECT per AND-map.
+
+    Each arm walks the label index for one pair of its map (the one with the fewest postings
+    after ``since_rev``, counted up to a cap) and checks the other pairs by primary key, so a
+    selective filter reads only its own postings.
+    """
+    arms = []
+    params: list[object] = []
+    for wanted in label_sets:
+        pairs = list(wanted.items())
+        if len(pairs) > 1:
+            counts = [
+                cursor.execute(_SQL_PROBE, (key, value, since_rev)).fetchone()[0]
+                for key, value in pairs
+            ]
+            lead = counts.index(min(counts))
+            pairs.insert(0, pairs.pop(lead))
+        (key, value), others = pairs[0], pairs[1:]
+        sql = ["SELECT a.rev FROM fs_labels a WHERE a.key = ? AND a.value = ? AND a.rev > ?"]
+        params += [key, value, since_rev]
+        for n, (key, value) in enumerate(others):
+            sql.append(
+                f" AND EXISTS (SELECT 1 FROM fs_labels b{n} WHERE b{n}.key = ? "
+                f"AND b{n}.value = ? AND b{n}.rev = a.rev)"
+            )
+            params += [key, value]
+        if latest_only:
+            sql.append(" AND EXISTS (SELECT 1 FROM fs_latest x WHERE x.rev = a.rev)")
+        arms.append("".join(sql))
+    return " UNION ".join(arms), params
+
+
+def _read_page(
+    decode: Callable[[bytes], State], query: StatesQuery, conn: sqlite3.Connection
+) -> StatesPage:
+    with _read_transaction(conn) as cursor:
+        head: int = cursor.execute(_SQL_HEAD).fetchone()[0] or 0
+        since_rev = query.since_rev
+        if query.since_time is not None:
+            since_rev = max(since_rev, _since_time_rev(cursor, query.since_time, head))
+        label_sets = query.label_sets
+        latest_only = query.latest_only
+        if query.since_latest:
+            last: int | None
+            if label_sets:
+                arms, params = _label_arms(cursor, label_sets, latest_only, since_rev)
+                row = cursor.execute(f"{arms} ORDER BY 1 DESC LIMIT 1", params).fetchone()
+                last = None if row is None else row[0]
+            elif latest_only:
+                last = cursor.execute(_SQL_LAST_LATEST, (since_rev,)).fetchone()[0]
+            else:
+                last = head if head > since_rev else None
+            if last is None:
+                return StatesPage(states=[], more=False, head_rev=head)
+            since_rev = last - 1
+        limit = query.limit
+        if label_sets:
+            arms, params = _label_arms(cursor, label_sets, latest_only, since_rev)
+            rows = cursor.execute(
+                f"SELECT l.rev, l.committed_at, l.state FROM ({arms} ORDER BY 1 LIMIT ?) m "
+                "JOIN fs_log l ON l.rev = m.rev ORDER BY l.rev",
+                [*params, limit + 1],
+            ).fetchall()
+        elif latest_only:
+            rows = cursor.execute(_SQL_PAGE_LATEST, (since_rev, limit + 1)).fetchall()
+        else:
+            rows = cursor.execute(_SQL_PAGE_ALL, (since_rev, limit + 1)).fetchall()
+    states = [_decode(decode, rev, ms, blob) for rev, ms, blob in rows[:limit]]
+    return StatesPage(states=states, more=len(rows) > limit, head_rev=head)
