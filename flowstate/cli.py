@@ -20,6 +20,7 @@ from attrs import frozen
 
 import flowstate as fs
 from flowstate.drivers.sqlite import SQLiteDriver
+from flowstate.recovery import _serve as recover_service
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -426,8 +427,16 @@ async def _run_demo(args: argparse.Namespace) -> int:
 
 # -- the command table -------------------------------------------------------------------------
 
+
 # Every subcommand, in the order `flowstate --help` lists them. A new subcommand (such as a
 # `recover` service runner) is one more entry here, with its configure and run functions.
+async def _run_recover(args: argparse.Namespace) -> int:
+    try:
+        return await recover_service.run(args)
+    except recover_service.FlowsSpecError as exc:
+        raise CommandError(str(exc)) from exc
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="demo",
@@ -456,6 +465,18 @@ COMMANDS: tuple[Command, ...] = (
         description="Show one state: its latest version, or its version at --rev.",
         configure=_configure_get,
         run=_run_get,
+    ),
+    Command(
+        name="recover",
+        help="run the recoverer and the delayer on a store until SIGTERM (one replica leads)",
+        description=(
+            "Retry states that stall, force-end them once their attempts are spent, and fire "
+            "delayed states when due. Run as many replicas as you like against one store: one "
+            "leads (it logs so), the others stand by and take over within --lease-ttl seconds "
+            "when it dies, or at once when it stops cleanly on SIGTERM or Ctrl-C."
+        ),
+        configure=recover_service.configure,
+        run=_run_recover,
     ),
     Command(
         name="watch",

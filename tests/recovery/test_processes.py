@@ -1,0 +1,267 @@
+"""Recovery with real processes that are really killed, on SQLite files and on etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+import flowstate as fs
+from flowstate.recovery import _settings
+from tests.etcd_server import unique_url
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+LEASE_TTL = 1.0
+FLOWS = "tests.recovery.process_flows:flows"
+LEADS = re.compile(r"(\S+) leads '(flowstate\.\w+)'")
+
+
+class Process:
+    """A child process whose output lines are read as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self._readers = [
+            asyncio.ensure_future(self._read(stream))
+            for stream in (proc.stdout, proc.stderr)
+            if stream is not None
+        ]
+
+    @classmethod
+    async def start(cls, name: str, *args: str, role: str = "") -> Process:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTATE_TEST_ROLE": role}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(proc, name)
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            async with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip())
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[list[str]], bool], within: float = 30) -> None:
+        try:
+            async with asyncio.timeout(within), self._changed:
+                await self._changed.wait_for(lambda: predicate(self.lines))
+        except TimeoutError:
+            output = "\n".join(self.lines[-30:])
+            raise AssertionError(f"{self.name} never got there; its output:\n{output}") from None
+
+    def leads(self, lease: str) -> bool:
+        return any(m and m.group(2) == lease for m in map(LEADS.search, self.lines))
+
+    def kill(self) -> None:
+        """SIGKILL, by our own child's PID."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def close(self, sig: int = signal.SIGKILL) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            async with asyncio.timeout(15):
+                code = await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            code = await self.proc.wait()
+        for reader in self._readers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        return code
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return unique_url(request.getfixturevalue("etcd_url"))
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[Process]]:
+    """Every process a test starts is killed by PID at the end, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        await process.close()
+
+
+async def recover(processes: list[Process], url: str, name: str, *extra: str) -> Process:
+    process = await Process.start(
+        name,
+        "-m",
+        "flowstate",
+        "recover",
+        url,
+        "--flows",
+        FLOWS,
+        "--retry-after",
+        "0.5",
+        "--lease-ttl",
+        str(LEASE_TTL),
+        *extra,
+    )
+    processes.append(process)
+    return process
+
+
+async def first_to_lead(replicas: list[Process], lease: str, within: float = 30) -> Process:
+    """The first replica that logs it leads ``lease`` (waiting on all of them at once)."""
+
+    def leading(replica: Process) -> Callable[[list[str]], bool]:
+        return lambda _lines: replica.leads(lease)
+
+    waits = [asyncio.ensure_future(r.wait_for(leading(r), within)) for r in replicas]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    leaders = [r for r in replicas if r.leads(lease)]
+    assert len(leaders) == 1, f"expected one leader of {lease}, got {[r.name for r in leaders]}"
+    return leaders[0]
+
+
+async def wait_ended(engine: fs.Engine, ids: set[str], within: float = 60) -> list[fs.State]:
+    """Watch from the start of the log until every id has ended; return every version."""
+    versions: list[fs.State] = []
+    left = set(ids)
+    async with asyncio.timeout(within), engine.watch() as watcher:
+        async for state in watcher:
+            versions.append(state)
+            if state.is_ended:
+                left.discard(state.id)
+            if not left:
+                return versions
+    raise AssertionError(f"the engine closed before {sorted(left)} ended")
+
+
+def ended_once(versions: list[fs.State], ids: set[str]) -> None:
+    ends = collections.Counter(v.id for v in versions if v.is_ended and v.id in ids)
+    assert ends == dict.fromkeys(ids, 1), "every state ended exactly once"
+
+
+async def test_killed_worker_states_are_completed(store_url: str, processes: list[Process]) -> None:
+    worker = await Process.start(
+        "worker", "-m", "tests.recovery.process_worker", store_url, "w", "5"
+    )
+    processes.append(worker)
+    await worker.wait_for(lambda lines: sum(line.startswith("started") for line in lines) == 5)
+    worker.kill()
+    assert await worker.proc.wait() == -signal.SIGKILL
+    await recover(processes, store_url, "recover")
+    async with fs.Engine(store_url) as engine:
+        ids = {f"w{i}" for i in range(5)}
+        versions = await wait_ended(engine, ids)
+    ended_once(versions, ids)
+    for state_id in ids:
+        attempts = [_settings.attempt(v) for v in versions if v.id == state_id]
+        assert attempts == [0, 1, 0], "committed, retried once, ended"
+
+
+async def test_a_standby_takes_over_when_the_leader_is_killed(
+    store_url: str, processes: list[Process]
+) -> None:
+    replicas = [await recover(processes, store_url, f"recover{i}") for i in range(3)]
+    lease = "flowstate.recoverer"
+    async with fs.Engine(store_url) as engine:
+        leader = await first_to_lead(replicas, lease)
+        before = {f"before{i}" for i in range(5)}
+        for state_id in sorted(before):
+            await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new(state_id), "slow")))
+        leader.kill()
+        killed_at = asyncio.get_running_loop().time()
+        await first_to_lead([r for r in replicas if r is not leader], lease)
+        took = asyncio.get_running_loop().time() - killed_at
+        assert took <= LEASE_TTL + 2.5, f"failover took {took:.2f}s"
+        after = {f"after{i}" for i in range(5)}
+        for state_id in sorted(after):
+            await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new(state_id), "slow")))
+        versions = await wait_ended(engine, before | after)
+    ended_once(versions, before | after)
+
+
+async def test_max_attempts_with_a_recover_process(
+    store_url: str, processes: list[Process]
+) -> None:
+    await recover(processes, store_url, "recover", "--max-attempts", "2")
+    async with fs.Engine(store_url) as engine:
+        await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new("poison"), "fail")))
+        versions = await wait_ended(engine, {"poison"})
+    poison = [v for v in versions if v.id == "poison"]
+    assert [_settings.attempt(v) for v in poison] == [0, 1, 2, 0]
+    assert poison[-1].annotations[_settings.ENDED_REASON] == "still running 'fail' after 2 retries"
+
+
+async def test_delays_fire_once_across_a_failover(store_url: str, processes: list[Process]) -> None:
+    replicas = [await recover(processes, store_url, f"recover{i}") for i in range(3)]
+    lease = "flowstate.delayer"
+    now = datetime.datetime.now(datetime.UTC)
+    ids = set()
+    async with fs.Engine(store_url) as engine:
+        for i in range(30):
+            ctx = fs.StateCtx.new(f"timer{i}")
+            at = now + datetime.timedelta(seconds=-5 if i < 10 else 0.1 * (i - 10))
+            await engine.do(fs.Commit(fs.Pause(ctx, "wait"), fs.Delay(ctx, "wake", until=at)))
+            ids.add(ctx.id)
+        leader = await first_to_lead(replicas, lease)
+        async with asyncio.timeout(30), engine.watch() as watcher:
+            fired = 0
+            async for state in watcher:  # kill the leader part-way through the firing
+                fired += "flowstate.delay.fired" in state.transition.annotations
+                if fired >= 12:
+                    break
+        leader.kill()
+        versions = await wait_ended(engine, ids)
+    fired_versions = collections.Counter(
+        v.id for v in versions if "flowstate.delay.fired" in v.transition.annotations
+    )
+    assert fired_versions == dict.fromkeys(ids, 1), "every delay fired exactly once"
+    ended_once(versions, ids)
+
+
+async def test_sigterm_hands_leadership_over_at_once(
+    store_url: str, processes: list[Process]
+) -> None:
+    replicas = [await recover(processes, store_url, f"recover{i}") for i in range(2)]
+    lease = "flowstate.recoverer"
+    leader = await first_to_lead(replicas, lease)
+    (standby,) = [r for r in replicas if r is not leader]
+    stopped_at = asyncio.get_running_loop().time()
+    assert await leader.close(signal.SIGTERM) == 0, "a clean stop exits 0"
+    await first_to_lead([standby], lease)
+    took = asyncio.get_running_loop().time() - stopped_at
+    assert took < LEASE_TTL, f"handover after a clean stop took {took:.2f}s"
+    assert any("hands leadership back" in line for line in leader.lines)
+
+
+def test_flows_spec_errors() -> None:
+    from flowstate.recovery._serve import FlowsSpecError, load_flows
+
+    assert set(load_flows(FLOWS)) == {"slow", "fail", "wake"}
+    for spec in ["nope", "no.such.module:flows", "tests.recovery.process_flows:missing"]:
+        with pytest.raises(FlowsSpecError):
+            load_flows(spec)
