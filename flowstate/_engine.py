@@ -37,7 +37,7 @@ from flowstate._state import (
     Transition,
     check_strings,
 )
-from flowstate._watcher import Watcher
+from flowstate._watcher import Signal, Watcher
 from flowstate.drivers.base import CommitRequest, Driver, StateWrite, open_driver
 from flowstate.errors import (
     ClosedError,
@@ -171,7 +171,7 @@ class Engine:
     _lifecycle: _Lifecycle = field(init=False, default=_Lifecycle.UNOPENED)
     _task_group: asyncio.TaskGroup | None = field(init=False, default=None)
     _tasks: set[asyncio.Task[None]] = field(init=False, factory=set)
-    _closed: asyncio.Event = field(init=False, factory=asyncio.Event)
+    _closed: Signal = field(init=False, factory=Signal)
 
     def __init__(
         self,

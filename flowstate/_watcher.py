@@ -19,7 +19,33 @@ if TYPE_CHECKING:
     from flowstate._state import State
     from flowstate.drivers.base import Driver
 
-__all__ = ["Watcher"]
+__all__ = ["Signal", "Watcher"]
+
+
+class Signal:
+    """A one-shot flag that many waiters can watch through one shared future."""
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._future: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    def future(self) -> asyncio.Future[None]:
+        """A future (of the running loop) that completes when the flag is set."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self._set:
+                self._future.set_result(None)
+        return self._future
 
 
 @define(eq=False)
@@ -36,13 +62,13 @@ class Watcher:
 
     _driver: Driver
     _query: StatesQuery
-    _engine_closed: asyncio.Event
+    _engine_closed: Signal
     rev: int = field(init=False, default=0)
     _cursor: int = field(init=False, default=0)
     _buffer: collections.deque[State] = field(init=False, factory=collections.deque)
     _started: bool = field(init=False, default=False)
     _caught_up: bool = field(init=False, default=False)
-    _closed: asyncio.Event = field(init=False, factory=asyncio.Event)
+    _closed: Signal = field(init=False, factory=Signal)
 
     def __attrs_post_init__(self) -> None:
         self.rev = self._cursor = self._query.since_rev
@@ -80,19 +106,15 @@ class Watcher:
     async def _wait(self, rev: int) -> bool:
         """Wait until the store reaches ``rev``. False when the engine or watcher closed."""
         waiter = asyncio.ensure_future(self._driver.wait_for_rev(rev))
-        engine_closed = asyncio.ensure_future(self._engine_closed.wait())
-        closed = asyncio.ensure_future(self._closed.wait())
+        stops = (self._engine_closed.future(), self._closed.future())
         try:
-            await asyncio.wait((waiter, engine_closed, closed), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((waiter, *stops), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for fut in (waiter, engine_closed, closed):
-                fut.cancel()
-            for fut in (waiter, engine_closed, closed):
+            if not waiter.done():
+                waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await fut
-        if engine_closed.done() and not engine_closed.cancelled():
-            return False
-        if closed.done() and not closed.cancelled():
+                    await waiter
+        if any(stop.done() for stop in stops):
             return False
         waiter.result()  # re-raise a driver failure
         return True

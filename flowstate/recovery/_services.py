@@ -8,7 +8,7 @@ import enum
 import heapq
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attrs import define
 
@@ -27,6 +27,7 @@ from flowstate.recovery import _settings as settings
 from flowstate.recovery._election import Election
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
     from types import TracebackType
     from typing import Self
 
@@ -63,6 +64,19 @@ class RecoveryStats:
     dropped: int = 0
     fired: int = 0
     leader_changes: int = 0
+
+
+#: How many states a service handles at once (lets SQLite group their commits).
+CHUNK = 64
+
+
+async def _in_chunks(actions: list[Coroutine[Any, Any, None]]) -> None:
+    """Run actions CHUNK at a time, yielding in between so that executions they start run."""
+    for start in range(0, len(actions), CHUNK):
+        async with asyncio.TaskGroup() as group:
+            for action in actions[start : start + CHUNK]:
+                group.create_task(action)
+        await asyncio.sleep(0)
 
 
 class _Lifecycle(enum.Enum):
@@ -237,10 +251,12 @@ class Recoverer(_LeaderService):
         async with self.engine.watch(since_rev=cursor, limit=500) as watcher:
             while True:
                 now = time.time()
+                ready = []
                 while due and due[0][0] <= now:
                     _, rev, state_id = heapq.heappop(due)
                     if tracked.get(state_id) == rev:
-                        await self._recover(state_id, rev, tracked)
+                        ready.append(self._recover(state_id, rev, tracked))
+                await _in_chunks(ready)
                 wait = min(self.tick, due[0][0] - now) if due else self.tick
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
@@ -340,8 +356,10 @@ class Delayer(_LeaderService):
                     self.stats.added += 1
                 more = page.more
             now = datetime.datetime.now(datetime.UTC)
+            ready = []
             while pending and pending[0][0] <= now:
-                await self._fire(heapq.heappop(pending)[3])
+                ready.append(self._fire(heapq.heappop(pending)[3]))
+            await _in_chunks(ready)
             # Not the head: the cursor's own commit would move it and wake this loop again.
             await self._save_cursor(pending[0][1] - 1 if pending else seen)
             wait = (pending[0][0] - now).total_seconds() if pending else None
