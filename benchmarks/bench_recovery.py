@@ -73,28 +73,26 @@ async def recovery_rate(url: str, count: int) -> float:
 
 async def delay_latencies(url: str, count: int) -> list[float]:
     """Milliseconds from due to fired, one per delay."""
-    async with fs.Engine(url, flows=FLOWS) as engine:
-        async with fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
-            await delayer.wait_leader()
-            head = await engine.driver.head_rev()
-            now = datetime.datetime.now(datetime.UTC)
-            due = {}
-            for i in range(count):
-                ctx = fs.StateCtx.new(f"timer-{i}", labels={"bench": "recovery"})
-                at = now + datetime.timedelta(seconds=0.3 + i / count)
-                await engine.do(
-                    fs.Commit(fs.Pause(ctx, "finish"), fs.Delay(ctx, "finish", until=at))
-                )
-                due[ctx.id] = at
-            latencies = []
-            async with engine.watch(since_rev=head, labels={"bench": "recovery"}) as watcher:
-                async for state in watcher:
-                    if "flowstate.delay.fired" in state.transition.annotations:
-                        assert state.committed_at is not None
-                        late = state.committed_at - due[state.id]
-                        latencies.append(late.total_seconds() * 1000)
-                        if len(latencies) == count:
-                            return latencies
+    engine = fs.Engine(url, flows=FLOWS)
+    async with engine, fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
+        await delayer.wait_leader()
+        head = await engine.driver.head_rev()
+        now = datetime.datetime.now(datetime.UTC)
+        due = {}
+        for i in range(count):
+            ctx = fs.StateCtx.new(f"timer-{i}", labels={"bench": "recovery"})
+            at = now + datetime.timedelta(seconds=0.3 + i / count)
+            await engine.do(fs.Commit(fs.Pause(ctx, "finish"), fs.Delay(ctx, "finish", until=at)))
+            due[ctx.id] = at
+        latencies = []
+        async with engine.watch(since_rev=head, labels={"bench": "recovery"}) as watcher:
+            async for state in watcher:
+                if "flowstate.delay.fired" in state.transition.annotations:
+                    assert state.committed_at is not None
+                    late = state.committed_at - due[state.id]
+                    latencies.append(late.total_seconds() * 1000)
+                    if len(latencies) == count:
+                        return latencies
     raise AssertionError("unreachable")
 
 
