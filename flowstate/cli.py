@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import datetime
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -289,6 +290,9 @@ async def _run_watch(args: argparse.Namespace) -> int:
 APPROVAL_LIMIT = 100  # orders of this amount (EUR) or more wait for a manager's approval
 MAX_CHARGE_ATTEMPTS = 3
 APPROVAL_DELAY = 0.3  # seconds the manager takes to look at an order
+RETRY_AFTER = 1.0  # seconds a running order may stall before the demo's recoverer retries it
+# Set only in the demo's worker process: the id of the order it crashes on while shipping.
+CRASH_ENV = "FLOWSTATE_DEMO_CRASH_ON"
 
 
 def _note(ctx: fs.StateCtx, text: str) -> None:
@@ -326,6 +330,9 @@ async def _charge(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
 
 
 async def _ship(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    if os.environ.get(CRASH_ENV) == ctx.id:
+        # The demo's worker process dies here on purpose, mid-flow, as a real crash would.
+        os.kill(os.getpid(), signal.SIGKILL)
     _note(ctx, "shipped")
     return fs.Commit(fs.End(ctx))
 
@@ -344,6 +351,38 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
         default=DEMO_URL,
         help=f"the store to run the demo on (default: {DEMO_URL})",
     )
+    # The demo starts itself as a worker process that crashes; not for people to call.
+    parser.add_argument("--worker", nargs=2, metavar=("ORDER", "RUN"), help=argparse.SUPPRESS)
+
+
+async def _run_worker(url: str, order_id: str, run: str) -> int:
+    """The demo's worker process: takes one order and crashes while shipping it."""
+    async with fs.Engine(url, flows=DEMO_FLOWS) as engine:
+        labels = {"kind": "order", "demo-run": run}
+        ctx = fs.StateCtx.new(order_id, labels=labels, annotations={"amount": "40", "card": "ok"})
+        await engine.do(fs.Commit(fs.Transit(ctx, "validate")))
+        await engine.execute(ctx)
+    return 0
+
+
+async def _crashing_worker(url: str, order_id: str, run: int) -> str:
+    """Run the worker process to its crash; say how it ended."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "flowstate",
+        "demo",
+        "--url",
+        url,
+        "--worker",
+        order_id,
+        str(run),
+        env={**os.environ, CRASH_ENV: order_id},
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    code = await proc.wait()
+    how = "killed by SIGKILL" if code == -signal.SIGKILL else f"exit code {code}"
+    return f"worker process {proc.pid} crashed ({how}) while shipping {order_id}"
 
 
 async def _next_run(engine: fs.Engine) -> int:
@@ -376,6 +415,8 @@ async def _follow(
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
+    if args.worker:
+        return await _run_worker(args.url, *args.worker)
     started = time.monotonic()
     async with fs.Engine(args.url, flows=DEMO_FLOWS) as engine:
         run = await _next_run(engine)
@@ -387,14 +428,25 @@ async def _run_demo(args: argparse.Namespace) -> int:
             f"r{run}-order-2": {"amount": "250", "card": "ok"},
             f"r{run}-order-3": {"amount": "60", "card": "flaky"},
         }
+        # A worker process takes this one and crashes mid-flow; the recoverer finishes it.
+        crash_order = f"r{run}-order-4"
+        crashes = not args.url.startswith("memory:")
         print(f"flowstate demo, run {run}, on {args.url}")
         print("Three orders: a small one, a large one a manager must approve, and one whose")
-        print("card is declined once. Every committed version, as a watcher sees it:\n")
+        print("card is declined once.", end=" ")
+        if crashes:
+            print("A fourth is taken by a worker process that crashes while")
+            print(f"shipping it; the recoverer retries it once it stalled for {RETRY_AFTER:.0f} s.")
+        else:
+            print(f"(A store in one process's memory cannot show {crash_order} crash.)")
+        print("Every committed version, as a watcher sees it:\n")
         print(f"{'REV':>5}  {'ORDER':<14} {'STATUS':<8} {'NEXT':<15} NOTE", flush=True)
 
         async def show(state: fs.State) -> None:
             next_flow = state.transition.to or "-"
             note = state.annotations.get("note", "new order")
+            if fs.recovery.attempt(state):
+                note = f"{note}; retried by the recoverer (attempt {fs.recovery.attempt(state)})"
             print(
                 f"{state.rev:>5}  {state.id:<14} {state.status:<8} {next_flow:<15} {note}",
                 flush=True,
@@ -412,15 +464,27 @@ async def _run_demo(args: argparse.Namespace) -> int:
             await engine.do(fs.Commit(fs.Resume(ctx)))
             await engine.execute(ctx)
 
-        async with asyncio.timeout(60), asyncio.TaskGroup() as group:
-            group.create_task(_follow(engine, query, set(orders), show))
-            group.create_task(_follow(engine, query, set(orders), approve))
+        all_orders = {*orders, crash_order} if crashes else set(orders)
+        crash_report: list[str] = []
+
+        async def crash() -> None:
+            crash_report.append(await _crashing_worker(args.url, crash_order, run))
+
+        recoverer = fs.Recoverer(engine, retry_after=RETRY_AFTER, lease_ttl=2.0, tick=0.1)
+        async with recoverer, asyncio.timeout(60), asyncio.TaskGroup() as group:
+            group.create_task(_follow(engine, query, all_orders, show))
+            group.create_task(_follow(engine, query, all_orders, approve))
             for order_id, annotations in orders.items():
                 ctx = fs.StateCtx.new(order_id, labels=labels, annotations=annotations)
                 await engine.do(fs.Commit(fs.Transit(ctx, "validate")))
                 group.create_task(engine.execute(ctx))
+            if crashes:
+                group.create_task(crash())
     elapsed = time.monotonic() - started
-    print(f"\nAll {len(orders)} orders finished in {elapsed:.1f} s. Look at them again with:")
+    print()
+    for line in crash_report:
+        print(f"{line}; the recoverer retried it and it finished.")
+    print(f"All {len(all_orders)} orders finished in {elapsed:.1f} s. Look at them again with:")
     print(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
     return 0
 

@@ -101,7 +101,9 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "paused" in out
     assert "retrying" in out
     assert "approved by the manager" in out
-    assert out.count(" ended ") == 3
+    assert out.count(" ended ") == 4
+    assert "crashed (killed by SIGKILL) while shipping r1-order-4" in out
+    assert "retried by the recoverer (attempt 1)" in out
 
     # A second run adds new orders next to the first ones.
     assert main(["demo", "--url", url]) == 0
@@ -112,7 +114,7 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             page = await driver.get_states(
                 fs.StatesQuery(labels={"kind": "order"}, latest_only=True)
             )
-        assert len(page.states) == 6
+        assert len(page.states) == 8
         assert all(state.is_ended for state in page.states)
         assert all(state.annotations["note"] == "shipped" for state in page.states)
 
