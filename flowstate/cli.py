@@ -607,16 +607,22 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:  # a driver module that cannot be imported
         return _error(f"cannot load the driver for {getattr(args, 'url', '?')!r}: {exc}")
     except BaseExceptionGroup as group:
+        if group.subgroup(BrokenPipeError) is not None:
+            return _reader_gone()
         first = _first_error(group)
         if first is None:
             raise
         return _error(first)
     except BrokenPipeError:
-        # The reader went away (e.g. `flowstate watch ... | head`): stop quietly, and keep
-        # Python from complaining about the broken pipe again when it flushes at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader went away (e.g. `flowstate demo | head`): stop quietly, and keep Python
+    from complaining about the broken pipe again when it flushes at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
 
 
 async def _main(

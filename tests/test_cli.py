@@ -281,3 +281,18 @@ def test_watch_streams_json_lines_until_ctrl_c(store: str, tmp_path: Path) -> No
     assert "Traceback" not in err
     assert err == ""
     assert rest == ""
+
+
+def test_demo_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "flowstate", "demo", "--url", "memory://"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as demo:
+        assert demo.stdout is not None
+        assert demo.stderr is not None
+        demo.stdout.readline()
+        demo.stdout.close()  # as `| head -1` does
+        assert demo.wait(timeout=60) == 0
+        assert demo.stderr.read() == b""
