@@ -15,6 +15,7 @@ Every driver guarantees:
 from __future__ import annotations
 
 import abc
+import asyncio
 import datetime
 import importlib
 import importlib.metadata
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from flowstate._state import State
-from flowstate.errors import MissingDependencyError, UnknownDriverError
+from flowstate.errors import ClosedError, MissingDependencyError, UnknownDriverError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -40,6 +41,7 @@ __all__ = [
     "DelaysPage",
     "Driver",
     "Lease",
+    "RevisionWaiters",
     "StateWrite",
     "SupportsLease",
     "hide_password",
@@ -174,6 +176,67 @@ class SupportsLease(Protocol):
             DriverError: The backend failed.
         """
         ...
+
+
+class RevisionWaiters:
+    """The highest revision a driver knows is committed, and the tasks waiting for more.
+
+    A helper for implementing :meth:`Driver.wait_for_rev`: call :meth:`advance` whenever a
+    higher head revision becomes known, and :meth:`close` when the driver closes.
+    """
+
+    __slots__ = ("_closed", "_waiters", "head")
+
+    def __init__(self, head: int = 0) -> None:
+        self.head = head
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._closed: BaseException | None = None
+
+    def __len__(self) -> int:
+        """How many tasks are waiting."""
+        return len(self._waiters)
+
+    def advance(self, head: int) -> None:
+        """Note that revisions up to ``head`` are committed; wake whoever waited for them."""
+        if head <= self.head:
+            return
+        self.head = head
+        if not self._waiters:
+            return
+        still = []
+        for rev, fut in self._waiters:
+            if rev > head:
+                still.append((rev, fut))
+            elif not fut.done():
+                fut.set_result(None)
+        self._waiters = still
+
+    async def wait(self, rev: int) -> None:
+        """Return once :attr:`head` is at least ``rev``.
+
+        Raises:
+            ClosedError: :meth:`close` was called, before or while waiting.
+        """
+        if self._closed is not None:
+            raise self._closed
+        if self.head >= rev:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((rev, fut))
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+            self._waiters = [w for w in self._waiters if w[1] is not fut]
+
+    def close(self, error: ClosedError) -> None:
+        """Fail every waiter, now and later, with ``error``."""
+        self._closed = error
+        waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(error)
 
 
 class Driver(abc.ABC):

@@ -8,7 +8,6 @@ so each one is atomic with respect to every other coroutine in the loop.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import enum
 import heapq
@@ -27,6 +26,7 @@ from flowstate.drivers.base import (
     DelaysPage,
     Driver,
     Lease,
+    RevisionWaiters,
 )
 from flowstate.errors import (
     ClosedError,
@@ -82,7 +82,7 @@ class MemoryDriver(Driver):
         self._delays: list[tuple[int, bytes]] = []
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._lease_tokens = itertools.count(1)
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters = RevisionWaiters()
         self._encoder = msgspec.msgpack.Encoder()
         self._state_decoder = msgspec.msgpack.Decoder(State)
         self._delay_decoder = msgspec.msgpack.Decoder(DelayedState)
@@ -108,10 +108,7 @@ class MemoryDriver(Driver):
 
     async def aclose(self) -> None:
         self._lifecycle = _Lifecycle.CLOSED
-        waiters, self._waiters = self._waiters, []
-        for _, fut in waiters:
-            if not fut.done():
-                fut.set_exception(ClosedError("the memory driver was closed"))
+        self._waiters.close(ClosedError("the memory driver was closed"))
 
     async def commit(self, request: CommitRequest) -> CommitResult:
         # The hot path of every engine step: locals and no per-write allocations beyond the
@@ -158,20 +155,8 @@ class MemoryDriver(Driver):
                 delayed = DelayedState(state=stored, to=write.delay_to, at=write.delay_at)
                 self._delays.append((rev, encode(delayed)))
             revs.append(rev)
-        if self._waiters:
-            self._wake()
+        self._waiters.advance(len(log))
         return CommitResult(revs=revs, committed_at=committed_at)
-
-    def _wake(self) -> None:
-        head = len(self._log)
-        still = []
-        for rev, fut in self._waiters:
-            if rev <= head:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                still.append((rev, fut))
-        self._waiters = still
 
     async def get_state(self, state_id: str, rev: int = 0) -> State:
         self._check()
@@ -247,16 +232,7 @@ class MemoryDriver(Driver):
 
     async def wait_for_rev(self, rev: int) -> None:
         self._check()
-        if len(self._log) >= rev:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((rev, fut))
-        try:
-            await fut
-        finally:
-            if not fut.done():
-                fut.cancel()
-            self._waiters = [w for w in self._waiters if w[1] is not fut]
+        await self._waiters.wait(rev)
 
     async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
         self._check()

@@ -100,6 +100,7 @@ from flowstate.drivers.base import (
     DelaysPage,
     Driver,
     Lease,
+    RevisionWaiters,
     StateWrite,
 )
 from flowstate.errors import (
@@ -522,8 +523,7 @@ class SQLiteDriver(Driver):
         self._lifecycle = _Lifecycle.UNOPENED
         self._worker: _Worker | None = None
         self._open_lock = asyncio.Lock()
-        self._head = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters = RevisionWaiters()
         self._pending: list[tuple[list[_Write], asyncio.Future[CommitResult]]] = []
         self._flush_scheduled = False
         self._in_flight = False
@@ -623,7 +623,7 @@ class SQLiteDriver(Driver):
             def on_head(head: int) -> None:
                 driver = ref()
                 if driver is not None:
-                    driver._advance(head)
+                    driver._waiters.advance(head)
 
             worker = _Worker(
                 functools.partial(_connect, self.path, self.synchronous, self.busy_timeout),
@@ -645,7 +645,7 @@ class SQLiteDriver(Driver):
                 await worker.wait_stopped()
                 raise
             worker.noted(head)
-            self._head = head
+            self._waiters.advance(head)
             self._lifecycle = _Lifecycle.OPENED
 
     async def aclose(self) -> None:
@@ -655,10 +655,7 @@ class SQLiteDriver(Driver):
         """
         if self._lifecycle is not _Lifecycle.CLOSED:
             self._lifecycle = _Lifecycle.CLOSED
-            waiters, self._waiters = self._waiters, []
-            for _, fut in waiters:
-                if not fut.done():
-                    fut.set_exception(ClosedError("the SQLite driver was closed"))
+            self._waiters.close(ClosedError("the SQLite driver was closed"))
             if self._worker is not None:
                 self._flush()  # commits accepted before the close are still written
                 self._worker.stop()
@@ -760,7 +757,7 @@ class SQLiteDriver(Driver):
                 else:
                     _settle(fut, outcome, None)
             worker.noted(head)
-            self._advance(head)
+            self._waiters.advance(head)
         if self._pending and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -800,7 +797,7 @@ class SQLiteDriver(Driver):
         """
         self._check()
         page = await self._call(functools.partial(_read_page, self._state_decoder.decode, query))
-        self._advance(page.head_rev)
+        self._waiters.advance(page.head_rev)
         return page
 
     async def head_rev(self) -> int:
@@ -812,7 +809,7 @@ class SQLiteDriver(Driver):
         """
         self._check()
         head = await self._call(_read_head)
-        self._advance(head)
+        self._waiters.advance(head)
         return head
 
     async def wait_for_rev(self, rev: int) -> None:
@@ -825,36 +822,15 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open, or was closed while waiting.
         """
         worker = self._check()
-        if self._head >= rev:
+        if self._waiters.head >= rev:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((rev, fut))
         worker.watching = True
         worker.poke()  # catch up at once with commits other processes made since the last read
         try:
-            await fut
+            await self._waiters.wait(rev)
         finally:
-            if not fut.done():
-                fut.cancel()
-            self._waiters = [w for w in self._waiters if w[1] is not fut]
             if not self._waiters:
                 worker.watching = False
-
-    def _advance(self, head: int) -> None:
-        """Note that revisions up to ``head`` are committed; wake whoever waited for them."""
-        if head <= self._head:
-            return
-        self._head = head
-        if not self._waiters:
-            return
-        still = []
-        for rev, fut in self._waiters:
-            if rev <= head:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                still.append((rev, fut))
-        self._waiters = still
 
     async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
         """Return ``(rev, blob)`` of the newest data under ``alias`` at or below ``rev``.
