@@ -44,6 +44,15 @@ def test_driver_testing_block_passes_under_pytest(tmp_path: Path) -> None:
     assert re.search(r"\d+ passed", result.stdout)
 
 
+def test_first_example_prints_what_the_readme_says(tmp_path: Path) -> None:
+    script = tmp_path / "example.py"
+    script.write_text(PYTHON[0])
+    result = run([sys.executable, "-W", "error", str(script)], tmp_path)
+    assert result.stdout.splitlines() == ["1 running charge", "2 running ship", "3 ended -"]
+    promised = "It prints `1 running charge`, `2 running ship`, `3 ended -`"
+    assert promised in README
+
+
 def test_first_python_block_is_at_most_15_lines() -> None:
     lines = [line for line in PYTHON[0].splitlines() if line.strip()]
     assert len(lines) <= 15
