@@ -11,6 +11,9 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
+from tests.etcd_server import etcd_url, unique_url
+
+__all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,7 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
 
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "etcd"]
 
 
 @pytest.fixture(params=STORES)
@@ -64,7 +67,10 @@ async def new_driver(
             return shared
 
     else:
-        url = f"sqlite:///{tmp_path}/store.db"
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path}/store.db"
+        else:
+            url = unique_url(request.getfixturevalue("etcd_url"))
 
         def make() -> Driver:
             driver = fs.open_driver(url)
