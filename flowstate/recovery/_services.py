@@ -66,6 +66,8 @@ class RecoveryStats:
     leader_changes: int = 0
 
 
+#: Seconds before the delayer tries again to fire a delay the store failed to take.
+RETRY_FIRE = 0.5
 #: How many states a service handles at once (lets SQLite group their commits).
 CHUNK = 64
 
@@ -195,6 +197,10 @@ class _LeaderService:
         except ConflictError:
             # Another leader wrote it: ours is stale, read theirs next time we lead.
             self._cursor_ctx = await self.engine.get_state(self.cursor_id)
+        except DriverError as exc:
+            # A cursor is only a shortcut for the next leader: saving it later is fine.
+            ctx.current.annotations["cursor"] = ctx.committed.annotations.get("cursor", "0")
+            logger.warning("could not save the %s cursor now: %s", type(self).__name__, exc)
 
 
 class Recoverer(_LeaderService):
@@ -255,7 +261,7 @@ class Recoverer(_LeaderService):
                 while due and due[0][0] <= now:
                     _, rev, state_id = heapq.heappop(due)
                     if tracked.get(state_id) == rev:
-                        ready.append(self._recover(state_id, rev, tracked))
+                        ready.append(self._recover(state_id, rev, tracked, due))
                 await _in_chunks(ready)
                 wait = min(self.tick, due[0][0] - now) if due else self.tick
                 try:
@@ -287,8 +293,17 @@ class Recoverer(_LeaderService):
         elif tracked.pop(state.id, None) is not None:
             self.stats.completed += 1
 
-    async def _recover(self, state_id: str, rev: int, tracked: dict[str, int]) -> None:
-        """Retry or force-end one stalled state; never let one state stop the others."""
+    async def _recover(
+        self,
+        state_id: str,
+        rev: int,
+        tracked: dict[str, int],
+        due: list[tuple[float, int, str]],
+    ) -> None:
+        """Retry or force-end one stalled state; never let one state stop the others.
+
+        When the store fails, the state goes back into ``due`` to be tried a tick later.
+        """
         try:
             ctx = await self.engine.get_state(state_id)
             if ctx.committed.rev != rev:
@@ -317,8 +332,11 @@ class Recoverer(_LeaderService):
             await self.engine.do(Execute(ctx))
         except ConflictError:
             pass  # someone moved it first: the watcher brings the new version
-        except (DriverError, NotFoundError) as exc:
-            logger.warning("could not recover state %r now: %s", state_id, exc)
+        except NotFoundError:
+            tracked.pop(state_id, None)  # gone from the store: nothing left to recover
+        except DriverError as exc:
+            logger.warning("could not recover state %r now, retrying: %s", state_id, exc)
+            heapq.heappush(due, (time.time() + self.tick, rev, state_id))
 
 
 class Delayer(_LeaderService):
@@ -358,7 +376,7 @@ class Delayer(_LeaderService):
             now = datetime.datetime.now(datetime.UTC)
             ready = []
             while pending and pending[0][0] <= now:
-                ready.append(self._fire(heapq.heappop(pending)[3]))
+                ready.append(self._fire(heapq.heappop(pending)[3], pending))
             await _in_chunks(ready)
             # Not the head: the cursor's own commit would move it and wake this loop again.
             await self._save_cursor(pending[0][1] - 1 if pending else seen)
@@ -369,7 +387,12 @@ class Delayer(_LeaderService):
             except TimeoutError:
                 pass
 
-    async def _fire(self, delayed: DelayedState) -> None:
+    async def _fire(
+        self,
+        delayed: DelayedState,
+        pending: list[tuple[datetime.datetime, int, str, DelayedState]],
+    ) -> None:
+        """Fire one due delay; when the store fails, put it back into ``pending`` for later."""
         state_id = delayed.state.id
         extra = {"state_id": state_id, "rev": delayed.rev, "to": delayed.to}
         try:
@@ -383,8 +406,13 @@ class Delayer(_LeaderService):
         except ConflictError:
             self.stats.dropped += 1
             return
-        except (DriverError, NotFoundError) as exc:
-            logger.warning("could not fire the delay on %r now: %s", state_id, exc)
+        except NotFoundError:
+            self.stats.dropped += 1
+            return
+        except DriverError as exc:
+            logger.warning("could not fire the delay on %r now, retrying: %s", state_id, exc)
+            again = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=RETRY_FIRE)
+            heapq.heappush(pending, (again, delayed.rev, state_id, delayed))
             return
         self.stats.fired += 1
         logger.debug("fired delay on %r", state_id, extra=extra)

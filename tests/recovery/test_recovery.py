@@ -9,12 +9,15 @@ from collections.abc import Callable
 import pytest
 
 import flowstate as fs
-from flowstate.drivers.base import Driver
+from flowstate.drivers.base import CommitRequest, Driver
+from flowstate.drivers.faulty import Fault, FaultyDriver
+from flowstate.drivers.memory import MemoryDriver
 from flowstate.recovery import _settings
 
 pytestmark = pytest.mark.anyio
 
 LEASE_TTL = 1.0
+FIRED = "flowstate.delay.fired"
 
 
 def fast_recoverer(engine: fs.Engine) -> fs.Recoverer:
@@ -221,3 +224,43 @@ async def test_invalid_settings() -> None:
     fs.recovery.set_max_attempts(ctx, 0)
     assert _settings.retry_after_of(ctx.current, 120) == 5.0
     assert _settings.max_attempts_of(ctx.current, 3) == 0
+
+
+async def test_recoverer_tries_again_after_the_store_failed() -> None:
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    failed: list[int] = []
+
+    def fail_first_retry(number: int, request: CommitRequest) -> Fault | None:
+        retry = any(_settings.ATTEMPT in w.state.transition.annotations for w in request.writes)
+        if retry and not failed:
+            failed.append(number)
+            return Fault.FAIL
+        return None
+
+    driver = FaultyDriver(MemoryDriver(), fail_first_retry)
+    async with driver, fs.Engine(driver, flows={"work": work}) as engine:
+        await start_job(engine, "job", "work")
+        async with fast_recoverer(engine) as recoverer:
+            await first(engine, ended("job"))
+        assert [fault.fault for fault in driver.injected] == [Fault.FAIL]
+        assert recoverer.stats.retried == 1
+
+
+async def test_delayer_fires_again_after_the_store_failed() -> None:
+    async def wake(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    def fail_first_fire(number: int, request: CommitRequest) -> Fault | None:
+        fires = any(FIRED in w.state.transition.annotations for w in request.writes)
+        return Fault.FAIL if fires and not driver.injected else None
+
+    driver = FaultyDriver(MemoryDriver(), fail_first_fire)
+    async with driver, fs.Engine(driver, flows={"wake": wake}) as engine:
+        ctx = fs.StateCtx.new("timer", labels=LABELS)
+        await engine.do(fs.Commit(fs.Pause(ctx, "x"), fs.Delay(ctx, "wake", seconds=0)))
+        async with fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
+            await first(engine, ended("timer"))
+        assert (delayer.stats.fired, delayer.stats.dropped) == (1, 0)
+        assert [fault.fault for fault in driver.injected] == [Fault.FAIL]
