@@ -1,7 +1,5 @@
 """Query filters (StatesQuery) and result pages (StatesPage), shared by the engine and drivers."""
 
-from __future__ import annotations
-
 import datetime
 from collections.abc import Mapping, Sequence
 
@@ -73,7 +71,7 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
         labels = state.labels
         return any(all(labels.get(k) == v for k, v in wanted.items()) for wanted in label_sets)
 
-    def replace(self, **changes: object) -> StatesQuery:
+    def replace(self, **changes: object) -> "StatesQuery":
         """Return a copy with some fields changed."""
         return msgspec.structs.replace(self, **changes)
 

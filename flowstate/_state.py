@@ -1,7 +1,5 @@
 """The persisted model: State, Transition, Data, and StateCtx, the working set a flow acts on."""
 
-from __future__ import annotations
-
 import datetime
 import time
 from typing import Literal, TypeAlias
@@ -95,7 +93,7 @@ class State(msgspec.Struct, kw_only=True):
         raw = self.transition.annotations.get(DELAY_AT_ANNOTATION)
         return datetime.datetime.fromisoformat(raw) if raw is not None else None
 
-    def copy(self) -> State:
+    def copy(self) -> "State":
         """Return an independent copy (no dict is shared with this one)."""
         transition = self.transition
         return State(
@@ -147,7 +145,7 @@ class StateCtx(msgspec.Struct, kw_only=True):
         *,
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
-    ) -> StateCtx:
+    ) -> "StateCtx":
         """Create the context of a state that does not exist yet.
 
         Raises:
@@ -160,7 +158,7 @@ class StateCtx(msgspec.Struct, kw_only=True):
         return cls(current=state, committed=State(id=id))
 
     @classmethod
-    def of(cls, state: State) -> StateCtx:
+    def of(cls, state: State) -> "StateCtx":
         """Wrap a stored state version: ``current`` is a working copy of it."""
         return cls(current=state.copy(), committed=state)
 
@@ -169,7 +167,7 @@ class StateCtx(msgspec.Struct, kw_only=True):
         """The state's id."""
         return self.current.id
 
-    def copy(self) -> StateCtx:
+    def copy(self) -> "StateCtx":
         """Return an independent copy of the whole context."""
         return StateCtx(
             current=self.current.copy(),

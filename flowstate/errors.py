@@ -15,6 +15,7 @@ catches them all::
     ├── InvalidQueryError (ValueError)   a query filter that cannot be evaluated
     └── DriverError                      the storage backend failed; the original is chained
         ├── DriverUnavailableError       connection lost; retrying the same call is safe
+        │                                (a commit may have been applied, never half-applied)
         └── SchemaVersionError           the store was written by a newer flowstate
 
 Backend exceptions (sqlite3, grpc, aetcd) never reach users: each driver translates them at its
@@ -147,7 +148,11 @@ class DriverError(FlowstateError):
 
 
 class DriverUnavailableError(DriverError):
-    """The backend cannot be reached. Nothing was half-applied; retrying is safe."""
+    """The backend cannot be reached.
+
+    A commit that raised it was applied whole or not at all, and the caller cannot tell which;
+    retrying it with the same expected revisions is safe (it conflicts if it was applied).
+    """
 
 
 class SchemaVersionError(DriverError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import typing
 
 import pytest
 
@@ -14,9 +15,13 @@ PUBLIC_MODULES = [
     "flowstate.errors",
     "flowstate.drivers",
     "flowstate.drivers.base",
+    "flowstate.drivers.faulty",
     "flowstate.drivers.memory",
+    "flowstate.recovery",
     "flowstate.testing.conformance",
+    "flowstate.testing.flows",
     "flowstate.testing.stateful",
+    "flowstate.testing.strategies",
 ]
 
 
@@ -79,3 +84,12 @@ def test_errors_pickle_and_say_what_happened() -> None:
     missing = pickle.loads(pickle.dumps(fs.FlowNotFoundError("ship")))
     assert missing.flow_id == "ship"
     assert "ship" in str(missing)
+
+
+@pytest.mark.parametrize(
+    "cls", [fs.State, fs.Transition, fs.StateCtx, fs.Data, fs.StatesQuery, fs.StatesPage]
+)
+def test_type_hints_resolve_from_the_public_module(cls: type) -> None:
+    # The classes say they live in `flowstate`; their annotations must still resolve there,
+    # or typing.get_type_hints and hypothesis's st.builds fail for users.
+    assert typing.get_type_hints(cls)
