@@ -66,6 +66,28 @@ class RecoveryStats:
     leader_changes: int = 0
 
 
+def recovery_step(ctx: StateCtx, max_attempts: int) -> Transit | End:
+    """What the recoverer commits for a stalled state that ``ctx`` holds.
+
+    The same transition again with the next attempt number, or, once the state's attempts
+    (its own ``max_attempts`` setting, else ``max_attempts``) are spent, ``End`` with the
+    reason in the state annotation ``flowstate.recovery.ended``.
+    """
+    state = ctx.committed
+    done = settings.attempt(state)
+    if done >= settings.max_attempts_of(state, max_attempts):
+        ctx.current.annotations[settings.ENDED_REASON] = (
+            f"still running {state.transition.to!r} after {done} retries"
+        )
+        return End(ctx)
+    return Transit(ctx, state.transition.to, annotations={settings.ATTEMPT: str(done + 1)})
+
+
+def fire_step(ctx: StateCtx, delayed: DelayedState) -> Transit:
+    """What the delayer commits when ``delayed`` is due and its state has not moved."""
+    return Transit(ctx, delayed.to, annotations={FIRED_ANNOTATION: delayed.at.isoformat()})
+
+
 #: Seconds before the delayer tries again to fire a delay the store failed to take.
 RETRY_FIRE = 0.5
 #: How many states a service handles at once (lets SQLite group their commits).
@@ -308,25 +330,18 @@ class Recoverer(_LeaderService):
             ctx = await self.engine.get_state(state_id)
             if ctx.committed.rev != rev:
                 return  # it moved; the watcher brings the new version
-            state = ctx.committed
-            done = settings.attempt(state)
-            limit = settings.max_attempts_of(state, self.max_attempts)
+            done = settings.attempt(ctx.committed)
             extra = {"state_id": state_id, "rev": rev, "attempt": done}
-            if done >= limit:
-                ctx.current.annotations[settings.ENDED_REASON] = (
-                    f"still running {state.transition.to!r} after {done} retries"
-                )
-                tracked.pop(state_id, None)
-                await self.engine.do(Commit(End(ctx)))
+            step = recovery_step(ctx, self.max_attempts)
+            if isinstance(step, End):
+                tracked.pop(state_id, None)  # its End is not a completion of its own
+                await self.engine.do(Commit(step))
                 self.stats.dropped += 1
                 logger.warning(
                     "force-ended stalled state %r after %d retries", state_id, done, extra=extra
                 )
                 return
-            next_attempt = {settings.ATTEMPT: str(done + 1)}
-            await self.engine.do(
-                Commit(Transit(ctx, state.transition.to, annotations=next_attempt))
-            )
+            await self.engine.do(Commit(step))
             self.stats.retried += 1
             logger.info("retrying stalled state %r (attempt %d)", state_id, done + 1, extra=extra)
             await self.engine.do(Execute(ctx))
@@ -401,8 +416,7 @@ class Delayer(_LeaderService):
                 self.stats.dropped += 1
                 logger.debug("delay on %r dropped: the state moved on", state_id, extra=extra)
                 return
-            fired = {FIRED_ANNOTATION: delayed.at.isoformat()}
-            await self.engine.do(Commit(Transit(ctx, delayed.to, annotations=fired)))
+            await self.engine.do(Commit(fire_step(ctx, delayed)))
         except ConflictError:
             self.stats.dropped += 1
             return

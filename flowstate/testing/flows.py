@@ -56,7 +56,7 @@ from hypothesis import settings as Settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from flowstate._commands import Commit, End, Noop, Transit
+from flowstate._commands import Commit, End, Noop
 from flowstate._engine import Engine, Flow, FlowRegistry
 from flowstate._query import StatesQuery
 from flowstate._state import DELAY_TO_ANNOTATION, State, StateCtx
@@ -71,7 +71,7 @@ from flowstate.drivers.faulty import (
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.errors import ConflictError, DriverError, NotFoundError
 from flowstate.recovery import _settings as recovery
-from flowstate.recovery._services import FIRED_ANNOTATION, INTERNAL_PREFIX
+from flowstate.recovery._services import INTERNAL_PREFIX, fire_step, recovery_step
 from flowstate.testing.strategies import fault_schedules
 
 if TYPE_CHECKING:
@@ -514,18 +514,12 @@ class _Run:
                 ctx = await engine.get_state(state_id)
                 if ctx.committed.rev != stalled.rev:
                     return
-                state = ctx.committed
-                done = recovery.attempt(state)
-                limit = recovery.max_attempts_of(state, self.config.max_attempts)
-                if done >= limit:
-                    ctx.current.annotations[recovery.ENDED_REASON] = (
-                        f"still running {state.transition.to!r} after {done} retries"
-                    )
-                    await engine.do(Commit(End(ctx)))
+                done = recovery.attempt(ctx.committed)
+                step = recovery_step(ctx, self.config.max_attempts)
+                await engine.do(Commit(step))
+                if isinstance(step, End):
                     self.trace.append(f"  force-ended {state_id!r} after {done} retries")
                     return
-                next_attempt = {recovery.ATTEMPT: str(done + 1)}
-                await engine.do(Commit(Transit(ctx, state.transition.to, annotations=next_attempt)))
             except ConflictError:
                 self.trace.append(f"  retry of {state_id!r} lost a conflict")
                 return
@@ -545,8 +539,7 @@ class _Run:
                 ctx = await engine.get_state(state_id)
                 if ctx.committed.rev != delayed.rev:
                     return
-                fired = {FIRED_ANNOTATION: delayed.at.isoformat()}
-                await engine.do(Commit(Transit(ctx, delayed.to, annotations=fired)))
+                await engine.do(Commit(fire_step(ctx, delayed)))
             except ConflictError:
                 self.trace.append(f"  the delay of {state_id!r} lost a conflict")
                 return
