@@ -30,6 +30,7 @@ import flowstate as fs
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_TTL = 2.0
 RETRY_AFTER = 3.0
+BATCH = 30  # states per setup commit: one etcd transaction holds at most 128 operations
 
 
 async def finish(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
@@ -50,10 +51,10 @@ async def _all_ended(engine: fs.Engine, count: int, since_rev: int) -> None:
 
 async def recovery_rate(url: str, count: int) -> float:
     async with fs.Engine(url, flows=FLOWS) as engine:
-        for start in range(0, count, 500):
+        for start in range(0, count, BATCH):
             ctxs = [
                 fs.StateCtx.new(f"stalled-{i}", labels={"bench": "recovery"})
-                for i in range(start, min(start + 500, count))
+                for i in range(start, min(start + BATCH, count))
             ]
             await engine.do(fs.Commit(*(fs.Transit(c, "finish") for c in ctxs)))
         head = await engine.driver.head_rev()

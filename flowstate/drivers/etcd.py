@@ -102,6 +102,7 @@ import asyncio
 import contextlib
 import datetime
 import enum
+import functools
 import logging
 import math
 import secrets
@@ -1416,13 +1417,7 @@ class EtcdDriver(Driver):
             DriverError: etcd failed otherwise.
         """
         self._check()
-        deadline = self._deadline()
-        for _ in range(3):
-            try:
-                return await self._read_page(query, deadline)
-            except _CompactedError:
-                continue  # the snapshot was compacted under the page: read a fresh one
-        raise DriverError("etcd compacted the revision of every page read; try again")
+        return await self._snapshot_read(functools.partial(self._read_page, query), "page")
 
     async def _start(
         self,
@@ -1670,13 +1665,19 @@ class EtcdDriver(Driver):
             DriverError: etcd failed otherwise.
         """
         self._check()
+        return await self._snapshot_read(
+            functools.partial(self._read_delays, since_rev, limit), "delay page"
+        )
+
+    async def _snapshot_read(self, read: Callable[[float], Awaitable[T]], what: str) -> T:
+        """Run ``read(deadline)``, again when etcd compacted its snapshot under it."""
         deadline = self._deadline()
         for _ in range(3):
             try:
-                return await self._read_delays(since_rev, limit, deadline)
+                return await read(deadline)
             except _CompactedError:
-                continue
-        raise DriverError("etcd compacted the revision of every delay page read; try again")
+                continue  # the snapshot was compacted under the read: take a fresh one
+        raise DriverError(f"etcd compacted the revision of every {what} read; try again")
 
     async def _read_delays(self, since_rev: int, limit: int, deadline: float) -> DelaysPage:
         snapshot, _, start = await self._start(since_rev, None, deadline)
