@@ -163,12 +163,12 @@ async def test_recoverer_resumes_from_its_cursor(new_driver: Callable[[], Driver
         for i in range(3):
             await start_job(engine, f"job{i}", "work")
         async with fast_recoverer(engine) as recoverer:
-            await first(engine, ended("job2"))
+            last_end = max([(await first(engine, ended(f"job{i}"))).rev for i in range(3)])
             assert recoverer.stats.added == 3
-            head = await engine.driver.head_rev()
-            async with asyncio.timeout(10), engine.watch(since_rev=head) as watcher:
-                async for state in watcher:  # the cursor moves past the finished jobs
-                    if state.id == fs.Recoverer.cursor_id:
+            internal = {"flowstate.internal": "recovery"}
+            async with asyncio.timeout(10), engine.watch(labels=internal) as watcher:
+                async for state in watcher:  # until the saved cursor is past the finished jobs
+                    if int(state.annotations["cursor"]) >= last_end:
                         break
         async with fast_recoverer(engine) as again:
             await again.wait_leader()
