@@ -637,7 +637,7 @@ class SQLiteDriver(Driver):
             try:
                 # No request may hold the driver itself: the database thread may keep a
                 # finished request a moment longer, and a dropped driver must be collectable.
-                setup = functools.partial(_setup, self.path, not self.is_memory)
+                setup = functools.partial(_setup, self.path, not self.is_memory, self.busy_timeout)
                 head = await self._call(setup, worker)
             except BaseException:
                 self._worker = None
@@ -1006,8 +1006,24 @@ def _read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
     cursor.execute("COMMIT")
 
 
-def _setup(path: str, wal: bool, conn: sqlite3.Connection) -> int:
-    """Check or create the schema of a store; return its head revision."""
+def _setup(path: str, wal: bool, busy_timeout: float, conn: sqlite3.Connection) -> int:
+    """Check or create the schema of a store; return its head revision.
+
+    Processes opening a new file at the same time contend for it; switching it to WAL takes a
+    lock that SQLite's busy handler does not wait for, so a busy setup is tried again (on the
+    database thread) until ``busy_timeout`` has passed.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return _setup_once(path, wal, conn)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
+def _setup_once(path: str, wal: bool, conn: sqlite3.Connection) -> int:
     version = _check_version(conn, path)
     if wal:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
