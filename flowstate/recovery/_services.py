@@ -15,7 +15,7 @@ from attrs import define
 from flowstate._checks import is_int, is_number
 from flowstate._commands import Commit, End, Execute, Noop, Transit
 from flowstate._state import State, StateCtx
-from flowstate.drivers.base import DelayedState, SupportsLease
+from flowstate.drivers.base import DelayedState, Driver, SupportsLease
 from flowstate.errors import (
     ClosedError,
     ConflictError,
@@ -27,7 +27,7 @@ from flowstate.recovery import _settings as settings
 from flowstate.recovery._election import Election
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable, Coroutine
     from types import TracebackType
     from typing import Self
 
@@ -90,17 +90,32 @@ def fire_step(ctx: StateCtx, delayed: DelayedState) -> Transit:
 
 #: Seconds before the delayer tries again to fire a delay the store failed to take.
 RETRY_FIRE = 0.5
-#: How many states a service handles at once (lets SQLite group their commits).
-CHUNK = 64
+#: How many states a service works on at once.
+CONCURRENCY = 64
 
 
-async def _in_chunks(actions: list[Coroutine[Any, Any, None]]) -> None:
-    """Run actions CHUNK at a time, yielding in between so that executions they start run."""
-    for start in range(0, len(actions), CHUNK):
-        async with asyncio.TaskGroup() as group:
-            for action in actions[start : start + CHUNK]:
-                group.create_task(action)
-        await asyncio.sleep(0)
+class _Workers:
+    """Runs a service's actions as tasks of its TaskGroup, at most CONCURRENCY at once.
+
+    The service's loop hands work over and goes on at once, so one slow or hanging state
+    never holds up the others, and the commits of concurrent actions reach the driver
+    together (SQLite and etcd group them into one transaction).
+    """
+
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+
+    def start(self, action: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        # The coroutine is created only once a slot is free: a task cancelled while it
+        # waits leaves no coroutine behind that was never awaited.
+        self._group.create_task(self._run(action, args))
+
+    async def _run(
+        self, action: Callable[..., Coroutine[Any, Any, None]], args: tuple[Any, ...]
+    ) -> None:
+        async with self._slots:
+            await action(*args)
 
 
 class _Lifecycle(enum.Enum):
@@ -272,19 +287,22 @@ class Recoverer(_LeaderService):
     async def _lead(self) -> None:
         cursor = await self._load_cursor()
         logger.info("%s recovers from rev %d", self.holder, cursor, extra={"cursor": cursor})
-        tracked: dict[str, int] = {}
+        tracked: dict[str, State] = {}
         due: list[tuple[float, int, str]] = []
         seen = cursor
         saved_at = time.monotonic()
-        async with self.engine.watch(since_rev=cursor, limit=500) as watcher:
+        async with (
+            self.engine.watch(since_rev=cursor, limit=500) as watcher,
+            asyncio.TaskGroup() as group,
+        ):
+            workers = _Workers(group)
             while True:
                 now = time.time()
-                ready = []
                 while due and due[0][0] <= now:
                     _, rev, state_id = heapq.heappop(due)
-                    if tracked.get(state_id) == rev:
-                        ready.append(self._recover(state_id, rev, tracked, due))
-                await _in_chunks(ready)
+                    state = tracked.get(state_id)
+                    if state is not None and state.rev == rev:
+                        workers.start(self._recover, state, tracked, due)
                 wait = min(self.tick, due[0][0] - now) if due else self.tick
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
@@ -297,16 +315,17 @@ class Recoverer(_LeaderService):
                         seen = state.rev
                 if time.monotonic() - saved_at >= self.tick:
                     # Only what flows committed moves the cursor, never its own commits.
-                    await self._save_cursor(min(tracked.values()) - 1 if tracked else seen)
+                    low = min(s.rev for s in tracked.values()) - 1 if tracked else seen
+                    await self._save_cursor(low)
                     saved_at = time.monotonic()
 
     def _track(
-        self, state: State, tracked: dict[str, int], due: list[tuple[float, int, str]]
+        self, state: State, tracked: dict[str, State], due: list[tuple[float, int, str]]
     ) -> None:
         if state.status == "running" and not state.is_delayed and not settings.is_disabled(state):
             if state.id not in tracked:
                 self.stats.added += 1
-            tracked[state.id] = state.rev
+            tracked[state.id] = state
             assert state.committed_at is not None
             deadline = state.committed_at.timestamp() + settings.retry_after_of(
                 state, self.retry_after
@@ -317,41 +336,39 @@ class Recoverer(_LeaderService):
 
     async def _recover(
         self,
-        state_id: str,
-        rev: int,
-        tracked: dict[str, int],
+        state: State,
+        tracked: dict[str, State],
         due: list[tuple[float, int, str]],
     ) -> None:
         """Retry or force-end one stalled state; never let one state stop the others.
 
+        ``state`` is the stalled version as the log delivered it; no need to read it again,
+        since the commit is checked against its revision and loses if the state moved on.
         When the store fails, the state goes back into ``due`` to be tried a tick later.
         """
+        state_id, rev = state.id, state.rev
+        done = settings.attempt(state)
+        extra = {"state_id": state_id, "rev": rev, "attempt": done}
+        ctx = StateCtx.of(state)
+        step = recovery_step(ctx, self.max_attempts)
         try:
-            ctx = await self.engine.get_state(state_id)
-            if ctx.committed.rev != rev:
-                return  # it moved; the watcher brings the new version
-            done = settings.attempt(ctx.committed)
-            extra = {"state_id": state_id, "rev": rev, "attempt": done}
-            step = recovery_step(ctx, self.max_attempts)
-            if isinstance(step, End):
-                tracked.pop(state_id, None)  # its End is not a completion of its own
-                await self.engine.do(Commit(step))
-                self.stats.dropped += 1
-                logger.warning(
-                    "force-ended stalled state %r after %d retries", state_id, done, extra=extra
-                )
-                return
             await self.engine.do(Commit(step))
-            self.stats.retried += 1
-            logger.info("retrying stalled state %r (attempt %d)", state_id, done + 1, extra=extra)
-            await self.engine.do(Execute(ctx))
         except ConflictError:
-            pass  # someone moved it first: the watcher brings the new version
-        except NotFoundError:
-            tracked.pop(state_id, None)  # gone from the store: nothing left to recover
+            return  # someone moved it first: the watcher brings the new version
         except DriverError as exc:
             logger.warning("could not recover state %r now, retrying: %s", state_id, exc)
             heapq.heappush(due, (time.time() + self.tick, rev, state_id))
+            return
+        if isinstance(step, End):
+            tracked.pop(state_id, None)  # its End is not a completion of its own
+            self.stats.dropped += 1
+            logger.warning(
+                "force-ended stalled state %r after %d retries", state_id, done, extra=extra
+            )
+            return
+        self.stats.retried += 1
+        logger.info("retrying stalled state %r (attempt %d)", state_id, done + 1, extra=extra)
+        await self.engine.do(Execute(ctx))
 
 
 class Delayer(_LeaderService):
@@ -378,6 +395,17 @@ class Delayer(_LeaderService):
         seen = await self._load_cursor()
         logger.info("%s fires delays from rev %d", self.holder, seen, extra={"cursor": seen})
         pending: list[tuple[datetime.datetime, int, str, DelayedState]] = []
+        async with asyncio.TaskGroup() as group:
+            await self._fire_due(driver, seen, pending, _Workers(group))
+
+    async def _fire_due(
+        self,
+        driver: Driver,
+        seen: int,
+        pending: list[tuple[datetime.datetime, int, str, DelayedState]],
+        workers: _Workers,
+    ) -> None:
+        """Read new delays and start firing the due ones, until cancelled."""
         while True:
             head = await driver.head_rev()
             more = True
@@ -389,10 +417,8 @@ class Delayer(_LeaderService):
                     self.stats.added += 1
                 more = page.more
             now = datetime.datetime.now(datetime.UTC)
-            ready = []
             while pending and pending[0][0] <= now:
-                ready.append(self._fire(heapq.heappop(pending)[3], pending))
-            await _in_chunks(ready)
+                workers.start(self._fire, heapq.heappop(pending)[3])
             # Not the head: the cursor's own commit would move it and wake this loop again.
             await self._save_cursor(pending[0][1] - 1 if pending else seen)
             wait = (pending[0][0] - now).total_seconds() if pending else None
@@ -402,32 +428,25 @@ class Delayer(_LeaderService):
             except TimeoutError:
                 pass
 
-    async def _fire(
-        self,
-        delayed: DelayedState,
-        pending: list[tuple[datetime.datetime, int, str, DelayedState]],
-    ) -> None:
-        """Fire one due delay; when the store fails, put it back into ``pending`` for later."""
+    async def _fire(self, delayed: DelayedState) -> None:
+        """Fire one due delay, trying again while the store fails."""
         state_id = delayed.state.id
         extra = {"state_id": state_id, "rev": delayed.rev, "to": delayed.to}
-        try:
-            ctx = await self.engine.get_state(state_id)
-            if ctx.committed.rev != delayed.rev:
+        # The delay is bound to the version it was committed with: committing against that
+        # revision fires it exactly when the state has not moved since.
+        ctx = StateCtx.of(delayed.state)
+        while True:
+            try:
+                await self.engine.do(Commit(fire_step(ctx, delayed)))
+            except ConflictError:
                 self.stats.dropped += 1
                 logger.debug("delay on %r dropped: the state moved on", state_id, extra=extra)
                 return
-            await self.engine.do(Commit(fire_step(ctx, delayed)))
-        except ConflictError:
-            self.stats.dropped += 1
-            return
-        except NotFoundError:
-            self.stats.dropped += 1
-            return
-        except DriverError as exc:
-            logger.warning("could not fire the delay on %r now, retrying: %s", state_id, exc)
-            again = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=RETRY_FIRE)
-            heapq.heappush(pending, (again, delayed.rev, state_id, delayed))
-            return
+            except DriverError as exc:
+                logger.warning("could not fire the delay on %r now, retrying: %s", state_id, exc)
+                await asyncio.sleep(RETRY_FIRE)
+                continue
+            break
         self.stats.fired += 1
         logger.debug("fired delay on %r", state_id, extra=extra)
         await self.engine.do(Execute(ctx))
