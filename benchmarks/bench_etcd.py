@@ -39,6 +39,7 @@ import aetcd
 from aetcd import rpc
 
 import flowstate as fs
+from benchmarks._engine_rate import engine_rate
 from flowstate.drivers.base import CommitRequest, StateWrite
 from flowstate.drivers.etcd import EtcdDriver
 
@@ -120,32 +121,6 @@ async def _raw_cas(
         await client.close()
 
 
-async def _step(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
-    annotations = ctx.current.annotations
-    left = int(annotations["left"])
-    if left <= 0:
-        return fs.Commit(fs.End(ctx))
-    annotations["left"] = str(left - 1)
-    return fs.Commit(fs.Transit(ctx, "step"))
-
-
-async def _engine(url: str, flows: int, per_flow: int) -> float:
-    """Committed transitions per second of ``flows`` flows run by ``engine.execute``."""
-    async with fs.Engine(unique_url(url), flows={"step": _step}) as engine:
-        ctxs = []
-        for i in range(flows):
-            ctx = fs.StateCtx.new(f"bench-{i}", labels={"bench": "yes"})
-            ctx.current.annotations["left"] = str(per_flow)
-            await engine.do(fs.Commit(fs.Transit(ctx, "step")))
-            ctxs.append(ctx)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(engine.execute(ctx) for ctx in ctxs))
-        elapsed = time.perf_counter() - start
-    if any(result.status != "ended" for result in results):
-        raise RuntimeError(f"a benchmark flow did not end: {results}")
-    return flows * (per_flow + 1) / elapsed  # per_flow transits plus the final End
-
-
 async def _wake_latencies(url: str, samples: int) -> list[float]:
     """Seconds from sending a commit to a waiter on another driver running again."""
     store = unique_url(url)
@@ -190,11 +165,11 @@ def shaped_sequential(url: str, n: int) -> float:
 
 
 def engine_sequential(url: str, n: int) -> float:
-    return asyncio.run(_engine(url, 1, n))
+    return asyncio.run(engine_rate(unique_url(url), 1, n))
 
 
 def engine_concurrent(url: str, n: int) -> float:
-    return asyncio.run(_engine(url, CONCURRENCY, max(1, n // CONCURRENCY)))
+    return asyncio.run(engine_rate(unique_url(url), CONCURRENCY, max(1, n // CONCURRENCY)))
 
 
 Measure = Callable[[str, int], float]

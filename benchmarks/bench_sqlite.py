@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flowstate as fs
+from benchmarks._engine_rate import engine_rate
 
 _CAS = "UPDATE t SET rev = rev + 1 WHERE id = ? AND rev = ?"
 
@@ -122,41 +122,15 @@ def raw_worker_thread(path: Path, synchronous: str, n: int) -> float:
         thread.join()
 
 
-async def _step(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
-    annotations = ctx.current.annotations
-    left = int(annotations["left"])
-    if left <= 0:
-        return fs.Commit(fs.End(ctx))
-    annotations["left"] = str(left - 1)
-    return fs.Commit(fs.Transit(ctx, "step"))
-
-
-async def _engine_run(url: str, flows: int, per_flow: int) -> float:
-    async with fs.Engine(url, flows={"step": _step}) as engine:
-        ctxs = []
-        for i in range(flows):
-            ctx = fs.StateCtx.new(f"bench-{i}", labels={"bench": "yes"})
-            ctx.current.annotations["left"] = str(per_flow)
-            await engine.do(fs.Commit(fs.Transit(ctx, "step")))
-            ctxs.append(ctx)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(engine.execute(ctx) for ctx in ctxs))
-        elapsed = time.perf_counter() - start
-    if any(result.status != "ended" for result in results):
-        raise RuntimeError(f"a benchmark flow did not end: {results}")
-    # per_flow transits plus the final End, each one durable commit
-    return flows * (per_flow + 1) / elapsed
-
-
 def engine_sequential(path: Path, synchronous: str, n: int) -> float:
     """Transitions per second: one flow committing each transition through the engine."""
-    return asyncio.run(_engine_run(f"sqlite:///{path}?synchronous={synchronous}", 1, n))
+    return asyncio.run(engine_rate(f"sqlite:///{path}?synchronous={synchronous}", 1, n))
 
 
 def engine_concurrent(path: Path, synchronous: str, n: int, flows: int = 64) -> float:
     """Transitions per second: ``flows`` flows committing concurrently through the engine."""
     url = f"sqlite:///{path}?synchronous={synchronous}"
-    return asyncio.run(_engine_run(url, flows, max(1, n // flows)))
+    return asyncio.run(engine_rate(url, flows, max(1, n // flows)))
 
 
 Measure = Callable[[Path, str, int], float]
