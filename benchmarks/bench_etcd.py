@@ -33,9 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import aetcd
 from aetcd import rpc
 
 import flowstate as fs
@@ -44,33 +42,21 @@ from flowstate.drivers.base import CommitRequest, StateWrite
 from flowstate.drivers.etcd import EtcdDriver
 
 try:
-    from tests.etcd_server import ENV_URL, EtcdServer, etcd_url, unique_url
+    from tests.etcd_server import ENV_URL, EtcdServer, etcd_url, raw_client, unique_url
 except ImportError:  # run as a script: the repository root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.etcd_server import ENV_URL, EtcdServer, etcd_url, unique_url
+    from tests.etcd_server import ENV_URL, EtcdServer, etcd_url, raw_client, unique_url
 
 __all__ = ["etcd_url"]
 
 CONCURRENCY = 32
 
 
-def _endpoint(url: str) -> tuple[str, int]:
-    host, _, port = url.split("://", 1)[1].split("/", 1)[0].split(",")[0].rpartition(":")
-    return host, int(port)
-
-
-async def _raw_client(url: str) -> Any:
-    host, port = _endpoint(url)
-    client = aetcd.Client(host=host, port=port)
-    await client.connect()
-    return client
-
-
 async def _raw_cas(
     url: str, workers: int, per_worker: int, *, stub: bool, shaped: bool = False
 ) -> float:
     """Compare-and-set transactions per second, ``workers`` keys in parallel."""
-    client = await _raw_client(url)
+    client = await raw_client(url)
     prefix = unique_url(url).rsplit("/", 1)[1].encode()
     value = b"x" * 64
 

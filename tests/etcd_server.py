@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Self
 
+import aetcd
 import pytest
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "etcd_binary",
     "etcd_url",
     "free_ports",
+    "raw_client",
     "unique_url",
 ]
 
@@ -81,6 +83,15 @@ def free_ports(count: int) -> list[int]:
 def unique_url(base: str) -> str:
     """``base`` (an ``etcd://`` URL, with or without a key prefix) under a fresh key prefix."""
     return f"{base.rstrip('/')}/t-{uuid.uuid4().hex}"
+
+
+async def raw_client(url: str) -> Any:
+    """A connected aetcd client on the first ``host:port`` of an ``etcd://`` URL, for tests
+    and benchmarks that look at etcd's keys directly, past the driver."""
+    host, _, port = url.split("://", 1)[1].split("/", 1)[0].split(",")[0].rpartition(":")
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    return client
 
 
 def _post_json(url: str, timeout: float) -> Any:

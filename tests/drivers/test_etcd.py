@@ -14,7 +14,6 @@ import logging
 import shutil
 from typing import TYPE_CHECKING, Any
 
-import aetcd
 import pytest
 from aetcd import rpc
 from hypothesis import settings
@@ -26,7 +25,7 @@ from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests import etcd_server
 from tests.drivers.etcd_proxy import TcpProxy
-from tests.etcd_server import EtcdCluster, EtcdServer, etcd_url, unique_url
+from tests.etcd_server import EtcdCluster, EtcdServer, etcd_url, raw_client, unique_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -82,21 +81,8 @@ async def _commit(driver: fs.Driver, *writes: StateWrite) -> list[int]:
     return (await driver.commit(CommitRequest(writes=list(writes)))).revs
 
 
-def _endpoint(url: str) -> tuple[str, int]:
-    """The first ``host:port`` of an ``etcd://`` URL."""
-    host, _, port = url.split("://", 1)[1].split("/", 1)[0].split(",")[0].rpartition(":")
-    return host, int(port)
-
-
-async def _raw_client(url: str) -> Any:
-    host, port = _endpoint(url)
-    client = aetcd.Client(host=host, port=port)
-    await client.connect()
-    return client
-
-
 async def _raw_keys(url: str, prefix: bytes) -> dict[bytes, Any]:
-    client = await _raw_client(url)
+    client = await raw_client(url)
     try:
         found = await client.get_prefix(prefix)
         return {bytes(kv.key): kv for kv in found}
@@ -245,7 +231,7 @@ async def test_history_survives_compaction(etcd_url: str) -> None:
         rev = 0
         for i in range(5):
             (rev,) = await _commit(driver, _write("s", rev, step=str(i)))
-        client = await _raw_client(url)
+        client = await raw_client(url)
         try:
             found = await client.get(driver.prefix.encode() + b"/~head")
             await client.compact(found.header.revision)
@@ -307,7 +293,7 @@ async def test_since_time_between_commits(etcd_url: str) -> None:
 async def test_newer_or_foreign_layout_is_refused(etcd_url: str) -> None:
     url = unique_url(etcd_url)
     prefix = EtcdDriver.from_url(url).prefix.encode() + b"/~meta"
-    client = await _raw_client(url)
+    client = await raw_client(url)
     try:
         await client.put(prefix, str(LAYOUT_VERSION + 1).encode())
         with pytest.raises(fs.SchemaVersionError, match="newer flowstate"):
@@ -463,7 +449,7 @@ async def test_values_flowstate_did_not_write_are_driver_errors(etcd_url: str) -
     url = unique_url(etcd_url)
     async with EtcdDriver.from_url(url) as driver:
         await _commit(driver, _write("s"))
-        client = await _raw_client(url)
+        client = await raw_client(url)
         try:
             await client.put(driver.prefix.encode() + b"/~s/s", b"\xc1 not msgpack")
         finally:
@@ -484,7 +470,7 @@ async def test_delays_committed_together_stay_together(etcd_url: str) -> None:
     url = unique_url(etcd_url)
     async with EtcdDriver.from_url(url) as driver:
         (first,) = await _commit(driver, delayed("a"))
-        client = await _raw_client(url)
+        client = await raw_client(url)
         try:  # another prefix's write leaves a gap in this store's revisions
             await client.put(b"unrelated/" + driver.prefix.encode(), b"x")
         finally:
@@ -600,7 +586,7 @@ async def test_watch_falls_back_to_a_read_after_compaction(
         rev = 0
         for _ in range(3):
             (rev,) = await _commit(other, _write("t", rev))
-        client = await _raw_client(url)
+        client = await raw_client(url)
         try:
             for i in range(3):
                 await client.put(b"unrelated/" + prefix.encode(), str(i).encode())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -186,17 +184,6 @@ def test_fault_schedule_arguments() -> None:
         fst.fault_schedules(rate=0)
     with pytest.raises(ValueError, match="min_writes"):
         fst.commit_requests(min_writes=0)
-
-
-@pytest.mark.parametrize(
-    "name", ["flowstate.testing.strategies", "flowstate.testing.flows", "flowstate.drivers.faulty"]
-)
-def test_all_is_sorted_and_complete(name: str) -> None:
-    module = importlib.import_module(name)
-    exported = module.__all__
-    assert exported == sorted(exported)
-    for attr in exported:
-        assert hasattr(module, attr), f"{name}.{attr} is in __all__ but missing"
 
 
 def test_flowstate_does_not_import_the_test_kit() -> None:
