@@ -69,7 +69,7 @@ from flowstate.drivers.faulty import (
     SimulatedCrashError,
 )
 from flowstate.drivers.memory import MemoryDriver
-from flowstate.errors import ConflictError, DriverError, NotFoundError
+from flowstate.errors import ConflictError, DriverError
 from flowstate.recovery import _settings as recovery
 from flowstate.recovery._services import INTERNAL_PREFIX, fire_step, recovery_step
 from flowstate.testing.strategies import fault_schedules
@@ -510,21 +510,20 @@ class _Run:
 
         async def work(engine: Engine) -> None:
             state_id = stalled.id
+            # As the Recoverer does: commit against the version it found, no second read.
+            ctx = StateCtx.of(stalled)
+            done = recovery.attempt(stalled)
+            step = recovery_step(ctx, self.config.max_attempts)
             try:
-                ctx = await engine.get_state(state_id)
-                if ctx.committed.rev != stalled.rev:
-                    return
-                done = recovery.attempt(ctx.committed)
-                step = recovery_step(ctx, self.config.max_attempts)
                 await engine.do(Commit(step))
-                if isinstance(step, End):
-                    self.trace.append(f"  force-ended {state_id!r} after {done} retries")
-                    return
             except ConflictError:
                 self.trace.append(f"  retry of {state_id!r} lost a conflict")
                 return
-            except (DriverError, NotFoundError) as exc:
+            except DriverError as exc:
                 self.trace.append(f"  could not recover {state_id!r} now: {exc}")
+                return
+            if isinstance(step, End):
+                self.trace.append(f"  force-ended {state_id!r} after {done} retries")
                 return
             await self._execute(engine, ctx, f"retry {done + 1} of {state_id!r}")
 
@@ -535,15 +534,14 @@ class _Run:
 
         async def work(engine: Engine) -> None:
             state_id = delayed.state.id
+            # As the Delayer does: commit against the version the delay is bound to.
+            ctx = StateCtx.of(delayed.state)
             try:
-                ctx = await engine.get_state(state_id)
-                if ctx.committed.rev != delayed.rev:
-                    return
                 await engine.do(Commit(fire_step(ctx, delayed)))
             except ConflictError:
                 self.trace.append(f"  the delay of {state_id!r} lost a conflict")
                 return
-            except (DriverError, NotFoundError) as exc:
+            except DriverError as exc:
                 self.trace.append(f"  could not fire the delay of {state_id!r} now: {exc}")
                 return
             await self._execute(engine, ctx, f"delay of {state_id!r}")
