@@ -22,6 +22,7 @@ from attrs import frozen
 import flowstate as fs
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
+from flowstate.server import _cli as serve_command
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -501,6 +502,13 @@ async def _run_recover(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
 
 
+async def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        return await serve_command.run(args)
+    except (serve_command.ServeError, recover_service.FlowsSpecError) as exc:
+        raise CommandError(str(exc)) from exc
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="demo",
@@ -541,6 +549,18 @@ COMMANDS: tuple[Command, ...] = (
         ),
         configure=recover_service.configure,
         run=_run_recover,
+    ),
+    Command(
+        name="serve",
+        help="serve a store over HTTP: states, a watch stream, and the remote driver's routes",
+        description=(
+            "Run the HTTP API of a store until SIGTERM: read states and their history, watch "
+            "versions as Server-Sent Events, and let engines elsewhere use the store through "
+            "http:// URLs. Without a token (--token-file or $FLOWSTATE_TOKEN) it listens on "
+            "loopback only. The start line names the address (--port 0 picks a free port)."
+        ),
+        configure=serve_command.configure,
+        run=_run_serve,
     ),
     Command(
         name="watch",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
 from tests.etcd_server import etcd_url, unique_url
+from tests.serve_process import ServerPool
 
 __all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
 
@@ -46,7 +47,19 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
 
 
-STORES = ["memory", "sqlite", "etcd"]
+@pytest.fixture(scope="session")
+def serve_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    """``flowstate serve`` processes on fresh SQLite stores, for tests that need an empty store
+    behind the remote driver. Take one with ``serve_pool.take()`` and close it after the test."""
+    pool = ServerPool(tmp_path_factory.mktemp("served"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+# "http" is the remote driver through a `flowstate serve` process (on SQLite) of its own.
+STORES = ["memory", "sqlite", "etcd", "http"]
 
 
 @pytest.fixture(params=STORES)
@@ -58,6 +71,7 @@ async def new_driver(
     Memory stores live in one object, so the memory factory hands out that object each time.
     """
     created: list[Driver] = []
+    server = None
     if request.param == "memory":
         shared = MemoryDriver()
 
@@ -69,6 +83,9 @@ async def new_driver(
     else:
         if request.param == "sqlite":
             url = f"sqlite:///{tmp_path}/store.db"
+        elif request.param == "http":
+            server = request.getfixturevalue("serve_pool").take()
+            url = server.url
         else:
             url = unique_url(request.getfixturevalue("etcd_url"))
 
@@ -77,6 +94,10 @@ async def new_driver(
             created.append(driver)
             return driver
 
-    yield make
-    for driver in created:
-        await driver.aclose()
+    try:
+        yield make
+    finally:
+        for driver in created:
+            await driver.aclose()
+        if server is not None:
+            server.close()

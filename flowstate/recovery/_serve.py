@@ -18,7 +18,7 @@ from flowstate.recovery._services import Delayer, Recoverer
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["configure", "load_flows", "run", "serve"]
+__all__ = ["add_service_arguments", "configure", "load_flows", "run", "serve"]
 
 logger = logging.getLogger("flowstate.recovery")
 
@@ -89,6 +89,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE:ATTR",
         help="where the flows are: a module and a mapping (or FlowRegistry) in it",
     )
+    add_service_arguments(parser)
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the recoverer's and delayer's settings (``--retry-after`` ...) to ``parser``."""
     parser.add_argument(
         "--retry-after",
         type=float,
