@@ -217,7 +217,7 @@ class HTTPDriver(Driver):
                 verify = ssl.create_default_context(cafile=self.ca)
             except OSError as exc:
                 raise DriverError(f"cannot read the CA bundle {self.ca!r}: {exc}") from exc
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        headers = [(b"Authorization", f"Bearer {self._token}".encode())] if self._token else []
         transport = httpx.AsyncHTTPTransport(
             verify=verify,
             retries=1,  # connecting again is always safe: nothing was sent

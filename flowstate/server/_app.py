@@ -131,13 +131,15 @@ def create_app(
 def _bearer(
     token: str,
 ) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
-    expected = token.encode()
+    expected = token.encode()  # the client sends the token's UTF-8 bytes
 
     def check(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         if handler.opt.get("public"):
             return
         scheme, _, given = connection.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        # Header values arrive decoded as latin-1: encoding them back gives the raw bytes.
+        presented = given.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
             raise NotAuthorizedException(
                 "this server needs 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": 'Bearer realm="flowstate"'},

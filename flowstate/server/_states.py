@@ -7,10 +7,11 @@ segment (``a/b`` is ``a%2Fb``); :func:`flowstate.server._app.unescape` restores 
 import datetime
 import logging
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import msgspec
 from litestar import Router, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from flowstate._query import StatesPage, StatesQuery
@@ -60,16 +61,20 @@ def _query(
     )
 
 
-_LABEL = Parameter(
-    query="label",
-    default=None,
-    description="KEY=VALUE; repeat it to require several labels (all must match)",
-)
-_SINCE_REV = Parameter(default=0, description="only versions after this revision (exclusive)")
-_SINCE_LATEST = Parameter(default=False, description="start at the latest matching version")
-_SINCE_TIME = Parameter(default=None, description="only versions committed at or after (ISO 8601)")
-_LATEST_ONLY = Parameter(default=False, description="only versions still their state's latest")
-_LIMIT = Parameter(default=50, description=f"page size (at most {MAX_PAGE})")
+# The query parameters, documented once for every route that takes them.
+Labels = Annotated[
+    list[str] | None,
+    QueryParameter(description="KEY=VALUE; repeat it to require several labels (all must match)"),
+]
+SinceRev = Annotated[int, QueryParameter(description="only versions after this revision")]
+SinceLatest = Annotated[bool, QueryParameter(description="start at the latest matching version")]
+SinceTime = Annotated[
+    datetime.datetime | None,
+    QueryParameter(description="only versions committed at or after this time (ISO 8601)"),
+]
+LatestOnly = Annotated[bool, QueryParameter(description="only versions still their state's latest")]
+Limit = Annotated[int, QueryParameter(description=f"page size (at most {MAX_PAGE})")]
+Rev = Annotated[int, QueryParameter(ge=0, description="a version's revision; 0: the latest")]
 
 
 def router(ctx: ServerContext) -> Router:
@@ -78,12 +83,12 @@ def router(ctx: ServerContext) -> Router:
 
     @get("/api/v1/states", summary="List state versions, oldest first")
     async def list_states(
-        label: list[str] | None = _LABEL,
-        since_rev: int = _SINCE_REV,
-        since_latest: bool = _SINCE_LATEST,
-        since_time: datetime.datetime | None = _SINCE_TIME,
-        latest_only: bool = _LATEST_ONLY,
-        limit: int = _LIMIT,
+        label: Labels = None,
+        since_rev: SinceRev = 0,
+        since_latest: SinceLatest = False,
+        since_time: SinceTime = None,
+        latest_only: LatestOnly = False,
+        limit: Limit = 50,
     ) -> StatesPage:
         """One page of the versions that match; ``more`` says a next page exists: ask again
         with ``since_rev`` set to the last version's ``rev``."""
@@ -91,7 +96,7 @@ def router(ctx: ServerContext) -> Router:
         return await engine.get_states(query)
 
     @post("/api/v1/states/query", status_code=200, summary="Query state versions")
-    async def query_states(data: StatesQuery) -> StatesPage:
+    async def query_states(data: JSONBody[StatesQuery]) -> StatesPage:
         """Like ``GET /api/v1/states``, with every filter of ``StatesQuery`` (OR-ed label
         sets, one state's ``id``) in a JSON body."""
         if data.limit > MAX_PAGE:
@@ -99,36 +104,34 @@ def router(ctx: ServerContext) -> Router:
         return await engine.get_states(data)
 
     @get("/api/v1/states/{state_id:str}", summary="Read one state")
-    async def get_state(state_id: str, rev: int = Parameter(default=0, ge=0)) -> State:
+    async def get_state(state_id: FromPath[str], rev: Rev = 0) -> State:
         """The state's latest version, or its version at ``rev``."""
         return await engine.driver.get_state(unescape(state_id), rev)
 
     @get("/api/v1/states/{state_id:str}/history", summary="Every version of one state")
     async def history(
-        state_id: str, since_rev: int = _SINCE_REV, limit: int = _LIMIT
+        state_id: FromPath[str], since_rev: SinceRev = 0, limit: Limit = 50
     ) -> StatesPage:
         """One page of the state's versions, oldest first (paged like ``/api/v1/states``)."""
         query = _query(None, since_rev, False, None, False, limit, unescape(state_id))
         return await engine.get_states(query)
 
     @get("/api/v1/states/{state_id:str}/data/{alias:str}", summary="Read data of a state")
-    async def get_data(
-        state_id: str, alias: str, rev: int = Parameter(default=0, ge=0)
-    ) -> DataVersion:
+    async def get_data(state_id: FromPath[str], alias: FromPath[str], rev: Rev = 0) -> DataVersion:
         """The data stored under ``alias`` as of the state's version ``rev`` (latest: 0)."""
         found, blob = await engine.driver.get_data(unescape(state_id), unescape(alias), rev)
         return DataVersion(rev=found, blob=blob)
 
     @get("/api/v1/watch", summary="Stream state versions as Server-Sent Events")
     async def watch(
-        label: list[str] | None = _LABEL,
-        since_rev: int = _SINCE_REV,
-        since_latest: bool = _SINCE_LATEST,
-        latest_only: bool = _LATEST_ONLY,
-        limit: int = Parameter(
-            default=WATCH_PAGE, description=f"versions read at once (<= {MAX_PAGE})"
-        ),
-        last_event_id: str | None = Parameter(header="Last-Event-ID", default=None),
+        label: Labels = None,
+        since_rev: SinceRev = 0,
+        since_latest: SinceLatest = False,
+        latest_only: LatestOnly = False,
+        limit: Annotated[
+            int, QueryParameter(description=f"versions read at once (at most {MAX_PAGE})")
+        ] = WATCH_PAGE,
+        last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
     ) -> Stream:
         """Every matching version, in revision order, as ``event: state`` with the version as
         JSON ``data``, then each new one as it is committed. The event ``id`` is the

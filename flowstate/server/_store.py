@@ -5,10 +5,11 @@ them. Each one is the ``Driver`` method of the same name, over HTTP.
 """
 
 import asyncio
+from typing import Annotated
 
 from litestar import Router, get, post
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 import flowstate
 from flowstate._wire import (
@@ -49,13 +50,13 @@ def router(ctx: ServerContext) -> Router:
         )
 
     @post("/api/v1/commit", status_code=200, summary="Commit states atomically")
-    async def commit(data: CommitRequest) -> CommitResult:
+    async def commit(data: JSONBody[CommitRequest]) -> CommitResult:
         """Write every state of the commit if each one's stored latest revision is its
         ``expected_rev``; otherwise write nothing and answer 409 listing every conflict."""
         return await driver.commit(data)
 
     @post("/api/v1/commits", status_code=200, summary="Apply several independent commits")
-    async def commits(data: CommitBatch) -> CommitBatchReply:
+    async def commits(data: JSONBody[CommitBatch]) -> CommitBatchReply:
         """Apply each commit of the batch as ``POST /api/v1/commit`` would, concurrently (the
         store may group them into one transaction); one outcome per commit, in order."""
         results = await asyncio.gather(
@@ -65,10 +66,12 @@ def router(ctx: ServerContext) -> Router:
 
     @get("/api/v1/head", summary="The store's latest revision")
     async def head(
-        wait_for: int = Parameter(default=0, ge=0, description="wait until it reaches this"),
-        seconds: float = Parameter(
-            query="timeout", default=30.0, ge=0, description=f"seconds (<= {MAX_WAIT:g})"
-        ),
+        wait_for: Annotated[
+            int, QueryParameter(ge=0, description="wait until the store reaches this revision")
+        ] = 0,
+        seconds: Annotated[
+            float, QueryParameter(name="timeout", ge=0, description=f"seconds (<= {MAX_WAIT:g})")
+        ] = 30.0,
     ) -> Head:
         """The latest revision. With ``wait_for``, a long poll: the answer comes once the
         store reaches that revision, or after ``timeout`` seconds, or when the server stops
@@ -79,7 +82,8 @@ def router(ctx: ServerContext) -> Router:
 
     @get("/api/v1/delays", summary="Delays in commit order")
     async def delays(
-        since_rev: int = Parameter(default=0, ge=0), limit: int = Parameter(default=100, ge=1)
+        since_rev: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1)] = 100,
     ) -> DelaysPage:
         """One page of the delays committed after ``since_rev``."""
         return await driver.get_delays(since_rev, min(limit, MAX_PAGE))
@@ -111,23 +115,23 @@ def _named(name: str, lease: Lease) -> Lease:
 
 def _lease_routes(driver: SupportsLease) -> list[HTTPRouteHandler]:
     @post("/api/v1/leases/{name:str}/acquire", status_code=200, summary="Claim a lease")
-    async def acquire(name: str, data: LeaseClaim) -> LeaseReply:
+    async def acquire(name: FromPath[str], data: JSONBody[LeaseClaim]) -> LeaseReply:
         """The lease, or ``null`` while another holder's claim is live."""
         return LeaseReply(lease=await driver.acquire_lease(unescape(name), data.holder, data.ttl))
 
     @post("/api/v1/leases/{name:str}/renew", status_code=200, summary="Extend a lease")
-    async def renew(name: str, data: Lease) -> LeaseReply:
+    async def renew(name: FromPath[str], data: JSONBody[Lease]) -> LeaseReply:
         """The renewed lease, or ``null`` when the claim was lost."""
         return LeaseReply(lease=await driver.renew_lease(_named(name, data)))
 
     @post("/api/v1/leases/{name:str}/release", status_code=200, summary="Give a lease up")
-    async def release(name: str, data: Lease) -> LeaseReply:
+    async def release(name: FromPath[str], data: JSONBody[Lease]) -> LeaseReply:
         """Give up the claim at once (releasing a lost claim does nothing)."""
         await driver.release_lease(_named(name, data))
         return LeaseReply(lease=None)
 
     @get("/api/v1/leases/{name:str}", summary="Who holds a lease")
-    async def holder(name: str) -> LeaseReply:
+    async def holder(name: FromPath[str]) -> LeaseReply:
         """The live claim on the lease, or ``null``."""
         return LeaseReply(lease=await driver.get_lease(unescape(name)))
 

@@ -10,7 +10,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,11 +92,20 @@ class Process:
         return code
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "etcd", "http"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store every process reaches; "http" is a `flowstate serve` (on SQLite) that the
+    workers and `flowstate recover` processes reach through the remote driver."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return unique_url(request.getfixturevalue("etcd_url"))
+        yield f"sqlite:///{tmp_path}/store.db"
+    elif request.param == "etcd":
+        yield unique_url(request.getfixturevalue("etcd_url"))
+    else:
+        server = request.getfixturevalue("serve_pool").take()
+        try:
+            yield server.url
+        finally:
+            server.close()
 
 
 @pytest.fixture
