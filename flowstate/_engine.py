@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 import msgspec
 from attrs import define, field
 
-from flowstate._checks import MAX_REV, describe, is_rev, is_text
+from flowstate._checks import MAX_REV, describe, is_number, is_rev, is_text
 from flowstate._commands import (
     Command,
     Commit,
@@ -482,16 +482,38 @@ class Engine:
                 return
             query = query.replace(since_rev=page.states[-1].rev, since_latest=False)
 
-    def watch(self, query: StatesQuery | None = None, **filters: Any) -> Watcher:
+    def watch(
+        self,
+        query: StatesQuery | None = None,
+        *,
+        unavailable_timeout: float | None = None,
+        **filters: Any,
+    ) -> Watcher:
         """Stream every matching committed version, in revision order, from ``since_rev``.
 
         Takes the same filters as :meth:`get_states`; ``limit`` sets the fetch size.
 
+        The watcher rides out store outages: reads that fail with ``DriverUnavailableError``
+        are tried again with a capped backoff, and the stream resumes from its last revision
+        with no gap and no duplicate. ``unavailable_timeout`` (seconds; default None: keep
+        trying) is how long an outage may last before the watcher raises the error instead.
+        Other errors are raised at once.
+
         Raises:
-            InvalidQueryError: A filter is invalid.
+            InvalidQueryError: A filter, or ``unavailable_timeout``, is invalid.
         """
         self._check_open()
-        return Watcher(self.driver, _query(query, filters), self._closed)
+        if unavailable_timeout is not None and not is_number(unavailable_timeout):
+            raise InvalidQueryError(
+                "unavailable_timeout must be None or a number of seconds >= 0, "
+                f"not {describe(unavailable_timeout)}"
+            )
+        return Watcher(
+            self.driver,
+            _query(query, filters),
+            self._closed,
+            None if unavailable_timeout is None else float(unavailable_timeout),
+        )
 
 
 def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateWrite]]:
