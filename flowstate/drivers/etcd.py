@@ -116,6 +116,7 @@ import aetcd
 import msgspec
 from aetcd import rpc
 
+from flowstate._checks import describe, is_int, is_number
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -159,14 +160,24 @@ DEFAULT_PORT: Final = 2379
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_MAX_TXN_OPS: Final = 128
 
+DEFAULT_MAX_REQUEST_BYTES: Final = 1536 * 1024  # etcd's own default --max-request-bytes
+
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-# Bytes of values one group commit may carry; etcd refuses requests over 1.5 MiB by default.
-_GROUP_BYTES = 1 << 20
+# Bytes kept free in every request below max_request_bytes, for what the estimate of a
+# commit's size leaves out (the request header, the raft entry around it).
+_REQUEST_MARGIN = 4096
+# Bytes of protobuf framing counted per operation of a Txn (tags, lengths, the op wrapper).
+_OP_OVERHEAD = 24
+# Bytes of a stored version beyond its state: commit time, back pointer, token (msgpack).
+_VERSION_OVERHEAD = 32
 # Retry pacing once every endpoint failed in a row: from 25 ms, doubling, up to 250 ms.
 _MIN_BACKOFF = 0.025
 _MAX_BACKOFF = 0.25
 # Failure reads kept free in every group for earlier attempts of unknown outcome.
 _AMBIGUOUS_ROOM = 8
+# Bounds of the URL options: the time budget of a call, the smallest request limit.
+_MAX_TIMEOUT = 3600.0
+_MIN_REQUEST = 64 * 1024
 # Largest range read per round trip while scanning.
 _MAX_CHUNK = 512
 # The backwards search of since_latest with labels: its first window (in revisions), and
@@ -190,7 +201,11 @@ _CHANNEL_OPTIONS: Final = {
 }
 
 # URL query options and how each one is parsed.
-_OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {"timeout": float, "max_txn_ops": int}
+_OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {
+    "timeout": float,
+    "max_txn_ops": int,
+    "max_request_bytes": int,
+}
 _POS_LEN = 21  # b"%016x/%04x"
 
 
@@ -392,6 +407,14 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
+def _too_large(exc: BaseException) -> bool:
+    """True when etcd refused a request for its size (the request was not applied)."""
+    if not isinstance(exc, rpc.AioRpcError):
+        return False
+    details = exc.details() or ""
+    return "request is too large" in details or "larger than max" in details
+
+
 def _copy_error(error: FlowstateError) -> FlowstateError:
     """A fresh instance of a group-wide error for each waiting commit, so that raising it in
     several tasks does not pile their tracebacks onto one object.
@@ -465,6 +488,7 @@ class _Write(NamedTuple):
     data: list[tuple[bytes, bytes]]
     delay_to: str
     delay_at: datetime.datetime | None
+    size: int  # bytes this write adds to a Txn, every key and value counted
 
 
 class _Pending:
@@ -479,14 +503,10 @@ class _Pending:
         self.ids = {w.id for w in writes}
         self.fut = fut
         self.deadline = deadline
-        puts = size = 0
-        for w in writes:
-            puts += 2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None)
-            size += 256 + len(w.latest_key) + sum(len(blob) for _, blob in w.data)
-            if w.posting is not None:
-                size += len(w.posting) * len(w.posting_bases)
-        self.puts = puts
-        self.size = size
+        self.puts = sum(
+            2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None) for w in writes
+        )
+        self.size = sum(w.size for w in writes)
 
 
 def _plan(limit: int, compares: int, branches: Sequence[int]) -> int | None:
@@ -587,19 +607,37 @@ class EtcdDriver(Driver):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_txn_ops: int = DEFAULT_MAX_TXN_OPS,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         if not items:
             raise InvalidURLError("the etcd driver needs at least one endpoint")
         self.endpoints: list[tuple[str, int]] = [_parse_endpoint(item) for item in items]
         self.prefix = _check_prefix(prefix)
-        if not timeout > 0:
-            raise InvalidURLError(f"timeout must be > 0 seconds, not {timeout!r}")
-        if not 3 <= max_txn_ops <= 0xFFFF:
-            raise InvalidURLError(f"max_txn_ops must be between 3 and 65535, not {max_txn_ops!r}")
+        if not is_number(timeout, strict=True) or timeout > _MAX_TIMEOUT:
+            raise InvalidURLError(
+                f"timeout must be a number of seconds above 0 and at most {_MAX_TIMEOUT:g}, "
+                f"not {describe(timeout)}"
+            )
+        if not is_int(max_txn_ops) or not 3 <= max_txn_ops <= 0xFFFF:
+            raise InvalidURLError(
+                f"max_txn_ops must be between 3 and 65535, not {describe(max_txn_ops)}"
+            )
+        if not is_int(max_request_bytes) or not _MIN_REQUEST <= max_request_bytes <= 2**31 - 1:
+            raise InvalidURLError(
+                f"max_request_bytes must be between {_MIN_REQUEST} and {2**31 - 1}, "
+                f"not {describe(max_request_bytes)}"
+            )
         self.timeout = float(timeout)
         self.max_txn_ops = int(max_txn_ops)
+        self.max_request_bytes = int(max_request_bytes)
         self._keys = _Keys(self.prefix)
+        # What one group may write: the limit, less the margin and the group's own keys
+        # (the head, the time key, and the reads that settle attempts of unknown outcome).
+        fixed = 4 * (len(self._keys.head) + 64) + _AMBIGUOUS_ROOM * (
+            len(self._keys.log_base) + _POS_LEN + _OP_OVERHEAD
+        )
+        self._group_bytes = self.max_request_bytes - _REQUEST_MARGIN - fixed
         self._lifecycle = _Lifecycle.UNOPENED
         self._open_lock = asyncio.Lock()
         self._clients: list[Any] = []
@@ -1076,6 +1114,16 @@ class EtcdDriver(Driver):
                 f"a commit of {len(writes)} states writing {pending.puts} keys does not fit one "
                 f"etcd transaction (max_txn_ops={self.max_txn_ops})"
             )
+        if pending.size > self._group_bytes:
+            # Refused alone, before anything is sent: retrying cannot help, and commits
+            # made at the same time are not held up by it.
+            raise DriverError(
+                f"a commit of {len(writes)} states writes about {pending.size} bytes, over "
+                f"etcd's request limit of {self.max_request_bytes} bytes (less "
+                f"{self.max_request_bytes - self._group_bytes} bytes for the transaction "
+                "itself); store large payloads elsewhere, or raise the server's "
+                "--max-request-bytes and the URL's max_request_bytes together"
+            )
         if not self._solo or self._queue or self._sending.locked():
             self._queue.append(pending)
             self._wakeup.set()
@@ -1099,16 +1147,33 @@ class EtcdDriver(Driver):
         data = []
         if write.data:
             data = [(keys.data(state.id, alias), bytes(blob)) for alias, blob in write.data.items()]
+        # Everything the write adds to a Txn: the version twice (~s and ~log), its compare and
+        # its failure read, each label posting, each data blob and the delay (which holds the
+        # version once more), keys included.
+        sample = msgspec.structs.replace(state, rev=0, committed_at=_EPOCH)
+        version = len(self._encoder.encode(_StoredVersion(state=sample, back=0, token=0)))
+        version += _VERSION_OVERHEAD
+        latest_key = keys.latest(state.id)
+        log_key = len(keys.log_base) + _POS_LEN
+        size = 4 * (len(latest_key) + _OP_OVERHEAD) + 2 * version + log_key
+        posting_bases = [keys.postings(k, v) for k, v in labels.items()]
+        for base in posting_bases:
+            size += len(base) + _POS_LEN + len(posting or b"") + _OP_OVERHEAD
+        for data_key, blob in data:
+            size += len(data_key) + 16 + len(blob) + _OP_OVERHEAD
+        if write.delay_at is not None:
+            size += len(keys.delay_base) + _POS_LEN + version + len(write.delay_to) + 32
         return _Write(
             id=state.id,
             expected_rev=write.expected_rev,
-            latest_key=keys.latest(state.id),
+            latest_key=latest_key,
             state=state,
             posting=posting,
-            posting_bases=[keys.postings(k, v) for k, v in labels.items()],
+            posting_bases=posting_bases,
             data=data,
             delay_to=write.delay_to,
             delay_at=write.delay_at,
+            size=size,
         )
 
     async def _run_committer(self) -> None:
@@ -1149,7 +1214,7 @@ class EtcdDriver(Driver):
                 continue  # cancelled before it was sent: never written
             if group and (
                 not ids.isdisjoint(pending.ids)
-                or size + pending.size > _GROUP_BYTES
+                or size + pending.size > self._group_bytes
                 or not self._fits(states + len(pending.writes), puts + pending.puts)
             ):
                 rest.append(pending)
@@ -1264,6 +1329,19 @@ class EtcdDriver(Driver):
                 raise
             except Exception as exc:  # noqa: BLE001 - translated and handed to the callers
                 failure = self._failure("commit", exc)
+                if failure is not None and _too_large(exc):
+                    if len(group) > 1 and not ambiguous:
+                        # The server's limit is below max_request_bytes: nothing was written,
+                        # so each half goes on its own and an oversized commit fails alone.
+                        half = len(group) // 2
+                        await self._write_group(group[:half])
+                        await self._write_group(group[half:])
+                        return
+                    failure = DriverError(
+                        f"etcd refused a commit as too large ({_describe(exc)}); the server's "
+                        f"--max-request-bytes is below max_request_bytes="
+                        f"{self.max_request_bytes}: set the URL option to match it"
+                    )
                 if failure is not None:
                     failure.__cause__ = exc
                     self._fail(group, failure)
