@@ -5,10 +5,22 @@ processes on one machine.
 
 URL options (query string): ``synchronous=normal|full`` (default ``normal``),
 ``poll_interval=SECONDS`` (how often a waiting watcher looks for commits made by other
-processes; default 0.05) and ``busy_timeout=SECONDS`` (how long a commit waits for another
-process's write lock before failing with ``DriverUnavailableError``; default 5). Example:
+processes; 0.001 to 60, default 0.05), ``busy_timeout=SECONDS`` (how long a commit waits for
+another process's write lock before failing with ``DriverUnavailableError``; 0 to 3600,
+default 5) and ``create=1`` (make an existing empty file a store). Example:
 ``sqlite:///var/flowstate.db?synchronous=full&poll_interval=0.1``. ``sqlite://:memory:`` is a
-private in-memory store that belongs to one driver object (for tests).
+private in-memory store that belongs to one driver object (for tests). The path is
+percent-decoded; a relative path (three slashes) that decodes to an absolute one is refused.
+
+Files:
+    A missing file is created as a new store, with mode 0600 whatever the umask (the ``-wal``
+    and ``-shm`` files SQLite keeps beside it get the same mode): states often hold personal
+    data, and the file's owner decides who else may read it (``chmod``). The store is built
+    in a private file in the same folder and linked into place in one step, so no process
+    ever sees a half-made store. An existing file is checked before anything is written to
+    it: a flowstate store is opened; any other SQLite database, a device or a non-database
+    file is refused with ``DriverError`` and left untouched; an empty file (which flowstate
+    did not create) is refused unless the URL says ``?create=1``.
 
 Durability:
     The database runs in WAL mode. With ``synchronous=normal`` (the default) a commit is
@@ -28,7 +40,9 @@ Threading:
     limits throughput: aiosqlite makes one per statement, and a commit here runs five to eight
     statements, so the driver talks to ``sqlite3`` directly. The thread is not a daemon; if a
     driver is dropped without ``aclose()`` it warns ``ResourceWarning`` and the thread stops by
-    itself, and it also stops within a second after the main thread exits.
+    itself, and it also stops within a second after the main thread exits. Should the thread
+    die of an unexpected error, every pending and later call fails with that ``DriverError``
+    instead of waiting for an answer that cannot come.
 
 Group commit:
     Concurrent ``commit()`` calls are queued on the event loop and, while one group is being
