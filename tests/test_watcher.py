@@ -10,6 +10,7 @@ order, once the store is back.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -306,3 +307,58 @@ async def test_bad_unavailable_timeout(flaky: tuple[_FlakyReads, fs.Engine], bad
     _, engine = flaky
     with pytest.raises(fs.InvalidQueryError, match="unavailable_timeout"):
         engine.watch(unavailable_timeout=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+async def test_flowstate_watch_keeps_going_through_an_etcd_outage(
+    outage_server: EtcdServer,
+) -> None:
+    url = unique_url(outage_server.url) + "?timeout=1"
+    batches, per_batch = 20, 100
+    async with fs.Engine(url) as engine:
+        for b in range(batches):
+            ctxs = [fs.StateCtx.new(f"s{b:02}-{i:03}") for i in range(per_batch)]
+            await engine.do(fs.Commit(*(fs.Transit(ctx, "a") for ctx in ctxs)))
+    script = Path(sys.executable).with_name("flowstate")
+    proc = await asyncio.create_subprocess_exec(
+        script,
+        "watch",
+        url,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None
+    assert stderr is not None
+    ids: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            ids.append(json.loads(await stdout.readline())["id"])
+        # Unread, the pipe fills within a few pages: most of the 2,000 versions are still to
+        # be fetched when etcd goes down, so the command has to read through the outage.
+        await asyncio.to_thread(outage_server.stop)
+
+        async def drain(count: int) -> None:
+            while len(ids) < count:
+                line = await stdout.readline()
+                assert line, "flowstate watch stopped"
+                ids.append(json.loads(line)["id"])
+
+        draining = asyncio.ensure_future(drain(batches * per_batch + 1))
+        async with asyncio.timeout(30):
+            while b"store unavailable" not in (line := await stderr.readline()):
+                assert line, "flowstate watch ended instead of retrying"
+        await asyncio.to_thread(outage_server.start)
+        await asyncio.to_thread(outage_server.wait_ready)
+        await _commit_steps(url, "after", ["x"])
+        async with asyncio.timeout(30):
+            await draining
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            code = await proc.wait()
+    assert code == 130
+    expected = [f"s{b:02}-{i:03}" for b in range(batches) for i in range(per_batch)]
+    assert ids == [*expected, "after"], "every version once, in order"
