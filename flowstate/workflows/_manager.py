@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -89,7 +88,9 @@ class Change:
     also: tuple[fs.StateCtx, ...] = ()
 
 
-Plan = Callable[[fs.StateCtx, ManagedFlow, Record], Awaitable[Change] | Change]
+#: Checks a move on a flow (its snapshot and its record) and returns the change, or None when
+#: there is nothing to commit. It may change the record, whose state the snapshot shares.
+Plan = Callable[[ManagedFlow, Record], Awaitable[Change | None] | Change | None]
 
 
 class FlowManager:
@@ -261,7 +262,7 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             return Change(
                 status=check_move(flow.id, flow.status, "start"), record=record, event="started"
@@ -294,7 +295,7 @@ class FlowManager:
         if due is not None:
             stored["at"] = due.isoformat().replace("+00:00", "Z")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             status = check_move(flow.id, flow.status, "wait")
             record.wait = stored
@@ -320,7 +321,7 @@ class FlowManager:
         """
         changes = None if patch is None else json_object(patch, "patch")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             return resumed(flow, record, changes, by="user")
 
@@ -338,7 +339,7 @@ class FlowManager:
         """
         changes = None if final is None else json_object(final, "final")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             status = check_move(flow.id, flow.status, "finish")
             if record.cancel_requested:
@@ -366,7 +367,7 @@ class FlowManager:
         """
         _check_text(reason, "reason")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             return failed(flow, record, reason)
 
@@ -384,7 +385,7 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change | None:
+        def plan(flow: ManagedFlow, record: Record) -> Change | None:
             check_move(flow.id, flow.status, None)
             if record.cancel_requested:
                 return None
@@ -404,7 +405,7 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             return cancelled(flow, record, how="cancel")
 
         return await self._mutate(flow_id, plan)
@@ -427,7 +428,7 @@ class FlowManager:
         if next_step is not None:
             _check_text(next_step, "next_step")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             check_move(flow.id, flow.status, None)
             if record.cancel_requested:
@@ -481,7 +482,7 @@ class FlowManager:
         sid = step_id(observation.flow_id, observation.run_id)
         staged: list[fs.StateCtx] = []
 
-        async def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        async def plan(flow: ManagedFlow, record: Record) -> Change:
             step_ctx = await self._step_ctx(sid)
             staged[:] = [step_ctx]
             known = read_step(step_ctx.committed) if step_ctx.committed.rev else None
@@ -655,9 +656,7 @@ class FlowManager:
     async def _mutate(
         self,
         flow_id: str,
-        plan: Callable[
-            [fs.StateCtx, ManagedFlow, Record], Awaitable[Change | None] | Change | None
-        ],
+        plan: Plan,
         *,
         keep: Callable[[ManagedFlow, Record], str | None] | None = None,
     ) -> ManagedFlow:
@@ -677,9 +676,9 @@ class FlowManager:
                 if ctx is None:
                     ctx = await self._read(flow_id)
                 try:
-                    flow = flow_of(ctx.committed)
                     record = read_record(ctx.committed)
-                    planned = plan(ctx, flow, record)
+                    flow = flow_of(ctx.committed, record)
+                    planned = plan(flow, record)
                     change = await planned if isinstance(planned, Awaitable) else planned
                     if change is None:
                         self._remember(ctx)
@@ -701,7 +700,7 @@ class FlowManager:
     async def _commit(self, ctx: fs.StateCtx, change: Change) -> ManagedFlow:
         """Commit the change on ``ctx`` with every state it carries along."""
         try:
-            await self.engine.do(await stage(self.engine, ctx, change))
+            await self.engine.do(stage(ctx, change))
         except BaseException:
             for other in change.also:
                 self._latest.pop(other.id, None)
@@ -795,8 +794,8 @@ def cancelled(flow: ManagedFlow, record: Record, *, how: str, **details: Any) ->
     )
 
 
-async def stage(engine: fs.Engine, ctx: fs.StateCtx, change: Change) -> fs.Commit:
-    """Apply ``change`` to ``ctx`` in memory and return the commit that stores it.
+def stage(ctx: fs.StateCtx, change: Change) -> fs.Commit:
+    """The commit that stores ``change`` on ``ctx`` (and the states it carries along).
 
     The flow's new version gets a fresh transition carrying the change's event: it rests
     (paused) while not terminal, ended when terminal, paused with a ``Delay`` for a timer
@@ -807,22 +806,25 @@ async def stage(engine: fs.Engine, ctx: fs.StateCtx, change: Change) -> fs.Commi
     if record.created_at is None and committed.rev:
         record.created_at = read_record(committed).created_at or committed.committed_at
     state = ctx.current
-    state.labels[STATUS] = str(change.status)
+    state.labels[STATUS] = change.status.value
     state.annotations[RECORD] = encode(record)
-    if change.status.is_terminal:
-        await engine.do(fs.End(ctx))
-    elif change.flow is not None:
-        await engine.do(fs.Transit(ctx, change.flow))
-    elif change.delay_at is not None:
-        await engine.do(fs.Pause(ctx, TIMER_FLOW))
-    else:
-        await engine.do(fs.Pause(ctx, REST_FLOW))
-    annotations = ctx.current.transition.annotations
+    event: dict[str, str] = {}
     if change.event:
-        annotations[EVENT] = change.event
+        event[EVENT] = change.event
         if change.payload:
-            annotations[EVENT_PAYLOAD] = encode(change.payload)
-    commands: list[fs.Command] = [fs.Noop(ctx)]
+            event[EVENT_PAYLOAD] = encode(change.payload)
+    move: fs.Command
+    if change.status.is_terminal:
+        move = fs.End(ctx, annotations=event)
+    elif change.flow is not None:
+        move = fs.Transit(ctx, change.flow, annotations=event)
+    elif change.delay_at is not None:
+        move = fs.Pause(ctx, TIMER_FLOW, annotations=event)
+    else:
+        move = fs.Pause(ctx, REST_FLOW, annotations=event)
+    if change.delay_at is None and not change.also:
+        return fs.Commit(move)
+    commands: list[fs.Command] = [move]
     if change.delay_at is not None:
         commands.append(fs.Delay(ctx, TIMER_FLOW, until=change.delay_at))
     commands += [fs.Noop(other) for other in change.also]
@@ -883,7 +885,7 @@ async def _resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
         change = resumed(flow, record, None, by="timer")
     else:
         change = Change(status=flow.status, record=record, event="")
-    return await stage(engine, ctx, change)
+    return stage(ctx, change)
 
 
 # -- argument checks --------------------------------------------------------------------------
@@ -949,20 +951,39 @@ class _KeyedLocks:
     """One asyncio lock per key, dropped once nobody holds or waits for it."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[str, list[Any]] = {}  # key -> [lock, users]
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
+    def hold(self, key: str) -> _Hold:
+        return _Hold(self._locks, key)
+
+
+class _Hold:
+    """``async with locks.hold(key):`` holds the key's lock."""
+
+    __slots__ = ("_entry", "_key", "_locks")
+
+    def __init__(self, locks: dict[str, list[Any]], key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._key)
+        if entry is None:
+            entry = self._locks[self._key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        self._entry = entry
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await entry[0].acquire()
+        except BaseException:
+            self._release_user()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._entry[0].release()
+        self._release_user()
+
+    def _release_user(self) -> None:
+        entry = self._entry
+        entry[1] -= 1
+        if not entry[1]:
+            del self._locks[self._key]

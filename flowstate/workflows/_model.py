@@ -50,6 +50,7 @@ class FlowStatus(enum.StrEnum):
 
 
 _TERMINAL = frozenset({FlowStatus.FINISHED, FlowStatus.FAILED, FlowStatus.CANCELLED})
+_STATUSES = {status.value: status for status in FlowStatus}
 
 #: The lifecycle, one entry per move: the statuses it may start from, and where it leads.
 #: Every entry point checks its move against this table (through :func:`check_move`).
@@ -342,7 +343,7 @@ def flow_of(state: fs.State, record: Record | None = None) -> ManagedFlow:
         current_step=record.current_step,
         state=record.state,
         wait=record.wait,
-        status=FlowStatus(labels[STATUS]),
+        status=_STATUSES[labels[STATUS]],
         cancel_requested=record.cancel_requested,
         runtime=labels.get(RUNTIME, "managed"),
         revision=state.rev,
