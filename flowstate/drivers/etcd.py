@@ -1,6 +1,6 @@
 """The etcd driver (``etcd://host:port[,host:port...]/key-prefix``): the cluster backend.
 
-Built on aetcd (asyncio, gRPC); install it with ``pip install 'flowstate[etcd]'``. Every
+Built on aetcd (asyncio, gRPC); install it with ``pip install 'flowstate-engine[etcd]'``. Every
 store lives under its own key prefix, so many stores can share one etcd cluster.
 
 URL:
