@@ -107,9 +107,7 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--url", url]) == 0
     out = capsys.readouterr().out
     assert "run 1" in out
-    assert set(re.findall(r"r1-order-\d", out)) == {
-        f"r1-order-{n}" for n in (1, 2, 3, 4)
-    }
+    assert set(re.findall(r"r1-order-\d", out)) == {f"r1-order-{n}" for n in (1, 2, 3, 4)}
     assert f"flowstate states {url} --label demo-run=1 --latest-only" in out
     assert "paused" in out
     assert "retrying" in out

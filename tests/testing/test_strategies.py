@@ -110,6 +110,7 @@ stale_and_fresh = fst.commit_requests(min_writes=2).flatmap(
 )
 
 
+@pytest.mark.slow
 @quick
 @given(requests=stale_and_fresh)
 async def test_conflicting_commits_conflict_and_others_do_not(
@@ -133,6 +134,7 @@ async def test_conflicting_commits_conflict_and_others_do_not(
         await driver.commit(fresh)
 
 
+@pytest.mark.slow
 @quick
 @given(request=fst.commit_requests(conflicting=None))
 async def test_either_way_the_driver_agrees_with_expected_conflicts(
@@ -148,6 +150,7 @@ async def test_either_way_the_driver_agrees_with_expected_conflicts(
             await driver.commit(request)
 
 
+@pytest.mark.slow
 @quick
 @given(request=fst.commit_requests(max_writes=6), query=fst.queries(max_rev=8))
 async def test_queries_are_valid_and_answered(
@@ -186,6 +189,7 @@ def test_fault_schedule_arguments() -> None:
         fst.commit_requests(min_writes=0)
 
 
+@pytest.mark.slow
 def test_flowstate_does_not_import_the_test_kit() -> None:
     import subprocess
     import sys
