@@ -28,15 +28,19 @@ from flowstate._state import Data, State, StateCtx, Status, Transition
 from flowstate._watcher import Watcher
 from flowstate.drivers.base import Driver, open_driver
 from flowstate.errors import (
+    AlreadyTerminalError,
+    CancelPendingError,
     ClosedError,
     Conflict,
     ConflictError,
+    DefinitionError,
     DriverError,
     DriverUnavailableError,
     FlowNotFoundError,
     FlowstateError,
     InvalidCommandError,
     InvalidQueryError,
+    InvalidTransitionError,
     InvalidURLError,
     MissingDependencyError,
     NotFoundError,
@@ -53,12 +57,15 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
     __version__ = "0+unknown"
 
 __all__ = [
+    "AlreadyTerminalError",
+    "CancelPendingError",
     "ClosedError",
     "Command",
     "Commit",
     "Conflict",
     "ConflictError",
     "Data",
+    "DefinitionError",
     "Delay",
     "Delayer",
     "Driver",
@@ -75,6 +82,7 @@ __all__ = [
     "GetData",
     "InvalidCommandError",
     "InvalidQueryError",
+    "InvalidTransitionError",
     "InvalidURLError",
     "MissingDependencyError",
     "Noop",

@@ -16,6 +16,7 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
     """Which state versions to return, oldest revision first.
 
     Attributes:
+        id: Only versions of this state (its history); None: versions of every state.
         labels: One mapping (a version matches when its labels contain every pair) or a list
             of mappings (a version matches when any of them matches). Empty: every version.
         since_rev: Only versions with a revision greater than this (exclusive).
@@ -26,6 +27,7 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
             more than ``limit`` versions when several states share a revision (etcd).
     """
 
+    id: str | None = None
     labels: dict[str, str] | list[dict[str, str]] = msgspec.field(default_factory=dict)
     since_rev: int = 0
     since_latest: bool = False
@@ -34,6 +36,9 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
     limit: int = 50
 
     def __post_init__(self) -> None:
+        state_id: object = self.id
+        if state_id is not None and (not isinstance(state_id, str) or not state_id):
+            raise InvalidQueryError(f"id must be a non-empty string or None, not {state_id!r}")
         if not is_int(self.since_rev) or self.since_rev < 0:
             raise InvalidQueryError(f"since_rev must be an int >= 0, not {self.since_rev!r}")
         if not is_int(self.limit) or self.limit < 1:
@@ -64,7 +69,7 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
         return list(self.labels)
 
     def matches_labels(self, state: State) -> bool:
-        """True when ``state``'s labels satisfy the label filter."""
+        """True when ``state``'s labels satisfy the label filter (``id`` is not checked)."""
         label_sets = self.label_sets
         if not label_sets:
             return True

@@ -38,6 +38,8 @@ hex digits of the commit time in ms since the epoch; ``<id>``, ``<key>``, ``<val
                                             (mod_revision = the state's revision)
     <prefix>/~log/<H>/<n>                   every version, in revision order
     <prefix>/~lbl/<key>/<value>/<H>/<n>     one posting per label of every version {id, labels}
+    <prefix>/~id/<id>/<H>/<n>               one posting per version of a state {id, labels}:
+                                            the state's history
     <prefix>/~t/<ms>/<H>                    one per commit: commit time -> revision (since_time)
     <prefix>/~d/<id>/<alias>/<H>            data blobs (mod_revision = the version's revision)
     <prefix>/~dly/<H>/<n>                   delays, bound to the version at ``~log/<H>/<n>``
@@ -48,7 +50,8 @@ time (its revision is the key's ``mod_revision``), ``back``, and the commit's ra
 History lives in keys, never in etcd's MVCC history, so compaction loses nothing.
 
 Costs and trade-offs:
-    * A page costs O(limit) keys read: ``~log`` for unfiltered queries, the postings of one
+    * A page costs O(limit) keys read: ``~log`` for unfiltered queries, the state's own
+      postings for an ``id`` filter (labels checked on each posting), the postings of one
       label pair per AND-map for label filters (the map's first pair is walked; the others
       are checked on each posting, so put the most selective pair first). ``latest_only``
       checks each candidate against ``~s/<id>``, and ``since_latest`` with labels searches
@@ -57,8 +60,9 @@ Costs and trade-offs:
       round trip when it is the state's latest version and two otherwise; reading data at a
       revision ranges over that blob's versions on the server. All round trips of one page
       read one snapshot (the revision of its first read).
-    * Each version is written twice (``~s`` and ``~log``) plus one posting per label: a commit
-      of one state with one label writes 5 keys (with ``~head`` and ``~t``) in one ``Txn``.
+    * Each version is written twice (``~s`` and ``~log``) plus one history posting and one
+      posting per label: a commit of one state with one label writes 6 keys (with ``~head``
+      and ``~t``) in one ``Txn``.
     * Commits to one store are serialised by the head compare. One driver sends its
       concurrent commits together (group commit: one ``Txn`` compares every state of every
       commit in the group, and a conflict sends the others again without it), so the store's
@@ -152,7 +156,7 @@ T = TypeVar("T")
 D = TypeVar("D")
 
 #: The key layout version this release writes and reads (``<prefix>/~meta``).
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 
 DEFAULT_PREFIX: Final = "flowstate"
 DEFAULT_PORT: Final = 2379
@@ -219,7 +223,7 @@ class _StoredVersion(msgspec.Struct, array_like=True, gc=False):
 
 
 class _Posting(msgspec.Struct, array_like=True, gc=False):
-    """The value of a label posting: enough to filter without reading the version."""
+    """The value of a history or label posting: enough to filter without reading the version."""
 
     id: str
     labels: dict[str, str]
@@ -276,6 +280,7 @@ class _Keys:
         self.latest_base = base + b"s/"
         self.log_base = base + b"log/"
         self.label_base = base + b"lbl/"
+        self.history_base = base + b"id/"
         self.time_base = base + b"t/"
         self.data_base = base + b"d/"
         self.delay_base = base + b"dly/"
@@ -289,6 +294,9 @@ class _Keys:
 
     def log_group(self, group: int) -> bytes:
         return self.log_base + b"%016x/" % group
+
+    def history(self, state_id: str) -> bytes:
+        return self.history_base + _enc(state_id) + b"/"
 
     def postings(self, key: str, value: str) -> bytes:
         return self.label_base + _enc(key) + b"/" + _enc(value) + b"/"
@@ -460,7 +468,7 @@ class _Write(NamedTuple):
     expected_rev: int
     latest_key: bytes
     state: State
-    posting: bytes | None
+    posting: bytes
     posting_bases: list[bytes]
     data: list[tuple[bytes, bytes]]
     delay_to: str
@@ -483,8 +491,7 @@ class _Pending:
         for w in writes:
             puts += 2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None)
             size += 256 + len(w.latest_key) + sum(len(blob) for _, blob in w.data)
-            if w.posting is not None:
-                size += len(w.posting) * len(w.posting_bases)
+            size += len(w.posting) * len(w.posting_bases)
         self.puts = puts
         self.size = size
 
@@ -534,11 +541,17 @@ class _Entry:
 
 
 class _Scanner:
-    """Reads one key range forwards in chunks; ``wanted`` filters label postings."""
+    """Reads one key range forwards in chunks.
+
+    ``wanted`` says the range holds postings, and which of them match: those whose labels
+    satisfy any of its AND-maps (every posting when it is empty). None: a range of versions.
+    """
 
     __slots__ = ("buffer", "chunk", "done", "end", "next_key", "wanted")
 
-    def __init__(self, start: bytes, end: bytes, chunk: int, wanted: dict[str, str] | None) -> None:
+    def __init__(
+        self, start: bytes, end: bytes, chunk: int, wanted: list[dict[str, str]] | None
+    ) -> None:
         self.next_key = start
         self.end = end
         self.chunk = chunk
@@ -770,6 +783,14 @@ class EtcdDriver(Driver):
                     f"{self.url} was written by a newer flowstate (layout version {found}; "
                     f"this flowstate reads up to version {LAYOUT_VERSION}): upgrade flowstate "
                     "to open it"
+                )
+            if found < LAYOUT_VERSION:
+                # Layout 1 had no per-state history keys, and etcd cannot add them later
+                # under the revisions of the versions they index.
+                raise SchemaVersionError(
+                    f"{self.url} was written by flowstate 0.1 (layout version {found}), which "
+                    f"this flowstate cannot read (it needs layout version {LAYOUT_VERSION}); "
+                    "export its states and commit them into a new prefix"
                 )
         head = self._parse_head(responses[1].response_range)
         return int(response.header.revision), head
@@ -1095,7 +1116,7 @@ class EtcdDriver(Driver):
         state = write.state
         keys = self._keys
         labels = state.labels
-        posting = self._encoder.encode(_Posting(id=state.id, labels=labels)) if labels else None
+        posting = self._encoder.encode(_Posting(id=state.id, labels=labels))
         data = []
         if write.data:
             data = [(keys.data(state.id, alias), bytes(blob)) for alias, blob in write.data.items()]
@@ -1105,7 +1126,10 @@ class EtcdDriver(Driver):
             latest_key=keys.latest(state.id),
             state=state,
             posting=posting,
-            posting_bases=[keys.postings(k, v) for k, v in labels.items()],
+            posting_bases=[
+                keys.history(state.id),
+                *(keys.postings(k, v) for k, v in labels.items()),
+            ],
             data=data,
             delay_to=write.delay_to,
             delay_at=write.delay_at,
@@ -1197,9 +1221,8 @@ class EtcdDriver(Driver):
                 pos = _pos(base, index)
                 success.append(_put(w.latest_key, blob))
                 success.append(_put(keys.log_base + pos, blob))
-                if w.posting is not None:
-                    for posting_base in w.posting_bases:
-                        success.append(_put(posting_base + pos, w.posting))
+                for posting_base in w.posting_bases:
+                    success.append(_put(posting_base + pos, w.posting))
                 for data_base, data in w.data:
                     success.append(_put(data_base + b"%016x" % base, data))
                 if w.delay_at is not None:
@@ -1471,22 +1494,22 @@ class EtcdDriver(Driver):
         return snapshot, head, start
 
     async def _read_page(self, query: StatesQuery, deadline: float) -> StatesPage:
-        label_sets = query.label_sets
+        arms = self._arms(query)
         limit = query.limit
         chunk = min(limit + 1, _MAX_CHUNK)
         # Mostly ``since_rev`` is a revision of the store (a watcher's cursor, a page's last
         # version): then the scans start there, and their first chunk comes with the head.
         early = not query.since_latest and query.since_time is None
-        scanners = self._scanners(label_sets, query.since_rev, chunk) if early else []
+        scanners = self._scanners(arms, query.since_rev, chunk) if early else []
         snapshot, head, start = await self._start(
             query.since_rev, query.since_time, deadline, scanners
         )
         if start is None:
             return StatesPage(states=[], more=False, head_rev=head.rev)
         if query.since_latest:
-            if label_sets:
+            if arms is not None:
                 found = await self._find_latest(
-                    label_sets, query.latest_only, start, head, snapshot, deadline
+                    arms, query.latest_only, start, head, snapshot, deadline
                 )
                 if found is None:
                     return StatesPage(states=[], more=False, head_rev=head.rev)
@@ -1494,7 +1517,7 @@ class EtcdDriver(Driver):
             else:
                 start = head.prev  # every version of the head commit is the latest one
         if not early or start != query.since_rev:
-            scanners = self._scanners(label_sets, start, chunk)
+            scanners = self._scanners(arms, start, chunk)
         matches: list[_Entry] = []
         more = False
         last = (-1, -1)
@@ -1512,19 +1535,32 @@ class EtcdDriver(Driver):
         states = await self._states_of(matches, snapshot, deadline)
         return StatesPage(states=states, more=more, head_rev=head.rev)
 
-    def _scanners(self, label_sets: list[dict[str, str]], start: int, chunk: int) -> list[_Scanner]:
-        """Scans of the log, or of one label pair per AND-map, from commit ``H = start``."""
+    def _arms(self, query: StatesQuery) -> list[tuple[bytes, list[dict[str, str]]]] | None:
+        """The posting ranges a query walks, each with the AND-maps its postings must match
+        (any of them); None when it walks the log itself.
+
+        An ``id`` filter walks the state's history, checking every label filter on it; a
+        label filter walks the postings of the first pair of each AND-map.
+        """
+        label_sets = query.label_sets
+        if query.id is not None:
+            return [(self._keys.history(query.id), label_sets)]
         if not label_sets:
+            return None
+        keys = self._keys
+        return [(keys.postings(*next(iter(wanted.items()))), [wanted]) for wanted in label_sets]
+
+    def _scanners(
+        self, arms: list[tuple[bytes, list[dict[str, str]]]] | None, start: int, chunk: int
+    ) -> list[_Scanner]:
+        """Scans of the log, or of each posting range of ``arms``, from commit ``H = start``."""
+        if arms is None:
             log = self._keys.log_base
             return [_Scanner(log + b"%016x" % start, _prefix_end(log), chunk, None)]
-        scanners = []
-        for wanted in label_sets:
-            (key, value), *_ = wanted.items()
-            postings = self._keys.postings(key, value)
-            scanners.append(
-                _Scanner(postings + b"%016x" % start, _prefix_end(postings), chunk, wanted)
-            )
-        return scanners
+        return [
+            _Scanner(postings + b"%016x" % start, _prefix_end(postings), chunk, wanted)
+            for postings, wanted in arms
+        ]
 
     async def _pull(
         self,
@@ -1554,7 +1590,7 @@ class EtcdDriver(Driver):
                     continue  # the same version matched another AND-map
                 if source.wanted is not None:
                     labels = _decode(self._posting_decoder, entry.kv).labels
-                    if any(labels.get(k) != v for k, v in source.wanted.items()):
+                    if not _matches(labels, source.wanted):
                         continue
                 else:
                     entry.state = self._decode_version(entry.kv)
@@ -1604,22 +1640,20 @@ class EtcdDriver(Driver):
 
     async def _find_latest(
         self,
-        label_sets: list[dict[str, str]],
+        arms: list[tuple[bytes, list[dict[str, str]]]],
         latest_only: bool,
         floor: int,
         head: _Head,
         snapshot: int,
         deadline: float,
     ) -> int | None:
-        """The ``H`` of the latest version matching the label filter at or after ``floor``.
+        """The ``H`` of the latest version matching ``arms`` at or after ``floor``.
 
         etcd ranges forwards only (a sorted range reads its whole range on the server), so
         this reads windows of revisions backwards from the head, doubling their width.
         """
         best: int | None = None
-        for wanted in label_sets:
-            (key, value), *_ = wanted.items()
-            postings = self._keys.postings(key, value)
+        for postings, wanted in arms:
             low = floor if best is None else max(floor, best)
             width = _FIRST_WINDOW
             lo = max(low, head.prev + 1 - width)
@@ -1636,7 +1670,7 @@ class EtcdDriver(Driver):
                 candidates = []
                 for kv in response.kvs:
                     labels = _decode(self._posting_decoder, kv).labels
-                    if all(labels.get(k) == v for k, v in wanted.items()):
+                    if _matches(labels, wanted):
                         candidates.append(_Entry(kv))
                 if candidates and latest_only:
                     candidates = await self._keep_latest(candidates, snapshot, deadline)
@@ -1843,6 +1877,13 @@ class EtcdDriver(Driver):
 
 
 # -- URL parts ---------------------------------------------------------------------------------
+
+
+def _matches(labels: dict[str, str], wanted: list[dict[str, str]]) -> bool:
+    """True when ``labels`` satisfy any AND-map of ``wanted`` (always, when it is empty)."""
+    if not wanted:
+        return True
+    return any(all(labels.get(k) == v for k, v in pairs.items()) for pairs in wanted)
 
 
 def _parse_endpoint(text: str) -> tuple[str, int]:

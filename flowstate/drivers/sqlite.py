@@ -51,13 +51,14 @@ Watching:
     waits, the database thread also looks for commits made through other connections (other
     processes, other driver objects) every ``poll_interval`` seconds.
 
-Schema (version 1, stored in ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file
+Schema (version 2, stored in ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file
 as a flowstate store)::
 
     fs_log(rev INTEGER PRIMARY KEY, id, committed_at, state)  every version; committed_at in
         ms since the epoch (UTC), state the msgpack-encoded State without its rev and time.
         Commit times never decrease along revisions, so ``since_time`` is a binary search
-        over the primary key (no time index to update on every commit)
+        over the primary key (no time index to update on every commit); the index
+        ``fs_log_id`` (id, then rev) answers the history of one state (version 2)
     fs_latest(id PRIMARY KEY, rev UNIQUE)    each state's latest revision: the compare-and-set
         guard, and the index of ``latest_only`` queries
     fs_labels(key, value, rev)               one row per label of each version (primary key
@@ -66,8 +67,8 @@ as a flowstate store)::
     fs_delays(rev PRIMARY KEY, to_flow, at_us)   delays, bound to the version at ``rev``
     fs_leases(name PRIMARY KEY, holder, token, ttl, expires_at)   leases; wall-clock expiry
 
-A file written by a newer schema version is refused with ``SchemaVersionError``; a later
-release migrates older files forward inside one transaction when it opens them.
+A file written by a newer schema version is refused with ``SchemaVersionError``; an older file
+is migrated forward, inside one transaction, by the first process that opens it.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ logger = logging.getLogger("flowstate.drivers.sqlite")
 T = TypeVar("T")
 
 #: The schema version this release writes and reads (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: ``PRAGMA application_id`` of a flowstate store ("FLST").
 APPLICATION_ID: Final = 0x464C5354
 
@@ -144,6 +145,7 @@ _SCHEMA = (
         committed_at INTEGER NOT NULL,
         state BLOB NOT NULL
     )""",
+    "CREATE INDEX fs_log_id ON fs_log (id)",
     """CREATE TABLE fs_latest (
         id TEXT PRIMARY KEY,
         rev INTEGER NOT NULL
@@ -175,6 +177,11 @@ _SCHEMA = (
         expires_at REAL NOT NULL
     )""",
 )
+
+# What takes a store from the version before each key to that version.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("CREATE INDEX fs_log_id ON fs_log (id)",),
+}
 
 _SQL_HEAD = "SELECT max(rev) FROM fs_log"
 _SQL_LAST = "SELECT rev, committed_at FROM fs_log WHERE rev = (SELECT max(rev) FROM fs_log)"
@@ -1029,12 +1036,15 @@ def _setup_once(path: str, wal: bool, conn: sqlite3.Connection) -> int:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             logger.warning("%s: WAL mode unavailable, using journal mode %s", path, mode)
-    if version == 0:
+    if version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # Another process may have created the schema while this one waited.
-            if _check_version(conn, path) == 0:
+            # Another process may have created or migrated the schema while this one waited.
+            version = _check_version(conn, path)
+            if version == 0:
                 _create_schema(conn, path)
+            elif version < SCHEMA_VERSION:
+                _migrate(conn, path, version)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -1070,6 +1080,16 @@ def _create_schema(conn: sqlite3.Connection, path: str) -> None:
         conn.execute(statement)
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _migrate(conn: sqlite3.Connection, path: str, version: int) -> None:
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in _MIGRATIONS[target]:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    logger.info(
+        "%s: migrated the store from schema version %d to %d", path, version, SCHEMA_VERSION
+    )
 
 
 def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
@@ -1207,16 +1227,55 @@ def _label_arms(
         (key, value), others = pairs[0], pairs[1:]
         sql = ["SELECT a.rev FROM fs_labels a WHERE a.key = ? AND a.value = ? AND a.rev > ?"]
         params += [key, value, since_rev]
-        for n, (key, value) in enumerate(others):
-            sql.append(
-                f" AND EXISTS (SELECT 1 FROM fs_labels b{n} WHERE b{n}.key = ? "
-                f"AND b{n}.value = ? AND b{n}.rev = a.rev)"
-            )
-            params += [key, value]
+        sql.append(_labels_at(others, params))
         if latest_only:
             sql.append(" AND EXISTS (SELECT 1 FROM fs_latest x WHERE x.rev = a.rev)")
         arms.append("".join(sql))
     return " UNION ".join(arms), params
+
+
+def _history_arm(
+    state_id: str, label_sets: list[dict[str, str]], latest_only: bool, since_rev: int
+) -> tuple[str, list[object]]:
+    """SQL selecting the revisions of one state after ``since_rev`` that match the labels.
+
+    It walks the state's own versions (index ``fs_log_id``) and checks each AND-map's pairs
+    by primary key.
+    """
+    params: list[object] = [state_id, since_rev]
+    sql = ["SELECT a.rev FROM fs_log a WHERE a.id = ? AND a.rev > ?"]
+    if label_sets:
+        ors = []
+        for wanted in label_sets:
+            ors.append("(1" + _labels_at(list(wanted.items()), params) + ")")
+        sql.append(" AND (" + " OR ".join(ors) + ")")
+    if latest_only:
+        sql.append(" AND EXISTS (SELECT 1 FROM fs_latest x WHERE x.id = a.id AND x.rev = a.rev)")
+    return "".join(sql), params
+
+
+def _labels_at(pairs: list[tuple[str, str]], params: list[object]) -> str:
+    """SQL conditions: the version at ``a.rev`` carries every label pair of ``pairs``."""
+    sql = []
+    for n, (key, value) in enumerate(pairs):
+        sql.append(
+            f" AND EXISTS (SELECT 1 FROM fs_labels b{n} WHERE b{n}.key = ? "
+            f"AND b{n}.value = ? AND b{n}.rev = a.rev)"
+        )
+        params += [key, value]
+    return "".join(sql)
+
+
+def _matching(
+    cursor: sqlite3.Cursor, query: StatesQuery, since_rev: int
+) -> tuple[str, list[object]] | None:
+    """SQL selecting the revisions after ``since_rev`` that match the query's id and labels;
+    None when the query filters on neither."""
+    if query.id is not None:
+        return _history_arm(query.id, query.label_sets, query.latest_only, since_rev)
+    if query.label_sets:
+        return _label_arms(cursor, query.label_sets, query.latest_only, since_rev)
+    return None
 
 
 def _read_page(
@@ -1227,12 +1286,12 @@ def _read_page(
         since_rev = query.since_rev
         if query.since_time is not None:
             since_rev = max(since_rev, _since_time_rev(cursor, query.since_time, head))
-        label_sets = query.label_sets
         latest_only = query.latest_only
         if query.since_latest:
             last: int | None
-            if label_sets:
-                arms, params = _label_arms(cursor, label_sets, latest_only, since_rev)
+            matching = _matching(cursor, query, since_rev)
+            if matching is not None:
+                arms, params = matching
                 row = cursor.execute(f"{arms} ORDER BY 1 DESC LIMIT 1", params).fetchone()
                 last = None if row is None else row[0]
             elif latest_only:
@@ -1243,8 +1302,9 @@ def _read_page(
                 return StatesPage(states=[], more=False, head_rev=head)
             since_rev = last - 1
         limit = query.limit
-        if label_sets:
-            arms, params = _label_arms(cursor, label_sets, latest_only, since_rev)
+        matching = _matching(cursor, query, since_rev)
+        if matching is not None:
+            arms, params = matching
             rows = cursor.execute(
                 f"SELECT l.rev, l.committed_at, l.state FROM ({arms} ORDER BY 1 LIMIT ?) m "
                 "JOIN fs_log l ON l.rev = m.rev ORDER BY l.rev",

@@ -298,6 +298,9 @@ async def test_newer_or_foreign_layout_is_refused(etcd_url: str) -> None:
         await client.put(prefix, str(LAYOUT_VERSION + 1).encode())
         with pytest.raises(fs.SchemaVersionError, match="newer flowstate"):
             await EtcdDriver.from_url(url).open()
+        await client.put(prefix, b"1")
+        with pytest.raises(fs.SchemaVersionError, match="layout version 1"):
+            await EtcdDriver.from_url(url).open()
         await client.put(prefix, b"something else")
         with pytest.raises(fs.DriverError, match="not a flowstate store"):
             await EtcdDriver.from_url(url).open()

@@ -177,6 +177,31 @@ async def test_synchronous_setting(tmp_path: Path, setting: str, level: int) -> 
 
 
 @pytestmark_anyio
+async def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with SQLiteDriver(path) as driver:
+        (r1,) = await _commit(driver, _write("a"))
+        await _commit(driver, _write("b"))
+        (r2,) = await _commit(driver, _write("a", r1))
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX fs_log_id")  # what version 1 had: no history index
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    async with SQLiteDriver(path) as driver:
+        page = await driver.get_states(fs.StatesQuery(id="a"))
+        assert [s.rev for s in page.states] == [r1, r2]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT rev FROM fs_log WHERE id = 'a' AND rev > 0"
+        ).fetchall()
+        assert "fs_log_id" in str(plan)
+    finally:
+        conn.close()
+
+
+@pytestmark_anyio
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "newer.db"
     async with SQLiteDriver(path) as driver:

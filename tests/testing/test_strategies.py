@@ -44,6 +44,7 @@ def test_names_and_maps_are_valid(
     assert all(key and not key.startswith(fst.RESERVED_PREFIX) for key in annotations)
 
 
+@pytest.mark.slow
 @quick
 @given(data=st.data())
 def test_transitions_have_the_status_asked_for(data: st.DataObject) -> None:
@@ -62,6 +63,7 @@ def test_transitions_need_statuses() -> None:
         fst.transitions(statuses=["sleeping"])  # type: ignore[list-item]
 
 
+@pytest.mark.slow
 @quick
 @given(ctx=fst.state_ctxs())
 async def test_state_ctxs_commit_as_they_are(ctx: fs.StateCtx) -> None:
@@ -74,6 +76,7 @@ async def test_state_ctxs_commit_as_they_are(ctx: fs.StateCtx) -> None:
     assert stored.transition == ctx.current.transition
 
 
+@pytest.mark.slow
 @quick
 @given(request=fst.commit_requests(delays=True))
 async def test_a_new_store_takes_any_commit(request: CommitRequest) -> None:
