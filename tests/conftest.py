@@ -48,7 +48,8 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
 
 # Tests that need a server carry its marker: a test that takes a server's fixture is marked
 # here, and a fixture that asks for a server at run time marks its parameter instead
-# (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table.
+# (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table, and its
+# fixture fails in a --quick run, which names the test that lacks the marker.
 SERVER_FIXTURES = {"etcd_url": "etcd"}
 
 
