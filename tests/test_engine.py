@@ -161,6 +161,9 @@ async def test_delay_outside_commit_is_committed(engine: fs.Engine) -> None:
     stored = await engine.get_state("s")
     assert stored.current.is_delayed
     assert stored.current.delay_at is not None
+    assert stored.current.delay_to == "b"
+    assert ctx.current.delay_to == "b"
+    assert fs.State(id="s").delay_to is None
     page = await engine.driver.get_delays()
     assert [d.to for d in page.delays] == ["b"]
 
