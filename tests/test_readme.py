@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.doc_blocks import DOCS, ROOT, blocks, run_python
+from tests.doc_blocks import DOCS, ROOT, Block, blocks, python_blocks, run_python
 
 README_PATH = ROOT / "README.md"
 README = README_PATH.read_text()
@@ -24,10 +24,14 @@ def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("code", [c for c in PYTHON if "DriverTests" not in c])
-def test_python_block_runs(code: str, tmp_path: Path) -> None:
-    result = run_python(code, tmp_path)
+@pytest.mark.parametrize(
+    "block", [b for b in python_blocks(README_PATH) if "DriverTests" not in b.code]
+)
+def test_python_block_runs(block: Block, tmp_path: Path) -> None:
+    result = run_python(block.code, tmp_path)
     assert result.returncode == 0, result.stderr
+    if block.output is not None:
+        assert result.stdout == block.output
 
 
 @pytest.mark.slow
