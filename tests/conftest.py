@@ -47,10 +47,46 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
 
 
+# Tests that need a server carry its marker: a test that takes a server's fixture is marked
+# here, and a fixture that asks for a server at run time marks its parameter instead
+# (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table, and its
+# fixture fails in a --quick run, which names the test that lacks the marker.
+SERVER_FIXTURES = {"etcd_url": "etcd", "serve_pool": "slow"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        help="only the tests marked neither slow nor with a server (scripts/test --quick)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in SERVER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+    if config.getoption("--quick"):
+        left_out = {"slow", *SERVER_FIXTURES.values()}
+        quick = [i for i in items if not any(i.get_closest_marker(m) for m in left_out)]
+        config.hook.pytest_deselected(items=[i for i in items if i not in quick])
+        items[:] = quick
+
+
 @pytest.fixture(scope="session")
-def serve_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+def serve_pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerPool]:
     """``flowstate serve`` processes on fresh SQLite stores, for tests that need an empty store
     behind the remote driver. Take one with ``serve_pool.take()`` and close it after the test."""
+    if request.config.getoption("--quick", default=False):
+        pytest.fail(
+            "a test uses serve_pool in a --quick run but is not marked slow; a fixture that "
+            "asks for serve_pool at run time marks its parameter "
+            "(pytest.param(..., marks=pytest.mark.slow))",
+            pytrace=False,
+        )
     pool = ServerPool(tmp_path_factory.mktemp("served"))
     try:
         yield pool
@@ -59,7 +95,12 @@ def serve_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]
 
 
 # "http" is the remote driver through a `flowstate serve` process (on SQLite) of its own.
-STORES = ["memory", "sqlite", "etcd", "http"]
+STORES = [
+    "memory",
+    "sqlite",
+    pytest.param("etcd", marks=pytest.mark.etcd),
+    pytest.param("http", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(params=STORES)

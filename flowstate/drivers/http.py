@@ -97,8 +97,15 @@ class _PendingCommit:
 
 
 def _segment(text: str) -> str:
-    """``text`` as one path segment: ``/`` and every other reserved character escaped."""
-    quoted = quote(text, safe="")
+    """``text`` as one path segment: ``/`` and every other reserved character escaped.
+
+    Raises:
+        InvalidQueryError: ``text`` is not valid Unicode (it holds a lone surrogate).
+    """
+    try:
+        quoted = quote(text, safe="")
+    except UnicodeEncodeError:
+        raise InvalidQueryError(f"{text!r} is not valid text (a lone surrogate)") from None
     return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
@@ -354,7 +361,10 @@ class HTTPDriver(Driver):
 
     async def commit(self, request: CommitRequest) -> CommitResult:
         self._check()
-        body = self._encode(request)
+        try:
+            body = self._encode(request)
+        except (UnicodeEncodeError, TypeError, OverflowError) as exc:
+            raise InvalidCommandError(f"the commit cannot be sent as JSON: {exc}") from None
         if self.max_body_size and len(body) > self.max_body_size:
             raise InvalidCommandError(
                 f"the commit is {len(body)} bytes encoded, more than the server at {self.url} "
@@ -449,9 +459,11 @@ class HTTPDriver(Driver):
 
     async def get_states(self, query: StatesQuery) -> StatesPage:
         self._check()
-        page = await self._call(
-            "POST", "/api/v1/states/query", StatesPage, body=self._encode(query)
-        )
+        try:
+            body = self._encode(query)
+        except (UnicodeEncodeError, TypeError, OverflowError) as exc:
+            raise InvalidQueryError(f"the query cannot be sent as JSON: {exc}") from None
+        page = await self._call("POST", "/api/v1/states/query", StatesPage, body=body)
         self._advance(page.head_rev)
         return page
 

@@ -1,6 +1,6 @@
 """``flowstate serve``: the HTTP API of a store (states, watch, the remote driver's routes).
 
-Install the extra: ``pip install 'flowstate[server]'``. :func:`create_app` builds the ASGI
+Install the extra: ``pip install 'flowstate-engine[server]'``. :func:`create_app` builds the ASGI
 application on an open engine; ``flowstate serve URL`` runs it on uvicorn.
 """
 

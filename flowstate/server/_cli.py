@@ -1,7 +1,7 @@
 """``flowstate serve``: run the HTTP application on uvicorn until SIGTERM.
 
 Importing this module needs nothing beyond flowstate itself: the server's dependencies
-(``pip install 'flowstate[server]'``) are imported when the command runs.
+(``pip install 'flowstate-engine[server]'``) are imported when the command runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING
 from flowstate._engine import Engine
 from flowstate.drivers.base import hide_password
 from flowstate.recovery import Delayer, Recoverer
-from flowstate.recovery._serve import add_service_arguments, load_flows
+from flowstate.recovery._serve import (
+    add_service_arguments,
+    import_from_working_directory,
+    load_flows,
+)
 from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE
 
 if TYPE_CHECKING:
@@ -169,13 +173,16 @@ async def run(args: argparse.Namespace) -> int:
         raise ServeError(f"--max-body-size must be at least 1024, not {args.max_body_size}")
     if args.recover and not args.flows:
         raise ServeError("--recover needs --flows: recovered states run the server's flows")
-    flows = load_flows(args.flows) if args.flows else None
+    flows = None
+    if args.flows:
+        import_from_working_directory()
+        flows = load_flows(args.flows)
     try:
         from flowstate.server._app import create_app
         from flowstate.server._uvicorn import handle_signals, make_server
     except ImportError as exc:
         raise ServeError(
-            f"flowstate serve needs {exc.name!r}; install it with: pip install 'flowstate[server]'"
+            f"flowstate serve needs {exc.name!r}; install it with: pip install 'flowstate-engine[server]'"
         ) from exc
     _setup_logging()
     async with contextlib.AsyncExitStack() as stack:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import flowstate as fs
 from flowstate.drivers.base import CommitRequest, StateWrite
@@ -17,6 +18,8 @@ from flowstate.drivers.http import HTTPDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests.serve_process import ServeProcess, ServerPool
+from tests.test_bad_input import CALLS, Call
+from tests.test_bad_input import _run as run_calls
 
 pytestmark_anyio = pytest.mark.anyio
 
@@ -213,3 +216,26 @@ async def test_ids_with_any_character_round_trip(server: ServeProcess) -> None:
         lease = await driver.acquire_lease("name/with?odd#chars", "me", 30)
         assert lease is not None
         assert await driver.get_lease("name/with?odd#chars") == lease
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(calls=st.lists(CALLS, min_size=1, max_size=5))
+@pytestmark_anyio
+async def test_only_flowstate_errors_escape_through_the_server(
+    serve_pool: ServerPool, calls: list[Call]
+) -> None:
+    """The bad-input test of tests/test_bad_input.py, with the store behind a server: odd
+    text, huge numbers and stray types come back as flowstate errors, never as httpx's or a
+    500. Fewer examples than there, since each one needs a server of its own."""
+    server = await asyncio.to_thread(serve_pool.take)
+    try:
+        async with fs.Engine(server.url) as engine:
+            await run_calls(engine, calls)
+    finally:
+        await asyncio.to_thread(server.close)

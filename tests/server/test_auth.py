@@ -18,7 +18,8 @@ from flowstate.drivers.http import HTTPDriver
 from flowstate.server._cli import is_loopback
 from tests.serve_process import ROOT, ServeProcess
 
-pytestmark = pytest.mark.anyio
+# Each module starts `flowstate serve` processes of its own.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 TOKEN = "s3cret-tøken with spaces"
 

@@ -16,7 +16,8 @@ from tests.etcd_server import unique_url
 from tests.serve_process import ServeProcess
 from tests.server.sse import events
 
-pytestmark = pytest.mark.anyio
+# Each module starts `flowstate serve` processes of its own.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 FLOWS = "tests.recovery.process_flows:flows"
 

@@ -21,7 +21,8 @@ from flowstate.drivers.http import HTTPDriver
 from tests.serve_process import ServeProcess
 from tests.server.sse import Event, events
 
-pytestmark = pytest.mark.anyio
+# Each module starts `flowstate serve` processes of its own.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 KEEPALIVE = 0.3
 
