@@ -17,14 +17,18 @@ import msgspec
 
 from flowstate.drivers.base import CommitRequest, CommitResult, Lease
 from flowstate.errors import (
+    AlreadyTerminalError,
+    CancelPendingError,
     ClosedError,
     Conflict,
     ConflictError,
+    DefinitionError,
     DriverError,
     DriverUnavailableError,
     FlowstateError,
     InvalidCommandError,
     InvalidQueryError,
+    InvalidTransitionError,
     NotFoundError,
 )
 
@@ -156,6 +160,10 @@ class LeaseReply(msgspec.Struct, kw_only=True):
 # (error class, status, type), most specific class first: the first match wins. A server
 # closing its engine is unavailable to its clients; their own driver is not closed.
 ERRORS: list[tuple[type[BaseException], int, str]] = [
+    (DefinitionError, 422, "invalid_definition"),
+    (AlreadyTerminalError, 409, "already_terminal"),
+    (InvalidTransitionError, 409, "invalid_transition"),
+    (CancelPendingError, 409, "cancel_pending"),
     (ConflictError, 409, "conflict"),
     (NotFoundError, 404, "not_found"),
     (InvalidQueryError, 400, "invalid_query"),

@@ -21,7 +21,7 @@ from flowstate._wire import Health
 from flowstate.drivers.base import SupportsLease
 from flowstate.errors import DriverError, DriverUnavailableError
 from flowstate.recovery import Delayer, Recoverer
-from flowstate.server import _states, _store
+from flowstate.server import _flows, _states, _store
 from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, ServerContext
 from flowstate.server._errors import EXCEPTION_HANDLERS
 from flowstate.server._escape import route_path
@@ -95,7 +95,7 @@ def create_app(
         keepalive: Seconds without versions after which a watch stream sends a comment.
         recoverer: A recoverer running on ``engine``, shown by ``GET /api/v1/recovery``.
         delayer: A delayer running on ``engine``, shown by ``GET /api/v1/recovery``.
-        routers: More routes (such as the workflow routes), each built from the context.
+        routers: More routes, each built from the context (as the built-in ones are).
     """
     context = ServerContext(
         engine=engine,
@@ -109,6 +109,7 @@ def create_app(
         _recovery(context),
         _states.router(context),
         _store.router(context),
+        _flows.router(context),
         *(factory(context) for factory in routers),
     ]
     litestar = Litestar(

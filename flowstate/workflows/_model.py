@@ -8,8 +8,6 @@ same atomic commit as its flow's ``step_observed`` event. The audit trail of a f
 history: the events are read back from the versions that carry them, so the two cannot disagree.
 """
 
-from __future__ import annotations
-
 import datetime
 import enum
 from typing import Any, Final, Literal, TypeAlias

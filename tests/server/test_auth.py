@@ -47,6 +47,9 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/api/v1/commits", {"commits": []}),
     ("POST", "/api/v1/states/query", {}),
     ("GET", "/schema/openapi.json", None),
+    ("GET", "/api/v1/flows", None),
+    ("GET", "/api/v1/flows/x/events", None),
+    ("POST", "/api/v1/flows/x/cancel", None),
 ]
 
 

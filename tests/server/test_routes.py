@@ -138,6 +138,10 @@ async def test_openapi_schema_documents_the_routes(client: httpx.AsyncClient) ->
         "/api/v1/delays",
         "/api/v1/leases/{name}/acquire",
         "/api/v1/recovery",
+        "/api/v1/flows",
+        "/api/v1/flows/{flow_id}",
+        "/api/v1/flows/{flow_id}/steps",
+        "/api/v1/flows/{flow_id}/cancel",
     ]:
         assert path in paths, path
 
