@@ -1,7 +1,7 @@
 """The application: routes, auth, limits and error handling, put together."""
 
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -25,6 +25,7 @@ from flowstate.server import _flows, _states, _store
 from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, ServerContext
 from flowstate.server._errors import EXCEPTION_HANDLERS
 from flowstate.server._escape import route_path
+from flowstate.workflows import StepFn
 
 __all__ = ["FlowstateApp", "RecoveryInfo", "ServiceInfo", "create_app"]
 
@@ -84,6 +85,7 @@ def create_app(
     keepalive: float = DEFAULT_KEEPALIVE,
     recoverer: Recoverer | None = None,
     delayer: Delayer | None = None,
+    tasks: Mapping[str, StepFn] | None = None,
     routers: Sequence[RouterFactory] = (),
 ) -> FlowstateApp:
     """Build the HTTP application on an open engine.
@@ -95,6 +97,8 @@ def create_app(
         keepalive: Seconds without versions after which a watch stream sends a comment.
         recoverer: A recoverer running on ``engine``, shown by ``GET /api/v1/recovery``.
         delayer: A delayer running on ``engine``, shown by ``GET /api/v1/recovery``.
+        tasks: Step functions by task name, for the pipelines that ``POST
+            /api/v1/flows/execute`` defines.
         routers: More routes, each built from the context (as the built-in ones are).
     """
     context = ServerContext(
@@ -103,6 +107,7 @@ def create_app(
         keepalive=keepalive,
         recoverer=recoverer,
         delayer=delayer,
+        tasks=dict(tasks or {}),
     )
     handlers: list[object] = [
         _health(context),

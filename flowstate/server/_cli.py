@@ -7,11 +7,13 @@ Importing this module needs nothing beyond flowstate itself: the server's depend
 from __future__ import annotations
 
 import contextlib
+import importlib
 import ipaddress
 import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,17 @@ from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["TOKEN_ENV", "ServeError", "configure", "is_loopback", "read_token", "run"]
+    from flowstate.workflows import StepFn
+
+__all__ = [
+    "TOKEN_ENV",
+    "ServeError",
+    "configure",
+    "is_loopback",
+    "load_tasks",
+    "read_token",
+    "run",
+]
 
 logger = logging.getLogger("flowstate.server")
 
@@ -57,6 +69,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--flows",
         metavar="MODULE:ATTR",
         help="the flows the server's engine runs: a module and a mapping (or FlowRegistry)",
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="MODULE:ATTR",
+        help="the step functions of pipelines posted to /api/v1/flows/execute: a module and a "
+        "mapping of task names to async functions",
     )
     parser.add_argument(
         "--token-file",
@@ -102,6 +120,27 @@ def read_token(token_file: Path | None) -> str | None:
     if not token:
         raise ServeError(f"the token file {str(token_file)!r} is empty")
     return token
+
+
+def load_tasks(spec: str) -> dict[str, StepFn]:
+    """Import ``package.module:attribute``: a mapping of task names to step functions.
+
+    Raises:
+        ServeError: The spec is malformed, cannot be imported, or names something else.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ServeError(f"--tasks wants package.module:attribute, not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ServeError(f"cannot import {module_name!r}: {exc}") from exc
+    value = getattr(module, attribute, None)
+    if not isinstance(value, Mapping) or not all(
+        isinstance(name, str) and callable(fn) for name, fn in value.items()
+    ):
+        raise ServeError(f"{spec!r} is not a mapping of task names to async functions")
+    return dict(value)
 
 
 def is_loopback(host: str) -> bool:
@@ -174,9 +213,11 @@ async def run(args: argparse.Namespace) -> int:
     if args.recover and not args.flows:
         raise ServeError("--recover needs --flows: recovered states run the server's flows")
     flows = None
-    if args.flows:
+    if args.flows or args.tasks:
         import_from_working_directory()
+    if args.flows:
         flows = load_flows(args.flows)
+    tasks = load_tasks(args.tasks) if args.tasks else {}
     try:
         from flowstate.server._app import create_app
         from flowstate.server._uvicorn import handle_signals, make_server
@@ -205,6 +246,7 @@ async def run(args: argparse.Namespace) -> int:
             keepalive=args.keepalive,
             recoverer=recoverer,
             delayer=delayer,
+            tasks=tasks,
         )
         sock = stack.enter_context(_bind(args.host, args.port))
         address = _address(sock)

@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 from attrs import define, field
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from flowstate._engine import Engine
     from flowstate.recovery import Delayer, Recoverer
+    from flowstate.workflows import StepFn
 
 __all__ = ["DEFAULT_KEEPALIVE", "DEFAULT_MAX_BODY_SIZE", "ServerContext", "wait_for_rev"]
 
@@ -29,6 +32,8 @@ class ServerContext:
         keepalive: Seconds of silence before a watch stream sends a comment line.
         recoverer: The recoverer running in the server process, if any.
         delayer: The delayer running in the server process, if any.
+        tasks: The step functions of pipelines posted to ``/api/v1/flows/execute``, by task
+            name.
         stopping: Set when the server begins to shut down: watch streams and long polls
             end, so that the server can drain.
     """
@@ -38,6 +43,7 @@ class ServerContext:
     keepalive: float = DEFAULT_KEEPALIVE
     recoverer: Recoverer | None = None
     delayer: Delayer | None = None
+    tasks: Mapping[str, StepFn] = field(factory=dict)
     stopping: asyncio.Event = field(factory=asyncio.Event)
 
 

@@ -1,18 +1,24 @@
-"""Managed-flow routes: read flows, their events and steps; report a step; resume and cancel.
+"""Managed-flow and execution routes, each handler one :class:`FlowManager` call.
 
-Each handler is one :class:`flowstate.workflows.FlowManager` call; the lifecycle rules are the
-manager's (a move it refuses is a 409). The executions routes of pipelines
-(``POST /api/v1/flows/execute``, ``GET /api/v1/flows/executions[/{id}]``) belong here too;
-their static paths take precedence over ``/api/v1/flows/{flow_id}``.
+* Managed flows: read and list them, their events and steps; report a step; resume, ask to
+  cancel, cancel. The lifecycle rules are the manager's: a move it refuses is a 409.
+* Executions, as the flow-manager microservice has them: ``POST /api/v1/flows/execute`` takes
+  a JSON pipeline definition whose tasks run the server's ``--tasks`` functions, and starts a
+  run (a managed flow of runtime ``pipeline``); ``GET /api/v1/flows/executions[/{id}]`` reads
+  runs with every task attempt. The static paths take precedence over
+  ``/api/v1/flows/{flow_id}``, so a managed flow called ``execute`` or ``executions`` is read
+  at ``/api/v1/states/{id}`` instead.
 """
 
+import datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Router, get, post
+from litestar import Response, Router, get, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from flowstate._wire import MAX_PAGE
+from flowstate.errors import NotFoundError
 from flowstate.server._context import ServerContext
 from flowstate.server._escape import unescape
 from flowstate.workflows import (
@@ -20,11 +26,20 @@ from flowstate.workflows import (
     FlowManager,
     FlowStep,
     ManagedFlow,
+    Pipeline,
     StepObservation,
 )
 from flowstate.workflows._model import flow_of
 
-__all__ = ["FlowsPage", "Resume", "StepReport", "router"]
+__all__ = [
+    "Execution",
+    "ExecutionAccepted",
+    "ExecutionsPage",
+    "FlowsPage",
+    "Resume",
+    "StepReport",
+    "router",
+]
 
 
 class FlowsPage(msgspec.Struct, kw_only=True):
@@ -58,13 +73,120 @@ class Resume(msgspec.Struct, kw_only=True):
     patch: dict[str, Any] | None = None
 
 
+class ExecutionAccepted(msgspec.Struct, kw_only=True):
+    """``POST /api/v1/flows/execute``: the run that was started."""
+
+    execution_id: str
+    flow_id: str
+    status: str
+
+
+class Execution(msgspec.Struct, kw_only=True):
+    """A run of a pipeline.
+
+    Attributes:
+        execution_id: The run's id (its managed flow's id).
+        flow_id: The id of the pipeline (the definition's ``flow.id``).
+        name: The pipeline's name.
+        status: ``running``, ``finished``, ``failed`` or ``cancelled``.
+        current_task: The task the run is at (or ended at).
+        state: The run's state: its ``input``, the ``outputs`` of completed tasks, and a
+            ``failure`` when it failed.
+        tasks: Every attempt of every task, oldest first, with its status and result (or
+            error); only in ``GET /api/v1/flows/executions/{id}``.
+        created_at: When the run started.
+        updated_at: When it last changed.
+    """
+
+    execution_id: str
+    flow_id: str
+    name: str
+    status: str
+    current_task: str
+    state: dict[str, Any]
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    tasks: list[FlowStep] | None = None
+
+
+class ExecutionsPage(msgspec.Struct, kw_only=True):
+    """One page of runs, oldest change first; ``more``: ask again with ``since_rev``."""
+
+    executions: list[Execution]
+    more: bool
+    last_rev: int
+
+
+def _execution(run: ManagedFlow, tasks: list[FlowStep] | None = None) -> Execution:
+    return Execution(
+        execution_id=run.id,
+        flow_id=run.pipeline or run.controller,
+        name=run.goal,
+        status=str(run.status),
+        current_task=run.current_step,
+        state=run.state,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        tasks=tasks,
+    )
+
+
 Filter = Annotated[str | None, QueryParameter(description="only flows with this value")]
 
 
 def router(ctx: ServerContext) -> Router:
-    """The managed-flow routes of ``ctx``'s store."""
+    """The managed-flow and execution routes of ``ctx``'s store."""
     engine = ctx.engine
     manager = FlowManager(engine)
+
+    @post("/api/v1/flows/execute", status_code=202, summary="Run a pipeline definition")
+    async def execute(data: JSONBody[dict[str, Any]]) -> Response[ExecutionAccepted]:
+        """Start a run of the pipeline the JSON definition describes (``{"flow": {"id",
+        "name", "start_task", "tasks", "conditions"}}``, optional ``"input"`` and
+        ``"owner"``); each task runs the server's ``--tasks`` function of its name. 202 with
+        the ``execution_id``; a definition with problems is a 422 that lists every one."""
+        # The definition alone: "input" and "owner" belong to this run, not to the pipeline.
+        pipeline = Pipeline.from_definition({"flow": data.get("flow")}, tasks=ctx.tasks)
+        manager.register(pipeline)
+        owner = data.get("owner", "")
+        run = await manager.execute(
+            pipeline.id,
+            input=data.get("input"),
+            owner=owner if isinstance(owner, str) else "",
+            origin="http",
+        )
+        accepted = ExecutionAccepted(execution_id=run.id, flow_id=pipeline.id, status="running")
+        return Response(accepted, status_code=202)
+
+    @get("/api/v1/flows/executions", summary="List pipeline runs")
+    async def executions(
+        status: Filter = None,
+        flow_id: Annotated[str | None, QueryParameter(description="one pipeline's runs")] = None,
+        since_rev: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1)] = 100,
+    ) -> ExecutionsPage:
+        """Runs at their latest versions, oldest change first, filtered by status and by
+        pipeline; the next page starts after ``last_rev``."""
+        query = manager.query(
+            status=status,
+            runtime="pipeline",
+            pipeline=flow_id,
+            since_rev=since_rev,
+            limit=min(limit, MAX_PAGE),
+        )
+        page = await engine.get_states(query)
+        runs = [_execution(flow_of(state)) for state in page.states]
+        last = page.states[-1].rev if page.states else since_rev
+        return ExecutionsPage(executions=runs, more=page.more, last_rev=last)
+
+    @get("/api/v1/flows/executions/{execution_id:str}", summary="Read a pipeline run")
+    async def execution(execution_id: FromPath[str]) -> Execution:
+        """The run's status, the task it is at, and every task attempt with its result."""
+        run_id = unescape(execution_id)
+        run = await manager.get(run_id)
+        if run.runtime != "pipeline":
+            raise NotFoundError(f"{run_id!r} is a managed flow, not a pipeline run")
+        return _execution(run, await manager.steps(run_id))
 
     @get("/api/v1/flows", summary="List managed flows")
     async def list_flows(
@@ -128,6 +250,9 @@ def router(ctx: ServerContext) -> Router:
     return Router(
         path="/",
         route_handlers=[
+            execute,
+            executions,
+            execution,
             list_flows,
             read,
             events,
