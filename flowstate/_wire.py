@@ -50,7 +50,6 @@ __all__ = [
     "conflict_error",
     "error_info",
     "error_status",
-    "register_error",
 ]
 
 #: The most state versions one page holds, whatever ``limit`` a client asks for.
@@ -158,7 +157,8 @@ class LeaseReply(msgspec.Struct, kw_only=True):
 # -- errors ------------------------------------------------------------------------------------
 
 # (error class, status, type), most specific class first: the first match wins. A server
-# closing its engine is unavailable to its clients; their own driver is not closed.
+# closing its engine is unavailable to its clients; their own driver is not closed. Errors of
+# the workflow routes are here too, so that every status code is chosen in this one table.
 ERRORS: list[tuple[type[BaseException], int, str]] = [
     (DefinitionError, 422, "invalid_definition"),
     (AlreadyTerminalError, 409, "already_terminal"),
@@ -173,19 +173,6 @@ ERRORS: list[tuple[type[BaseException], int, str]] = [
     (DriverError, 500, "driver_error"),
     (FlowstateError, 400, "bad_request"),
 ]
-
-
-def register_error(error: type[BaseException], status: int, type_: str) -> None:
-    """Map ``error`` (and its subclasses) to a status code and an error type.
-
-    Layers on top of the engine (such as the workflow routes) register their own errors; a
-    class registered later takes precedence over the classes it derives from.
-    """
-    for i, (known, _, _) in enumerate(ERRORS):
-        if issubclass(error, known):
-            ERRORS.insert(i, (error, status, type_))
-            return
-    ERRORS.append((error, status, type_))
 
 
 def error_status(exc: BaseException) -> tuple[int, str] | None:

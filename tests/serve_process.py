@@ -58,6 +58,7 @@ class ServeProcess:
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.address: str | None = None
+        self._ended = False  # the output reached its end: the process is exiting
         self._changed = threading.Condition()
         self._reader: threading.Thread | None = None
 
@@ -114,6 +115,7 @@ class ServeProcess:
                     self.address = found.group(1)
                 self._changed.notify_all()
         with self._changed:
+            self._ended = True
             self._changed.notify_all()
 
     def wait_line(self, pattern: str, timeout: float = 30) -> str:
@@ -131,10 +133,8 @@ class ServeProcess:
                     if regex.search(line):
                         return line
                 seen = len(self.lines)
-                if self.process is None or (
-                    self.process.poll() is not None
-                    and (self._reader is None or not self._reader.is_alive())
-                ):
+                if self.process is None or self._ended:
+                    # Its output ended: the process is exiting, and no line will come.
                     raise RuntimeError(f"flowstate serve exited:\n{self.output}")
                 left = deadline - time.monotonic()
                 if left <= 0:
