@@ -32,8 +32,10 @@ class Process:
         ]
 
     @classmethod
-    async def start(cls, name: str, *args: str, role: str = "") -> Process:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTATE_TEST_ROLE": role}
+    async def start(
+        cls, name: str, *args: str, role: str = "", env: dict[str, str] | None = None
+    ) -> Process:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTATE_TEST_ROLE": role, **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *args,
