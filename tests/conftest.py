@@ -12,6 +12,7 @@ import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
 from tests.etcd_server import etcd_url, unique_url
+from tests.processes import Process
 from tests.serve_process import ServerPool
 
 __all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
@@ -142,3 +143,12 @@ async def new_driver(
             await driver.aclose()
         if server is not None:
             server.close()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[Process]]:
+    """Every process a test starts is killed by PID at the end, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        await process.close()

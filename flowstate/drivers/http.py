@@ -68,7 +68,7 @@ from flowstate.errors import (
 if TYPE_CHECKING:
     from typing import Self
 
-__all__ = ["HTTPDriver", "TOKEN_ENV"]
+__all__ = ["HTTPDriver"]
 
 #: The environment variable the driver reads its bearer token from.
 TOKEN_ENV: Final = "FLOWSTATE_TOKEN"
