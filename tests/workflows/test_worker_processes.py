@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,20 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 APP = "tests.workflows.pipeline_app"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd), "http"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store every process reaches; "http" is a `flowstate serve` (on SQLite) that the
+    workers, the recoverer and `flowstate run` reach through the remote driver."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return unique_url(request.getfixturevalue("etcd_url"))
+        yield f"sqlite:///{tmp_path}/store.db"
+    elif request.param == "etcd":
+        yield unique_url(request.getfixturevalue("etcd_url"))
+    else:
+        server = request.getfixturevalue("serve_pool").take()
+        try:
+            yield server.url
+        finally:
+            server.close()
 
 
 def executions(log: Path) -> collections.Counter[tuple[str, str, int]]:
