@@ -11,9 +11,12 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
-from tests.etcd_server import etcd_url, unique_url
+from tests import etcd_server, postgres_server
+from tests.etcd_server import etcd_url
+from tests.postgres_server import postgres_url
 
-__all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
+# The session's etcd and PostgreSQL servers, each started once for every test that needs it.
+__all__ = ["etcd_url", "postgres_url"]
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +49,7 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
 
 
-STORES = ["memory", "sqlite", "etcd"]
+STORES = ["memory", "sqlite", "etcd", "postgres"]
 
 
 @pytest.fixture(params=STORES)
@@ -69,8 +72,10 @@ async def new_driver(
     else:
         if request.param == "sqlite":
             url = f"sqlite:///{tmp_path}/store.db"
+        elif request.param == "etcd":
+            url = etcd_server.unique_url(request.getfixturevalue("etcd_url"))
         else:
-            url = unique_url(request.getfixturevalue("etcd_url"))
+            url = postgres_server.unique_url(request.getfixturevalue("postgres_url"))
 
         def make() -> Driver:
             driver = fs.open_driver(url)
