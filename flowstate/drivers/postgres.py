@@ -588,11 +588,17 @@ def _settle(fut: asyncio.Future[T], value: T | None, error: BaseException | None
 def _check_text(write: StateWrite) -> None:
     """PostgreSQL text cannot hold NUL: refuse it before anything is sent."""
     state = write.state
-    texts = [("state id", state.id), ("delay target", write.delay_to)]
-    texts += [("label", text) for pair in state.labels.items() for text in pair]
+    texts = [state.id, write.delay_to, *state.labels, *state.labels.values()]
     if write.data:
-        texts += [("data alias", alias) for alias in write.data]
-    for what, text in texts:
+        texts += write.data
+    if "\x00" not in "".join(texts):
+        return
+    for what, text in [
+        ("state id", state.id),
+        ("delay target", write.delay_to),
+        *(("label", text) for pair in state.labels.items() for text in pair),
+        *(("data alias", alias) for alias in write.data or ()),
+    ]:
         if "\x00" in text:
             raise InvalidCommandError(
                 f"state {state.id!r}: the {what} {text!r} holds a NUL character, which "
@@ -673,6 +679,7 @@ class PostgresDriver(Driver):
         self._closing = False
         self._task_group: asyncio.TaskGroup | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._commit_conn: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._watch_wanted = asyncio.Event()
         self._encoder = msgspec.msgpack.Encoder()
@@ -780,6 +787,9 @@ class PostgresDriver(Driver):
     def _connect_args(self) -> dict[str, Any]:
         return {"dsn": self._dsn, "timeout": self.connect_timeout}
 
+    async def _connect(self) -> Any:
+        return await asyncpg.connect(**self._connect_args())
+
     async def _create_pool(self) -> Any:
         pool = asyncpg.create_pool(
             **self._connect_args(),
@@ -880,17 +890,12 @@ class PostgresDriver(Driver):
         for pending in self._queue:
             _settle(pending.fut, None, ClosedError("the PostgreSQL driver was closed"))
         self._queue.clear()
+        conn, self._commit_conn = self._commit_conn, None
+        if conn is not None:
+            await _close(conn)
         pool, self._pool = self._pool, None
         if pool is not None:
-            try:
-                async with asyncio.timeout(_CLOSE_GRACE):
-                    await pool.close()
-            except Exception:  # a broken connection, or too slow: cut them all
-                logger.debug("closing the PostgreSQL pool failed; terminating it", exc_info=True)
-                pool.terminate()
-            except BaseException:
-                pool.terminate()
-                raise
+            await _close(pool)
 
     # -- calls, errors and retries ---------------------------------------------------------
 
@@ -995,21 +1000,21 @@ class PostgresDriver(Driver):
     async def _run_committer(self) -> None:
         """Send the queued commits, a group at a time, until the driver closes."""
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                group = self._next_group()
-                if group:
-                    await self._send(group)
-            if self._closing:
+            group = self._next_group()
+            if group:
+                await self._send(group)
+            elif self._closing:
                 return
+            else:
+                self._wakeup.clear()
+                await self._wakeup.wait()
 
     def _next_group(self) -> list[_Pending]:
         """Take the next group from the queue: commits on distinct states, within the caps."""
         group: list[_Pending] = []
         ids: set[str] = set()
         writes = size = 0
-        deferred: list[_Pending] = []
+        held: list[_Pending] = []
         queue = self._queue
         while queue:
             pending = queue.popleft()
@@ -1020,13 +1025,13 @@ class PostgresDriver(Driver):
                 queue.appendleft(pending)
                 break
             if not ids.isdisjoint(pending.ids):
-                deferred.append(pending)  # the next group checks it against this one's result
+                held.append(pending)  # the next group checks it against this one's result
                 continue
             group.append(pending)
             ids |= pending.ids
             writes += n
             size += pending.size
-        queue.extendleft(reversed(deferred))
+        queue.extendleft(reversed(held))
         return group
 
     async def _send(self, group: list[_Pending]) -> None:
@@ -1055,6 +1060,12 @@ class PostgresDriver(Driver):
                 _settle(pending.fut, None, outcome)
             else:
                 _settle(pending.fut, outcome, None)
+
+    def _drop_commit_connection(self) -> None:
+        """Cut the committer's connection (its state is unknown); the next group reconnects."""
+        conn, self._commit_conn = self._commit_conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def _write_group(self, group: list[_Pending]) -> list[CommitResult | ConflictError]:
         w_commit: list[int] = []
@@ -1094,20 +1105,24 @@ class PostgresDriver(Driver):
             *(w_commit, w_id, w_expected, w_state),
             *(l_write, l_key, l_value, d_write, d_alias, d_blob, y_write, y_to, y_due),
         )
-        pool = self._pool
-        if pool is None:
-            raise ClosedError("the PostgreSQL driver is closed")
         deadline = self._deadline()
         # Retried only while no connection took the commit: once it was sent, its outcome
         # is unknown when the connection fails.
-        conn = await self._retry("commit", pool.acquire, deadline)
+        conn = self._commit_conn
+        if conn is None or conn.is_closed():
+            self._commit_conn = None
+            conn = self._commit_conn = await self._retry("commit", self._connect, deadline)
         try:
             async with asyncio.timeout_at(deadline):
                 row = await conn.fetchrow(self._sql.commit, *args)
         except Exception as exc:
-            raise self._error("commit", exc) from exc
-        finally:
-            await pool.release(conn)
+            error = self._error("commit", exc)
+            if isinstance(error, DriverUnavailableError):
+                self._drop_commit_connection()  # in an unknown state: start afresh
+            raise error from exc
+        except BaseException:
+            self._drop_commit_connection()  # cancelled mid-call: in an unknown state
+            raise
         head, at_ms, found, revs = row
         self._waiters.advance(head)
         committed_at = _from_ms(at_ms)
@@ -1389,6 +1404,19 @@ class PostgresDriver(Driver):
         if row is None:
             return None
         return Lease(name=name, holder=row[0], token=row[1], ttl=row[2])
+
+
+async def _close(resource: Any) -> None:
+    """Close an asyncpg connection or pool politely, or cut it when that fails or stalls."""
+    try:
+        async with asyncio.timeout(_CLOSE_GRACE):
+            await resource.close()
+    except Exception:  # a broken connection, or too slow: cut it
+        logger.debug("closing %r failed; terminating it", resource, exc_info=True)
+        resource.terminate()
+    except BaseException:
+        resource.terminate()
+        raise
 
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
