@@ -24,8 +24,10 @@ version (or, for DBOS, one checkpointed step):
 * DBOS, 64 at a time: 64 workflows at once.
 
 DBOS runs in a process of its own (it is a process-wide singleton with threads); its start-up
-and a warm-up workflow are not timed. :func:`measure` returns the medians, so that a larger
-suite can run this benchmark as one part. Under pytest (``--benchmark-disable`` in the normal
+and a warm-up workflow are not timed. Ratios are taken within each repetition (the rows ran
+moments apart) and their median reported: on a shared machine the disk's fsync time and the
+load move between repetitions, and move both rows of a ratio alike. :func:`measure` returns
+the rates and ratios, so that a larger suite can run this benchmark as one part. Under pytest (``--benchmark-disable`` in the normal
 run) a tiny version runs as a smoke test.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -54,7 +57,7 @@ except ImportError:  # run as a script: the repository root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.postgres_server import ENV_URL, PostgresServer, postgres_url, unique_url
 
-__all__ = ["MEASURES", "measure", "postgres_url", "print_table"]
+__all__ = ["MEASURES", "RATIOS", "Measurements", "measure", "postgres_url", "print_table"]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
@@ -205,27 +208,61 @@ MEASURES: list[tuple[str, Measure, float, bool]] = [
 ]
 
 
-def run_table(url: str, repeat: int, base: int, *, dbos: bool = True) -> dict[str, float]:
-    """Median rate of each measurement. Repetitions interleave the measurements, so that a
-    change in the machine's load affects all of them alike and the ratios stay fair.
+#: The same-run ratios the targets are stated in: (name, numerator row, denominator row).
+RATIOS: list[tuple[str, str, str]] = [
+    ("engine/raw, sequential", ENGINE_SEQUENTIAL, RAW_SEQUENTIAL),
+    (
+        f"engine/raw batched, {CONCURRENCY} at a time (target >= 0.5)",
+        ENGINE_CONCURRENT,
+        RAW_BATCHED,
+    ),
+    ("engine/DBOS, sequential", ENGINE_SEQUENTIAL, DBOS_SEQUENTIAL),
+    (f"engine/DBOS, {CONCURRENCY} at a time (target >= 20)", ENGINE_CONCURRENT, DBOS_CONCURRENT),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurements:
+    """What one run measured.
+
+    Attributes:
+        rates: The median transitions/s of each row.
+        ratios: For each ratio of :data:`RATIOS` whose rows were measured, the median over
+            the repetitions of the ratio within each repetition (the two rows ran moments
+            apart, so a change in the machine's load affects both alike).
+        repeat: The number of repetitions.
     """
+
+    rates: dict[str, float]
+    ratios: dict[str, float]
+    repeat: int
+
+
+def run_table(url: str, repeat: int, base: int, *, dbos: bool = True) -> Measurements:
+    """Run every measurement ``repeat`` times, interleaved, on the server at ``url``."""
     chosen = [(name, fn, scale) for name, fn, scale, is_dbos in MEASURES if dbos or not is_dbos]
     runs: dict[str, list[float]] = {name: [] for name, _, _ in chosen}
     for _ in range(repeat):
         for name, fn, scale in chosen:
             runs[name].append(fn(url, max(1, round(base * scale))))
-    return {name: statistics.median(rates) for name, rates in runs.items()}
+    ratios = {
+        name: statistics.median(a / b for a, b in zip(runs[top], runs[bottom], strict=True))
+        for name, top, bottom in RATIOS
+        if top in runs and bottom in runs
+    }
+    rates = {name: statistics.median(rates) for name, rates in runs.items()}
+    return Measurements(rates=rates, ratios=ratios, repeat=repeat)
 
 
 def measure(
     url: str | None = None, *, repeat: int = 5, base: int = 1000, dbos: bool = True
-) -> dict[str, float]:
-    """Run the benchmark and return the median transitions/s of each row.
+) -> Measurements:
+    """Run the benchmark and return what it measured.
 
     Args:
         url: The server to measure on; None starts a cluster with durable settings for the
             run (or uses ``FLOWSTATE_POSTGRES_URL`` when set).
-        repeat: Interleaved repetitions; the median of each row is reported.
+        repeat: Interleaved repetitions; medians are reported.
         base: Transitions of a sequential run (the other rows scale from it).
         dbos: Also measure DBOS (needs the ``dbos`` package: ``pip install 'flowstate[bench]'``).
     """
@@ -236,31 +273,17 @@ def measure(
         return run_table(server.url, repeat, base, dbos=dbos)
 
 
-def ratios(medians: dict[str, float]) -> dict[str, float]:
-    """The same-run ratios the targets are stated in."""
-    found = {
-        "engine/raw, sequential": medians[ENGINE_SEQUENTIAL] / medians[RAW_SEQUENTIAL],
-        f"engine/raw batched, {CONCURRENCY} at a time (target >= 0.5)": (
-            medians[ENGINE_CONCURRENT] / medians[RAW_BATCHED]
-        ),
-    }
-    if DBOS_CONCURRENT in medians:
-        found["engine/DBOS, sequential"] = medians[ENGINE_SEQUENTIAL] / medians[DBOS_SEQUENTIAL]
-        found[f"engine/DBOS, {CONCURRENCY} at a time (target >= 20)"] = (
-            medians[ENGINE_CONCURRENT] / medians[DBOS_CONCURRENT]
-        )
-    return found
-
-
-def print_table(medians: dict[str, float], repeat: int) -> None:
-    print(f"PostgreSQL driver benchmark, median of {repeat}, {os.cpu_count()} CPUs")
+def print_table(measured: Measurements) -> None:
+    print(f"PostgreSQL driver benchmark, median of {measured.repeat}, {os.cpu_count()} CPUs")
     print()
     print(f"| {'measurement':<44} | {'transitions/s':>14} |")
     print(f"|{'-' * 46}|{'-' * 15}:|")
-    for name, rate in medians.items():
+    for name, rate in measured.rates.items():
         print(f"| {name:<44} | {rate:>14,.0f} |")
     print()
-    for name, ratio in ratios(medians).items():
+    print("Ratios (median of the same-repetition ratios):")
+    print()
+    for name, ratio in measured.ratios.items():
         print(f"- {name}: {ratio:.2f}")
 
 
@@ -270,17 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=int, default=1000, help="transitions per sequential run")
     parser.add_argument("--no-dbos", action="store_true", help="leave DBOS out")
     args = parser.parse_args(argv)
-    medians = measure(repeat=args.repeat, base=args.base, dbos=not args.no_dbos)
-    print_table(medians, args.repeat)
+    print_table(measure(repeat=args.repeat, base=args.base, dbos=not args.no_dbos))
     return 0
 
 
 def test_bench_postgres_smoke(postgres_url: str) -> None:
     """A tiny run of every measurement, DBOS included (no timing is asserted)."""
-    medians = run_table(postgres_url, 1, 64)
-    assert set(medians) == {name for name, _, _, _ in MEASURES}
-    assert all(rate > 0 for rate in medians.values())
-    assert len(ratios(medians)) == 4
+    measured = run_table(postgres_url, 1, 64)
+    assert set(measured.rates) == {name for name, _, _, _ in MEASURES}
+    assert all(rate > 0 for rate in measured.rates.values())
+    assert set(measured.ratios) == {name for name, _, _ in RATIOS}
 
 
 if __name__ == "__main__":

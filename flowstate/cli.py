@@ -20,6 +20,7 @@ import msgspec
 from attrs import frozen
 
 import flowstate as fs
+from flowstate.drivers.base import hide_password
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
 
@@ -148,7 +149,7 @@ def _query(args: argparse.Namespace, limit: int = 50) -> fs.StatesQuery:
 
 
 def _open_existing(url: str) -> Driver:
-    """The driver of a store that must exist already: reading never creates a file."""
+    """The driver of a store that must exist already: reading never creates a store."""
     driver = fs.open_driver(url)
     if (
         isinstance(driver, SQLiteDriver)
@@ -156,6 +157,11 @@ def _open_existing(url: str) -> Driver:
         and not Path(driver.path).is_file()
     ):
         raise CommandError(f"no flowstate store at {driver.path!r} (from {url!r})")
+    if driver.scheme == "postgresql":
+        from flowstate.drivers.postgres import PostgresDriver  # loaded by open_driver already
+
+        if isinstance(driver, PostgresDriver):
+            driver.create = False  # open() fails on a missing schema instead of creating it
     return driver
 
 
@@ -431,7 +437,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
         # A worker process takes this one and crashes mid-flow; the recoverer finishes it.
         crash_order = f"r{run}-order-4"
         crashes = not args.url.startswith("memory:")
-        print(f"flowstate demo, run {run}, on {args.url}")
+        print(f"flowstate demo, run {run}, on {hide_password(args.url)}")
         print("Three orders: a small one, a large one a manager must approve, and one whose")
         print("card is declined once.", end=" ")
         if crashes:
@@ -485,7 +491,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     for line in crash_report:
         print(f"{line}; the recoverer retried it and it finished.")
     print(f"All {len(all_orders)} orders finished in {elapsed:.1f} s. Look at them again with:")
-    print(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
+    print(f"  {PROG} states {hide_password(args.url)} --label demo-run={run} --latest-only")
     return 0
 
 
@@ -605,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     except (fs.FlowstateError, CommandError) as exc:
         return _error(exc)
     except ImportError as exc:  # a driver module that cannot be imported
-        return _error(f"cannot load the driver for {getattr(args, 'url', '?')!r}: {exc}")
+        url = hide_password(getattr(args, "url", "?"))
+        return _error(f"cannot load the driver for {url!r}: {exc}")
     except BaseExceptionGroup as group:
         if group.subgroup(BrokenPipeError) is not None:
             return _reader_gone()

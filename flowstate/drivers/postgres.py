@@ -9,7 +9,7 @@ URL:
     (``postgres://`` works too). flowstate reads these options and removes them from the URL:
     ``schema`` (the store's schema, created on first use; at most 63 bytes),
     ``timeout`` (the time budget of one call in seconds, retries included; default 10),
-    ``pool_size`` (connections used for commits and reads; default 10) and
+    ``pool_size`` (connections for reads and lease calls; default 10) and
     ``connect_timeout`` (seconds to establish one connection; default ``timeout``). Every
     other part of the URL is handed to asyncpg as it is: several ``host:port`` pairs,
     ``sslmode``, ``sslrootcert``, ``target_session_attrs``, ``application_name``... (any
@@ -58,8 +58,9 @@ Revisions and visibility:
     ``head_rev`` agree, and no page shows part of a commit.
 
 Group commit:
-    One background task per driver sends the commits made through it. While one group is on
-    its way, the next one collects; each group is one call of ``fs_commit`` with the writes as
+    One background task per driver sends the commits made through it, on a connection of its
+    own (so a driver holds at most ``pool_size`` + 2 connections, with the listener's). While
+    one group is on its way, the next one collects; each group is one call of ``fs_commit`` with the writes as
     arrays (one round trip, whatever its size). Inside it every commit is checked on its own:
     a commit that conflicts gets its own ``ConflictError`` naming every conflicting state, and
     writes nothing; the others are written. Commits that touch the same state never share a
@@ -75,8 +76,11 @@ Costs:
     (``latest_only``) or the label postings of one pair per AND-map (the pair with the fewest
     postings, counted in one extra round trip, up to 1,024 each, when a map has several
     pairs), checking the other pairs by primary key. The head row is the one point of
-    contention: throughput is bounded by one transaction at a time per store, which group
-    commit shares between the commits of a process.
+    contention: a store commits one transaction at a time, and the lock is held until the
+    transaction is durable, so with ``fsync`` on a store writes at most one transaction per
+    flush of the WAL, across all its processes. Group commit is what spreads that cost: one
+    process with 64 flows writes their 64 commits in one transaction, where 64 connections
+    committing one state each would wait for 64 flushes in turn.
 
 Failures:
     asyncpg and socket errors become ``DriverUnavailableError`` when the server cannot be
@@ -623,9 +627,12 @@ class PostgresDriver(Driver):
             (``postgresql://user@host:port/database?sslmode=...``).
         schema: The store's schema (created on first use).
         timeout: The time budget of one call in seconds, retries included.
-        pool_size: The most connections used at once for commits and reads (the listener
-            of ``wait_for_rev`` has one more of its own).
+        pool_size: The most connections used at once for reads and lease calls (commits and
+            the listener of ``wait_for_rev`` have a connection each of their own).
         connect_timeout: Seconds to establish one connection (default: ``timeout``).
+        create: Create the store's schema when it does not exist (the default); when False,
+            ``open()`` fails on a missing store instead (readers such as ``flowstate states``
+            never create a store).
 
     Raises:
         InvalidURLError: An option is invalid.
@@ -644,6 +651,7 @@ class PostgresDriver(Driver):
         timeout: float = DEFAULT_TIMEOUT,
         pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout: float | None = None,
+        create: bool = True,
     ) -> None:
         given: object = dsn  # checked as a plain object: callers may pass anything
         if not isinstance(given, str) or given.partition("://")[0].lower() not in _SCHEMES:
@@ -668,6 +676,7 @@ class PostgresDriver(Driver):
         self.timeout = float(timeout)
         self.pool_size = pool_size
         self.connect_timeout = float(connect_timeout) if connect_timeout else self.timeout
+        self.create = create
         self._sql = _Sql(schema)
         self._channel = _channel(schema)
         self._lifecycle = _Lifecycle.UNOPENED
@@ -761,8 +770,9 @@ class PostgresDriver(Driver):
             ClosedError: The driver was closed.
             SchemaVersionError: The schema was written by a newer flowstate.
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
-            DriverError: PostgreSQL failed otherwise (authentication, permissions), or the
-                schema holds tables flowstate did not create.
+            DriverError: PostgreSQL failed otherwise (authentication, permissions), the
+                schema holds tables flowstate did not create, or it holds no store and
+                ``create`` is False.
         """
         async with self._open_lock:
             if self._lifecycle is _Lifecycle.CLOSED:
@@ -815,6 +825,10 @@ class PostgresDriver(Driver):
                     )
                     version = await self._schema_version(conn)
                     if version is None:
+                        if not self.create:
+                            raise DriverError(
+                                f"no flowstate store in schema {self.schema!r} of {self._where()}"
+                            )
                         await self._create_schema(conn)
             head: int = await conn.fetchval(self._sql.head)
             return head

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import settings
 
 import flowstate as fs
+from flowstate.cli import main
 from flowstate.drivers import postgres as postgres_driver
 from flowstate.drivers.base import CommitRequest, CommitResult, StateWrite, SupportsLease
 from flowstate.drivers.postgres import SCHEMA_VERSION, PostgresDriver
@@ -888,3 +889,56 @@ async def _check_crashed_store(url: str, acknowledged: dict[str, list[int]], see
     for key, revs in acknowledged.items():
         assert key in commits, f"{note}: acknowledged commit {key} was lost"
         assert [v.rev for v in commits[key]] == revs, note
+
+
+# -- the flowstate command ---------------------------------------------------------------------
+
+
+def test_cli_reads_a_postgres_store(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = unique_url(postgres_url)
+
+    async def fill() -> None:
+        async with PostgresDriver.from_url(url) as driver:
+            (rev,) = await _commit(driver, _write("a", kind="order"))
+            await _commit(driver, _write("b", kind="user"))
+            await _commit(driver, _write("a", rev, kind="order"))
+
+    asyncio.run(fill())
+    assert main(["states", url, "--label", "kind=order", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [(s["id"], s["rev"]) for s in page["states"]] == [("a", 1), ("a", 3)]
+    assert page["head_rev"] == 3
+    assert main(["get", url, "a", "--rev", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rev"] == 1
+
+
+def test_cli_reading_never_creates_a_store(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = unique_url(postgres_url)
+    assert main(["states", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flowstate: error: no flowstate store in schema")
+    assert err.count("\n") == 1
+    rows = asyncio.run(_sql(url, "SELECT 1 FROM pg_namespace WHERE nspname = $1", _schema(url)))
+    assert rows == [], "the schema was not created"
+
+
+def test_cli_demo_with_a_crashing_worker(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = unique_url(postgres_url)
+    assert main(["demo", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "crashed (killed by SIGKILL) while shipping r1-order-4" in out
+    assert "retried by the recoverer (attempt 1)" in out
+
+    async def check() -> None:
+        async with PostgresDriver.from_url(url) as driver:
+            page = await driver.get_states(
+                fs.StatesQuery(labels={"kind": "order"}, latest_only=True)
+            )
+        assert len(page.states) == 4
+        assert all(state.is_ended for state in page.states)
+
+    asyncio.run(check())
