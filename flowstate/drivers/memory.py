@@ -1,7 +1,7 @@
 """The in-memory driver (``memory://``): a real driver whose store lives and dies with the process.
 
 Layout: an append-only log of encoded versions (revision ``r`` at index ``r - 1``), the latest
-revision per id, a posting list of revisions per label pair, and the commit times (which never
+revision per id, a posting list of revisions per state id and per label pair, and the commit times (which never
 decrease along the log, so ``since_time`` is a binary search). Commits run without awaiting,
 so each one is atomic with respect to every other coroutine in the loop.
 """
@@ -77,6 +77,7 @@ class MemoryDriver(Driver):
         self._log: list[_Entry] = []
         self._times: list[datetime.datetime] = []
         self._latest: dict[str, int] = {}
+        self._by_id: dict[str, list[int]] = {}
         self._by_label: dict[tuple[str, str], list[int]] = {}
         self._data: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
         self._delays: list[tuple[int, bytes]] = []
@@ -130,6 +131,7 @@ class MemoryDriver(Driver):
             committed_at = times[-1]  # the wall clock went back; keep times monotonic
         encode = self._encoder.encode
         log = self._log
+        by_id = self._by_id
         by_label = self._by_label
         replace = msgspec.structs.replace
         revs = []
@@ -141,6 +143,11 @@ class MemoryDriver(Driver):
             log.append(_Entry(rev, state.id, dict(labels), committed_at, encode(stored)))
             times.append(committed_at)
             latest[state.id] = rev
+            history = by_id.get(state.id)
+            if history is None:
+                by_id[state.id] = [rev]
+            else:
+                history.append(rev)
             if labels:
                 for pair in labels.items():
                     postings = by_label.get(pair)
@@ -199,7 +206,9 @@ class MemoryDriver(Driver):
         log = self._log
         latest = self._latest
         label_sets = query.label_sets
-        if label_sets:
+        if query.id is not None:
+            candidates = _after(self._by_id.get(query.id, []), since_rev, reverse)
+        elif label_sets:
             candidates = self._label_candidates(label_sets, since_rev, reverse)
         elif reverse:
             candidates = iter(range(len(log), since_rev, -1))
@@ -222,9 +231,7 @@ class MemoryDriver(Driver):
         lists = []
         for wanted in label_sets:
             postings = [self._by_label.get(pair, []) for pair in wanted.items()]
-            shortest = min(postings, key=len)
-            start = bisect.bisect_right(shortest, since_rev)
-            lists.append(reversed(shortest[start:]) if reverse else iter(shortest[start:]))
+            lists.append(_after(min(postings, key=len), since_rev, reverse))
         if len(lists) == 1:
             return lists[0]
         merged = heapq.merge(*lists, reverse=reverse)
@@ -282,3 +289,11 @@ class MemoryDriver(Driver):
         if held is None or held[1] <= time.monotonic():
             return None
         return held[0]
+
+
+def _after(postings: list[int], since_rev: int, reverse: bool) -> Iterator[int]:
+    """The revisions of a sorted posting list after ``since_rev``, ascending or descending."""
+    start = bisect.bisect_right(postings, since_rev)
+    if reverse:
+        return (postings[i] for i in range(len(postings) - 1, start - 1, -1))
+    return (postings[i] for i in range(start, len(postings)))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -27,10 +28,23 @@ class FlowsSpecError(ValueError):
     """A --flows value that does not name a flow mapping."""
 
 
+def import_from_working_directory() -> None:
+    """Put the working directory first on the import path, as ``uvicorn`` and ``celery`` do,
+    so that ``--flows shop.flows:FLOWS`` finds ``./shop/flows.py`` without ``PYTHONPATH``.
+
+    The ``flowstate`` console script starts with its own folder on the path instead; ``python
+    -m flowstate`` has the working directory there already.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_flows(spec: str) -> FlowRegistry:
     """Import ``package.module:attribute`` and return the flows it names.
 
-    The attribute may be a mapping of flow ids to flows, or a ``FlowRegistry``.
+    The attribute may be a mapping of flow ids to flows, or a ``FlowRegistry``. Importing
+    runs the module's code, with this process's rights and access to the store.
 
     Raises:
         FlowsSpecError: The spec is malformed, cannot be imported, or names something else.
@@ -87,7 +101,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--flows",
         required=True,
         metavar="MODULE:ATTR",
-        help="where the flows are: a module and a mapping (or FlowRegistry) in it",
+        help=(
+            "where the flows are: a module and a mapping (or FlowRegistry) in it, imported "
+            "from the current folder or the Python path. This imports and runs that code, "
+            "with access to the store: point it only at code you trust"
+        ),
     )
     parser.add_argument(
         "--retry-after",
@@ -114,6 +132,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM or SIGINT; exit 0 after a clean handover."""
+    import_from_working_directory()
     flows = load_flows(args.flows)
     if not any(isinstance(h, logging.StreamHandler) for h in logging.getLogger().handlers):
         logging.basicConfig(

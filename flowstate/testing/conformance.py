@@ -258,6 +258,64 @@ class DriverTests:
         page = await driver.get_states(fs.StatesQuery(latest_only=True, since_rev=ra2))
         assert page.states == []
 
+    async def test_query_history_of_one_state(self, driver: Driver) -> None:
+        # "a/b" and "a" share a prefix and "a/b" holds a separator: neither may see the other.
+        (r1,) = await _commit(driver, _write("a", kind="x"))
+        await _commit(driver, _write("a/b", kind="x"), _write("ab"))
+        (r2,) = await _commit(driver, _write("a", r1, kind="y"))
+        await _commit(driver, _write("c", kind="x"))
+        (r3,) = await _commit(driver, _write("a", r2, kind="x", team="t"))
+        page = await driver.get_states(fs.StatesQuery(id="a"))
+        assert [(s.id, s.rev) for s in page.states] == [("a", r1), ("a", r2), ("a", r3)]
+        assert not page.more
+        page = await driver.get_states(fs.StatesQuery(id="a/b"))
+        assert [s.id for s in page.states] == ["a/b"]
+        page = await driver.get_states(fs.StatesQuery(id="a", since_rev=r1))
+        assert [s.rev for s in page.states] == [r2, r3]
+        page = await driver.get_states(fs.StatesQuery(id="a", limit=2))
+        assert [s.rev for s in page.states] == [r1, r2]
+        assert page.more
+        page = await driver.get_states(fs.StatesQuery(id="a", since_latest=True))
+        assert [s.rev for s in page.states] == [r3]
+        page = await driver.get_states(fs.StatesQuery(id="a", latest_only=True))
+        assert [s.rev for s in page.states] == [r3]
+        page = await driver.get_states(fs.StatesQuery(id="a", labels={"kind": "x"}))
+        assert [s.rev for s in page.states] == [r1, r3]
+        page = await driver.get_states(
+            fs.StatesQuery(id="a", labels=[{"kind": "y"}, {"team": "t"}])
+        )
+        assert [s.rev for s in page.states] == [r2, r3]
+        page = await driver.get_states(
+            fs.StatesQuery(id="a", labels={"kind": "y"}, since_latest=True)
+        )
+        assert [s.rev for s in page.states] == [r2]
+        page = await driver.get_states(
+            fs.StatesQuery(id="a", labels={"kind": "y"}, latest_only=True)
+        )
+        assert page.states == []
+        assert (await driver.get_states(fs.StatesQuery(id="missing"))).states == []
+        page = await driver.get_states(fs.StatesQuery(id="missing", since_latest=True))
+        assert page.states == []
+
+    async def test_query_history_pages_through_a_long_history(self, driver: Driver) -> None:
+        rev = 0
+        revs = []
+        for n in range(12):
+            (rev,) = await _commit(driver, _write("long", rev, to=f"step{n}"))
+            revs.append(rev)
+            await _commit(driver, _write(f"other{n}"))
+        seen: list[int] = []
+        query = fs.StatesQuery(id="long", limit=5)
+        while True:
+            page = await driver.get_states(query)
+            seen += [s.rev for s in page.states]
+            assert all(s.id == "long" for s in page.states)
+            if not page.more:
+                break
+            query = query.replace(since_rev=page.states[-1].rev)
+        assert seen == revs
+        assert page.head_rev == await driver.head_rev()
+
     async def test_label_change_moves_a_state_out_of_a_filter(self, driver: Driver) -> None:
         (r1,) = await _commit(driver, _write("a", status="open"))
         (r2,) = await _commit(driver, _write("a", r1, status="closed"))
@@ -865,6 +923,9 @@ class DriverTests:
             await engine.get_states(fs.StatesQuery(), limit=2)
         with pytest.raises(fs.InvalidQueryError):
             await engine.get_states(nonsense=True)
+        for bad_id in ("", 7):
+            with pytest.raises(fs.InvalidQueryError):
+                await engine.get_states(id=bad_id)
         with pytest.raises(fs.InvalidQueryError):
             await engine.get_state("")
 
@@ -908,6 +969,18 @@ class DriverTests:
             )
             await engine.do(fs.Commit(fs.Transit(late, "b")))
             assert [(await _next(watcher)).transition.to for _ in range(2)] == ["a", "b"]
+
+    async def test_watch_one_state(self, engine: fs.Engine) -> None:
+        target = fs.StateCtx.new("target")
+        other = fs.StateCtx.new("target-2")
+        await engine.do(fs.Commit(fs.Transit(target, "a")), fs.Commit(fs.Transit(other, "a")))
+        async with engine.watch(id="target", since_latest=True) as watcher:
+            assert (await _next(watcher)).transition.to == "a"
+            await engine.do(fs.Commit(fs.Transit(other, "b")))
+            await engine.do(fs.Commit(fs.Transit(target, "b"), fs.Transit(other, "c")))
+            await engine.do(fs.Commit(fs.End(target)))
+            seen = [await _next(watcher) for _ in range(2)]
+        assert [(s.id, s.transition.to) for s in seen] == [("target", "b"), ("target", "")]
 
     async def test_watch_sees_a_commit_whole(self, engine: fs.Engine) -> None:
         async with engine.watch() as watcher:

@@ -122,6 +122,8 @@ class DriverStateMachine(RuleBasedStateMachine):
 
     def expected_page(self, query: fs.StatesQuery) -> tuple[list[_Version], bool]:
         def matches(v: _Version) -> bool:
+            if query.id is not None and v.id != query.id:
+                return False
             if query.latest_only and self.latest[v.id] != v.rev:
                 return False
             sets = query.label_sets
@@ -210,6 +212,7 @@ class DriverStateMachine(RuleBasedStateMachine):
         assert self.run(read()) == (visible[-1] if visible else None)
 
     @rule(
+        state_id=st.none() | st.sampled_from(IDS),
         labels=st.one_of(label_maps, or_label_maps),
         percent=st.integers(min_value=0, max_value=100),
         since_latest=st.booleans(),
@@ -218,6 +221,7 @@ class DriverStateMachine(RuleBasedStateMachine):
     )
     def query(
         self,
+        state_id: str | None,
         labels: dict[str, str] | list[dict[str, str]],
         percent: int,
         since_latest: bool,
@@ -225,6 +229,7 @@ class DriverStateMachine(RuleBasedStateMachine):
         limit: int,
     ) -> None:
         query = fs.StatesQuery(
+            id=state_id,
             labels=labels,
             since_rev=percent * self.head // 100,
             since_latest=since_latest,

@@ -267,3 +267,49 @@ def test_flows_spec_errors() -> None:
     for spec in ["nope", "no.such.module:flows", "tests.recovery.process_flows:missing"]:
         with pytest.raises(FlowsSpecError):
             load_flows(spec)
+
+
+SHOP_FLOWS = """
+import flowstate as fs
+
+
+async def ship(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    return fs.Commit(fs.End(ctx))
+
+
+FLOWS = {"ship": ship}
+"""
+
+
+async def test_flows_are_imported_from_the_working_directory(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "flows.py").write_text(SHOP_FLOWS)
+    script = Path(sys.executable).with_name("flowstate")  # the console script, not python -m
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = await asyncio.create_subprocess_exec(
+        script,
+        "recover",
+        "sqlite:///shop.db",
+        "--flows",
+        "shop.flows:FLOWS",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    process = Process(proc, "recover from ./shop")
+    processes.append(process)
+    await process.wait_for(lambda lines: any("serves recovery" in line for line in lines))
+    assert await process.close(signal.SIGTERM) == 0
+
+
+def test_recover_help_says_flows_runs_code(capsys: pytest.CaptureFixture[str]) -> None:
+    from flowstate.cli import main
+
+    assert main(["recover", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "imports and runs that code" in text

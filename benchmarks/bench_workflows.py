@@ -1,0 +1,199 @@
+"""Managed-flow operations against the engine's own commit rate, on SQLite, in one run.
+
+Run it as a script for the tables (medians of interleaved rounds)::
+
+    python benchmarks/bench_workflows.py [--seconds 1] [--rounds 5] [--flows 100000]
+
+Rows of the rate table, each measured for ``--seconds`` per round, rounds interleaved:
+
+* engine commit, the baseline: ``Commit(Noop(ctx))`` of a state whose annotation changed,
+  against the version the caller holds (one commit, no read), one state or 64 at a time;
+* managed update: ``FlowManager.update_state`` (check the lifecycle, merge the patch, encode
+  the record and the audit event, one compare-and-set commit), one flow or 64 at a time.
+
+The scaling table fills a store with ``--flows`` managed flows (each created, started, and
+all but one in a hundred finished) and times ``FlowManager.list`` by status and by owner.
+
+Under pytest (``--benchmark-disable`` in the normal run) a tiny version runs as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import flowstate as fs
+from flowstate.workflows import FlowManager
+
+CONCURRENCY = 64
+
+
+async def _timed(seconds: float, loops: list[Callable[[], Awaitable[None]]]) -> float:
+    """Operations per second of ``loops`` run at once, each repeating for ``seconds``."""
+    done = 0
+
+    async def run(op: Callable[[], Awaitable[None]]) -> None:
+        nonlocal done
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            await op()
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(run(op) for op in loops))
+    return done / (time.perf_counter() - start)
+
+
+async def engine_commits(url: str, width: int, seconds: float) -> float:
+    """Commits per second of ``width`` states updated at once, each ``Commit(Noop(ctx))``."""
+    async with fs.Engine(url) as engine:
+
+        def bump(ctx: fs.StateCtx) -> Callable[[], Awaitable[None]]:
+            async def op() -> None:
+                annotations = ctx.current.annotations
+                annotations["n"] = str(int(annotations.get("n", "0")) + 1)
+                await engine.do(fs.Commit(fs.Noop(ctx)))
+
+            return op
+
+        loops = []
+        for i in range(width):
+            ctx = fs.StateCtx.new(f"plain-{i}", labels={"bench": "engine"})
+            await engine.do(fs.Commit(fs.Noop(ctx)))
+            loops.append(bump(ctx))
+        return await _timed(seconds, loops)
+
+
+async def managed_updates(url: str, width: int, seconds: float) -> float:
+    """``update_state`` calls per second on ``width`` managed flows at once."""
+    async with fs.Engine(url) as engine:
+        manager = FlowManager(engine)
+
+        def update(flow_id: str) -> Callable[[], Awaitable[None]]:
+            count = 0
+
+            async def op() -> None:
+                nonlocal count
+                count += 1
+                await manager.update_state(flow_id, {"n": count})
+
+            return op
+
+        loops = []
+        for _ in range(width):
+            flow = await manager.create_mirrored(controller="bench", state={"n": 0})
+            loops.append(update(flow.id))
+        return await _timed(seconds, loops)
+
+
+async def rates(
+    folder: Path, seconds: float, rounds: int, synchronous: str = "normal"
+) -> dict[str, list[float]]:
+    """Every rate, ``rounds`` times, interleaved; a fresh store file per measurement."""
+    contenders: dict[str, Callable[[str], Awaitable[float]]] = {
+        "engine commit, sequential": lambda url: engine_commits(url, 1, seconds),
+        "managed update, sequential": lambda url: managed_updates(url, 1, seconds),
+        f"engine commit, {CONCURRENCY} at a time": lambda url: engine_commits(
+            url, CONCURRENCY, seconds
+        ),
+        f"managed update, {CONCURRENCY} at a time": lambda url: managed_updates(
+            url, CONCURRENCY, seconds
+        ),
+    }
+    found: dict[str, list[float]] = {name: [] for name in contenders}
+    n = 0
+    for _ in range(rounds):
+        for name, measure in contenders.items():
+            n += 1
+            url = f"sqlite:///{folder}/rate-{n}.db?synchronous={synchronous}"
+            found[name].append(await measure(url))
+    return found
+
+
+async def list_latency(folder: Path, flows: int, repeat: int) -> dict[str, float]:
+    """Median milliseconds of ``FlowManager.list`` calls on a store of ``flows`` flows."""
+    url = f"sqlite:///{folder}/scale-{flows}.db"
+    async with fs.Engine(url) as engine:
+        manager = FlowManager(engine)
+        ids = []
+
+        async def fill(part: range) -> None:
+            for i in part:
+                flow = await manager.create(controller="bench", owner=f"owner-{i % 1000}")
+                await manager.start(flow.id)
+                if i % 100:
+                    await manager.finish(flow.id)
+                ids.append(flow.id)
+
+        step = -(-flows // CONCURRENCY)
+        await asyncio.gather(*(fill(range(s, min(s + step, flows))) for s in range(0, flows, step)))
+        queries: dict[str, Callable[[], Awaitable[object]]] = {
+            "list(status='running')": lambda: manager.list(status="running"),
+            "list(owner='owner-7')": lambda: manager.list(owner="owner-7"),
+            "list(owner='owner-7', status='finished')": lambda: manager.list(
+                owner="owner-7", status="finished"
+            ),
+        }
+        found = {}
+        for name, query in queries.items():
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                await query()
+                times.append((time.perf_counter() - start) * 1000)
+            found[name] = statistics.median(times)
+        return found
+
+
+def _table(found: dict[str, list[float]]) -> str:
+    lines = [
+        "| measurement | operations/s (median) | spread | vs engine commit |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, values in found.items():
+        median = statistics.median(values)
+        base = found[name.replace("managed update", "engine commit")]
+        ratio = median / statistics.median(base)
+        spread = (max(values) - min(values)) / median if median else 0.0
+        lines.append(f"| {name} | {median:,.0f} | ±{spread / 2:.0%} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--flows", type=int, default=100_000)
+    parser.add_argument("--synchronous", choices=["normal", "full"], default="normal")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        found = asyncio.run(rates(Path(folder), args.seconds, args.rounds, args.synchronous))
+        print(f"SQLite, WAL, synchronous={args.synchronous}, {args.rounds} interleaved rounds")
+        print(_table(found))
+        if args.flows:
+            latency = asyncio.run(list_latency(Path(folder), args.flows, 7))
+            print(f"\nFlowManager.list on a store of {args.flows:,} managed flows (median of 7)")
+            print("| query | ms |\n|---|---:|")
+            for name, ms in latency.items():
+                print(f"| {name} | {ms:.1f} |")
+
+
+def test_smoke(tmp_path: Path) -> None:
+    found = asyncio.run(rates(tmp_path, 0.05, 1))
+    assert all(values[0] > 0 for values in found.values())
+    assert "managed update" in _table(found)
+    latency = asyncio.run(list_latency(tmp_path, 200, 1))
+    assert set(latency) == {
+        "list(status='running')",
+        "list(owner='owner-7')",
+        "list(owner='owner-7', status='finished')",
+    }
+
+
+if __name__ == "__main__":
+    main()
