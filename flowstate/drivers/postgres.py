@@ -72,10 +72,11 @@ Group commit:
 Costs:
     A commit of one state with one label inserts a log row, a label row and upserts its
     ``fs_latest`` row; a group updates the head row once. Reads cost one round trip: a state
-    by id or revision is a primary-key lookup; a page walks the log (no filter), ``fs_latest``
-    (``latest_only``) or the label postings of one pair per AND-map (the pair with the fewest
-    postings, counted in one extra round trip, up to 1,024 each, when a map has several
-    pairs), checking the other pairs by primary key. The head row is the one point of
+    by id or revision is a primary-key lookup; a page walks the log (no filter), one state's
+    history (``id``, through the ``(id, rev)`` index), ``fs_latest`` (``latest_only``) or the
+    label postings of one pair per AND-map (the pair with the fewest postings, counted in one
+    extra round trip, up to 1,024 each, when a map has several pairs), checking the other
+    filters on each version by primary key. The head row is the one point of
     contention: a store commits one transaction at a time, and the lock is held until the
     transaction is durable, so with ``fsync`` on a store writes at most one transaction per
     flush of the WAL, across all its processes. Group commit is what spreads that cost: one
@@ -460,6 +461,8 @@ def _page_sql(
     def arms(since: str, descending: bool, limit: str) -> str:
         """The matching revisions after ``since``, first ``limit`` in revision order."""
         order = "DESC" if descending else ""
+        if query.id is not None:
+            return history(since, order, limit)
         if not leads:
             table = f"{s}.fs_latest" if query.latest_only else f"{s}.fs_log"
             return f"SELECT rev FROM {table} WHERE rev > {since} ORDER BY rev {order} LIMIT {limit}"
@@ -486,10 +489,31 @@ def _page_sql(
             return selects[0]
         return f"SELECT rev FROM ({' UNION '.join(selects)}) u ORDER BY rev {order} LIMIT {limit}"
 
+    def history(since: str, order: str, limit: str) -> str:
+        """One state's versions: its own history drives, the other filters are checked on
+        each version by primary key."""
+        conditions = [f"g.id = {p.add(query.id)}", f"g.rev > {since}"]
+        if leads:
+            maps = [
+                " AND ".join(
+                    f"EXISTS (SELECT 1 FROM {s}.fs_labels b WHERE b.key = {p.add(key)} "
+                    f"AND b.value = {p.add(value)} AND b.rev = g.rev)"
+                    for key, value in pairs
+                )
+                for pairs in leads
+            ]
+            conditions.append("(" + " OR ".join(f"({m})" for m in maps) + ")")
+        if query.latest_only:
+            conditions.append(f"EXISTS (SELECT 1 FROM {s}.fs_latest x WHERE x.rev = g.rev)")
+        return (
+            f"SELECT g.rev FROM {s}.fs_log g WHERE {' AND '.join(conditions)} "
+            f"ORDER BY g.rev {order} LIMIT {limit}"
+        )
+
     ctes = [f"b AS (SELECT {start} AS since)"]
     since = "(SELECT since FROM b)"
     if query.since_latest:
-        if leads or query.latest_only:
+        if leads or query.latest_only or query.id is not None:
             last = f"(SELECT max(rev) FROM ({arms(since, True, '1')}) z)"
         else:
             last = f"(SELECT CASE WHEN h.rev > {since} THEN h.rev END FROM {s}.fs_head h)"
@@ -1200,7 +1224,7 @@ class PostgresDriver(Driver):
         """
         self._check()
         leads = [list(wanted.items()) for wanted in query.label_sets]
-        if any(len(pairs) > 1 for pairs in leads):
+        if query.id is None and any(len(pairs) > 1 for pairs in leads):
             leads = await self._order_pairs(leads, query.since_rev)
         sql, params = _page_sql(self._sql.schema, query, leads)
         rows = await self._read("query", lambda c: c.fetch(sql, *params))
