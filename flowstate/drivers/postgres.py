@@ -449,6 +449,11 @@ def _page_sql(
 ) -> tuple[str, list[object]]:
     """One statement (one snapshot) reading a page of ``query`` and the head revision.
 
+    The candidates come from one index walk per AND-map (or one state's history); every other
+    filter is an ``EXISTS`` probe of a primary key or unique index on each candidate. ``OFFSET
+    0`` in those probes keeps PostgreSQL from turning them into joins that read a whole
+    posting list: the cost of a page stays that of the candidates it looks at.
+
     ``leads`` holds each AND-map's pairs, the one to walk first. Returns the SQL and its
     parameters; the rows are ``(head, rev, committed_at, state)``, with one row of NULLs but
     the head when the page is empty.
@@ -479,10 +484,12 @@ def _page_sql(
                 sql.append(
                     f" AND EXISTS (SELECT 1 FROM {s}.fs_labels b{n} WHERE b{n}.key = "
                     f"{p.add(other_key)} AND b{n}.value = {p.add(other_value)} "
-                    f"AND b{n}.rev = a.rev)"
+                    f"AND b{n}.rev = a.rev OFFSET 0)"
                 )
             if query.latest_only:
-                sql.append(f" AND EXISTS (SELECT 1 FROM {s}.fs_latest x WHERE x.rev = a.rev)")
+                sql.append(
+                    f" AND EXISTS (SELECT 1 FROM {s}.fs_latest x WHERE x.rev = a.rev OFFSET 0)"
+                )
             sql.append(f" ORDER BY a.rev {order} LIMIT {limit})")
             selects.append("".join(sql))
         if len(selects) == 1:
@@ -491,22 +498,29 @@ def _page_sql(
 
     def history(since: str, order: str, limit: str) -> str:
         """One state's versions: its own history drives, the other filters are checked on
-        each version by primary key."""
-        conditions = [f"g.id = {p.add(query.id)}", f"g.rev > {since}"]
+        each version by primary key (``OFFSET 0`` keeps the planner from turning it around;
+        the scan still stops at ``limit``)."""
+        versions = (
+            f"(SELECT rev FROM {s}.fs_log WHERE id = {p.add(query.id)} AND rev > {since} "
+            f"ORDER BY rev {order} OFFSET 0) g"
+        )
+        conditions = ["true"]
         if leads:
             maps = [
                 " AND ".join(
                     f"EXISTS (SELECT 1 FROM {s}.fs_labels b WHERE b.key = {p.add(key)} "
-                    f"AND b.value = {p.add(value)} AND b.rev = g.rev)"
+                    f"AND b.value = {p.add(value)} AND b.rev = g.rev OFFSET 0)"
                     for key, value in pairs
                 )
                 for pairs in leads
             ]
             conditions.append("(" + " OR ".join(f"({m})" for m in maps) + ")")
         if query.latest_only:
-            conditions.append(f"EXISTS (SELECT 1 FROM {s}.fs_latest x WHERE x.rev = g.rev)")
+            conditions.append(
+                f"EXISTS (SELECT 1 FROM {s}.fs_latest x WHERE x.rev = g.rev OFFSET 0)"
+            )
         return (
-            f"SELECT g.rev FROM {s}.fs_log g WHERE {' AND '.join(conditions)} "
+            f"SELECT g.rev FROM {versions} WHERE {' AND '.join(conditions)} "
             f"ORDER BY g.rev {order} LIMIT {limit}"
         )
 

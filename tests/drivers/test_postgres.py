@@ -584,6 +584,76 @@ async def test_selective_label_among_many(postgres_url: str) -> None:
         assert leads == [[("rare", "yes"), ("kind", "order")]], "the rarest pair leads"
 
 
+_QUERIES = [
+    fs.StatesQuery(limit=5),
+    fs.StatesQuery(limit=5, latest_only=True),
+    fs.StatesQuery(limit=5, since_latest=True),
+    fs.StatesQuery(limit=5, since_latest=True, latest_only=True),
+    fs.StatesQuery(limit=5, labels={"rare": "yes"}),
+    fs.StatesQuery(limit=5, labels={"kind": "order", "rare": "yes"}),
+    fs.StatesQuery(limit=5, labels=[{"rare": "yes"}, {"kind": "order"}], latest_only=True),
+    fs.StatesQuery(limit=5, labels={"kind": "order"}, since_latest=True),
+    fs.StatesQuery(limit=5, since_time=datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)),
+    fs.StatesQuery(limit=5, id="s3-50"),
+    fs.StatesQuery(limit=5, id="s3-50", labels={"rare": "yes"}, since_latest=True),
+]
+
+
+async def _fill(driver: PostgresDriver, batches: range) -> None:
+    for batch in batches:
+        writes = [
+            StateWrite(
+                state=fs.State(
+                    id=f"s{batch}-{i}",
+                    labels={"kind": "order", **({"rare": "yes"} if i == 50 else {})},
+                ),
+                expected_rev=0,
+            )
+            for i in range(100)
+        ]
+        await driver.commit(CommitRequest(writes=writes))
+
+
+async def _page_costs(driver: PostgresDriver, conn: Any) -> list[tuple[int, list[str]]]:
+    """For each query of _QUERIES: the buffers its page read touched, and the tables it
+    scanned whole."""
+
+    def scanned(node: dict[str, Any]) -> list[str]:
+        found = [node["Relation Name"]] if node["Node Type"] == "Seq Scan" else []
+        return found + [name for child in node.get("Plans", []) for name in scanned(child)]
+
+    await conn.execute("ANALYZE")
+    costs = []
+    for query in _QUERIES:
+        leads = [list(wanted.items()) for wanted in query.label_sets]
+        if query.id is None and any(len(pairs) > 1 for pairs in leads):
+            leads = await driver._order_pairs(leads, query.since_rev)
+        sql, params = postgres_driver._page_sql(driver._sql.schema, query, leads)
+        for _ in range(6):  # past the custom plans of a prepared statement, to the generic one
+            raw = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *params)
+        plan = json.loads(raw)[0]["Plan"]
+        costs.append((plan["Shared Hit Blocks"] + plan["Shared Read Blocks"], scanned(plan)))
+    return costs
+
+
+async def test_page_cost_does_not_grow_with_history(postgres_url: str) -> None:
+    """Every page read walks an index and stops at its limit: four times the history costs
+    no more (the binary search of since_time a few probes more)."""
+    url = unique_url(postgres_url)
+    async with PostgresDriver.from_url(url) as driver:
+        conn = await asyncpg.connect(driver._dsn)
+        try:
+            await _fill(driver, range(20))
+            small = await _page_costs(driver, conn)
+            await _fill(driver, range(20, 80))
+            large = await _page_costs(driver, conn)
+        finally:
+            await conn.close()
+    for query, (before, _), (after, tables) in zip(_QUERIES, small, large, strict=True):
+        assert set(tables) <= {"fs_head"}, f"{query}: scanned {tables}"
+        assert after <= before + 12, f"{query}: {before} buffers, then {after}"
+
+
 async def test_delays_page(postgres_url: str) -> None:
     at = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 
