@@ -14,9 +14,10 @@ URL:
     other part of the URL is handed to asyncpg as it is: several ``host:port`` pairs,
     ``sslmode``, ``sslrootcert``, ``target_session_attrs``, ``application_name``... (any
     other query option becomes a server setting). The password comes from the ``PGPASSWORD``
-    environment variable or a ``.pgpass`` file (``PGPASSFILE``), as with libpq; a password
-    written in the URL is accepted but discouraged (URLs end up in shell histories and
-    process lists). flowstate never shows a password: not in its logs, errors or reprs.
+    environment variable or a ``.pgpass`` file (``PGPASSFILE``), as with libpq, and never
+    from the URL: ``user:password@`` or ``?password=`` is refused (URLs end up in shell
+    histories, process lists and logs). flowstate shows no secret: not in its logs, errors or
+    reprs (an ``sslpassword`` for an encrypted client key shows as ``***``).
 
 Schema (version 1, recorded in ``fs_meta``; every name below lives in the store's schema)::
 
@@ -130,7 +131,7 @@ import re
 import warnings
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import asyncpg
 import msgspec
@@ -179,6 +180,8 @@ DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_POOL_SIZE: Final = 10
 
 _SCHEMES = ("postgresql", "postgres")
+# Query options that hold secrets: never shown.
+_SECRET_OPTIONS = ("password", "sslpassword")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 # PostgreSQL truncates longer identifiers; a truncated schema name would be another store's.
 _MAX_IDENTIFIER = 63
@@ -695,6 +698,7 @@ class PostgresDriver(Driver):
         if not isinstance(given, str) or given.partition("://")[0].lower() not in _SCHEMES:
             raise InvalidURLError("the PostgreSQL driver needs a postgresql:// URL")
         _check_netloc(dsn)
+        _check_no_password(dsn)
         name: object = schema
         if not isinstance(name, str) or not name:
             raise InvalidURLError("the schema name is empty")
@@ -739,7 +743,7 @@ class PostgresDriver(Driver):
         Raises:
             InvalidURLError: The URL is not a valid PostgreSQL driver URL.
         """
-        shown = hide_password(url)
+        shown = _shown(url)
         scheme, sep, rest = url.partition("://")
         if not sep or scheme.lower() not in _SCHEMES:
             raise InvalidURLError(f"{shown!r} is not a postgresql:// URL")
@@ -776,10 +780,10 @@ class PostgresDriver(Driver):
 
     @property
     def url(self) -> str:
-        """The driver's URL with its options, the password (if any) hidden."""
+        """The driver's URL with its options (an ``sslpassword`` hidden)."""
         location, _, query = self._dsn.partition("?")
         options = [("schema", self.schema), *parse_qsl(query, keep_blank_values=True)]
-        return hide_password(f"{location}?{urlencode(options)}")
+        return _shown(f"{location}?{urlencode(options)}")
 
     def __repr__(self) -> str:
         return f"PostgresDriver({self.url!r}, {self._lifecycle.name.lower()})"
@@ -1474,6 +1478,32 @@ async def _close(resource: Any) -> None:
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
     """A connection callback that sets ``event``."""
     return lambda _conn: event.set()
+
+
+def _shown(url: str) -> str:
+    """``url`` as it may be shown: passwords (``user:password@``, ``?password=``,
+    ``?sslpassword=``) replaced by ``***``."""
+    url = hide_password(url)
+    location, sep, query = url.partition("?")
+    if not sep:
+        return url
+    items = []
+    for item in query.split("&"):
+        key, equals, _ = item.partition("=")
+        items.append(f"{key}=***" if equals and unquote(key) in _SECRET_OPTIONS else item)
+    return f"{location}?{'&'.join(items)}"
+
+
+def _check_no_password(dsn: str) -> None:
+    """A password never goes in the URL (it would end up in shell histories, process lists
+    and logs): it comes from ``PGPASSWORD`` or a ``.pgpass`` file."""
+    location, _, query = dsn.partition("?")
+    userinfo = location.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    in_query = any(key == "password" for key, _ in parse_qsl(query, keep_blank_values=True))
+    if ":" in userinfo or in_query:
+        raise InvalidURLError(
+            "a password never goes in the URL; set PGPASSWORD or use a .pgpass file (PGPASSFILE)"
+        )
 
 
 def _netloc(dsn: str) -> str:

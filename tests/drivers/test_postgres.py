@@ -182,16 +182,29 @@ def test_bad_url(url: str, problem: str) -> None:
         PostgresDriver.from_url(url)
 
 
-def test_the_password_never_shows() -> None:
-    url = "postgresql://app:hunter2@db.internal:5432/orders?schema=s&timeout=x"
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:hunter2@db.internal:5432/orders?schema=s",
+        "postgresql://app@db.internal/orders?password=hunter2",
+        "postgresql://app:hunter2@db.internal/orders?timeout=soon",
+    ],
+)
+def test_a_password_in_the_url_is_refused_without_showing_it(url: str) -> None:
     with pytest.raises(fs.InvalidURLError) as info:
         fs.open_driver(url)
     assert "hunter2" not in str(info.value)
-    driver = fs.open_driver(url.replace("timeout=x", "timeout=1"))
+    assert "***" in str(info.value)
+    with pytest.raises(fs.InvalidURLError, match="PGPASSWORD"):
+        PostgresDriver(url.partition("?")[0] + "?password=hunter2")
+
+
+def test_an_ssl_key_password_never_shows() -> None:
+    driver = fs.open_driver("postgresql://app@db/orders?sslpassword=hunter2&sslmode=require")
     assert isinstance(driver, PostgresDriver)
     assert "hunter2" not in repr(driver)
-    assert "hunter2" not in driver.url
-    assert "app:***@db.internal" in driver.url
+    assert "sslpassword=***" in driver.url
+    assert "sslpassword=hunter2" in driver._dsn, "it still reaches asyncpg"
 
 
 async def test_password_from_the_environment_or_a_pgpass_file(
