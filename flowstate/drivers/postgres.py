@@ -837,7 +837,12 @@ class PostgresDriver(Driver):
             self._lifecycle = _Lifecycle.OPENED
 
     def _connect_args(self) -> dict[str, Any]:
-        return {"dsn": self._dsn, "timeout": self.connect_timeout}
+        args: dict[str, Any] = {"dsn": self._dsn, "timeout": self.connect_timeout}
+        query = self._dsn.partition("?")[2]
+        if not any(key == "application_name" for key, _ in parse_qsl(query)):
+            # What pg_stat_activity shows for the driver's connections, unless the URL says.
+            args["server_settings"] = {"application_name": "flowstate"}
+        return args
 
     async def _connect(self) -> Any:
         return await asyncpg.connect(**self._connect_args())

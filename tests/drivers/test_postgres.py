@@ -1025,3 +1025,18 @@ def test_cli_demo_with_a_crashing_worker(
         assert all(state.is_ended for state in page.states)
 
     asyncio.run(check())
+
+
+async def test_connections_are_named_for_the_server(postgres_url: str) -> None:
+    async def name(url: str) -> str:
+        async with PostgresDriver.from_url(url) as driver:
+            await _commit(driver, _write("s"))
+            pid = driver._commit_conn.get_server_pid()
+            rows = await _sql(
+                url, "SELECT application_name FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            found: str = rows[0][0]
+            return found
+
+    assert await name(unique_url(postgres_url)) == "flowstate"
+    assert await name(unique_url(postgres_url) + "&application_name=billing") == "billing"
