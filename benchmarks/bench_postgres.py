@@ -264,7 +264,7 @@ def measure(
             run (or uses ``FLOWSTATE_POSTGRES_URL`` when set).
         repeat: Interleaved repetitions; medians are reported.
         base: Transitions of a sequential run (the other rows scale from it).
-        dbos: Also measure DBOS (needs the ``dbos`` package: ``pip install 'flowstate[bench]'``).
+        dbos: Also measure DBOS (needs the ``dbos`` package: ``pip install 'flowstate-engine[bench]'``).
     """
     url = url or os.environ.get(ENV_URL)
     if url:

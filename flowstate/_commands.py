@@ -110,18 +110,23 @@ class Transit(Command):
         _set(self.ctx, Transition(to=self.to, annotations=dict(self.annotations or {})))
 
 
-@define(slots=True)
+@define(slots=True, init=False)
 class End(Command):
-    """Finish ``ctx``: its transition points nowhere (``to == ""``), a terminal resting status."""
+    """Finish ``ctx``: its transition points nowhere (``to == ""``), a terminal resting status.
 
-    ctx: StateCtx = field()
+    ``annotations`` are the new transition's own (e.g. why the state ended).
+    """
 
-    @ctx.validator
-    def _validate(self, _attr: object, value: object) -> None:
-        _check_ctx(value, "End")
+    ctx: StateCtx
+    annotations: dict[str, str] | None
+
+    def __init__(self, ctx: StateCtx, *, annotations: Mapping[str, str] | None = None) -> None:
+        _check_ctx(ctx, "End")
+        self.ctx = ctx
+        self.annotations = _check_annotations(annotations, "End")
 
     def _mutate(self) -> None:
-        _set(self.ctx, Transition())
+        _set(self.ctx, Transition(annotations=dict(self.annotations or {})))
 
 
 @define(slots=True, init=False)
@@ -129,36 +134,52 @@ class Pause(Command):
     """Pause ``ctx``: it rests (the recoverer leaves it alone) until ``Resume``.
 
     ``to`` is where ``Resume`` continues; by default the flow the state is at now.
+    ``annotations`` are the new transition's own, besides the paused marker.
     """
 
     ctx: StateCtx
     to: str
+    annotations: dict[str, str] | None
 
-    def __init__(self, ctx: StateCtx, to: str | None = None) -> None:
+    def __init__(
+        self,
+        ctx: StateCtx,
+        to: str | None = None,
+        *,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         _check_ctx(ctx, "Pause")
         to = ctx.current.transition.to if to is None else to
         _check_flow_id(to, "Pause")
         self.ctx = ctx
         self.to = to
+        self.annotations = _check_annotations(annotations, "Pause")
 
     def _mutate(self) -> None:
-        _set(self.ctx, Transition(to=self.to, annotations={PAUSED_ANNOTATION: "true"}))
+        annotations = {**(self.annotations or {}), PAUSED_ANNOTATION: "true"}
+        _set(self.ctx, Transition(to=self.to, annotations=annotations))
 
 
-@define(slots=True)
+@define(slots=True, init=False)
 class Resume(Command):
-    """Continue a paused ``ctx`` at the flow it was paused at."""
+    """Continue a paused ``ctx`` at the flow it was paused at.
 
-    ctx: StateCtx = field()
+    ``annotations`` are the new transition's own, besides the resumed marker.
+    """
 
-    @ctx.validator
-    def _validate(self, _attr: object, value: object) -> None:
-        _check_ctx(value, "Resume")
+    ctx: StateCtx
+    annotations: dict[str, str] | None
+
+    def __init__(self, ctx: StateCtx, *, annotations: Mapping[str, str] | None = None) -> None:
+        _check_ctx(ctx, "Resume")
+        self.ctx = ctx
+        self.annotations = _check_annotations(annotations, "Resume")
 
     def _mutate(self) -> None:
         to = self.ctx.current.transition.to
         _check_flow_id(to, "Resume")
-        _set(self.ctx, Transition(to=to, annotations={RESUMED_ANNOTATION: "true"}))
+        annotations = {**(self.annotations or {}), RESUMED_ANNOTATION: "true"}
+        _set(self.ctx, Transition(to=to, annotations=annotations))
 
 
 @define(slots=True, init=False)

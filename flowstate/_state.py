@@ -95,6 +95,11 @@ class State(msgspec.Struct, kw_only=True):
         raw = self.transition.annotations.get(DELAY_AT_ANNOTATION)
         return datetime.datetime.fromisoformat(raw) if raw is not None else None
 
+    @property
+    def delay_to(self) -> str | None:
+        """The flow this version's delay transits to when due, or None."""
+        return self.transition.annotations.get(DELAY_TO_ANNOTATION)
+
     def copy(self) -> "State":
         """Return an independent copy (no dict is shared with this one)."""
         transition = self.transition

@@ -411,11 +411,21 @@ def _kill_leftovers() -> None:
 
 
 @pytest.fixture(scope="session")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def etcd_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The URL base of an etcd for this session: ``FLOWSTATE_ETCD_URL`` or a member started here.
 
     Append a key prefix with :func:`unique_url`. A missing etcd binary fails the session.
     """
+    if request.config.getoption("--quick", default=False):
+        # --quick leaves out the tests marked etcd: this one is missing its marker.
+        pytest.fail(
+            "a test uses etcd_url in a --quick run but is not marked etcd; a fixture that "
+            "asks for etcd_url at run time marks its parameter "
+            "(pytest.param(..., marks=pytest.mark.etcd))",
+            pytrace=False,
+        )
     configured = os.environ.get(ENV_URL)
     if configured:
         yield configured

@@ -327,11 +327,19 @@ def _stop_leftovers() -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The URL of a PostgreSQL database for this session: ``FLOWSTATE_POSTGRES_URL`` or a
     cluster started here. Give each test its own schema with :func:`unique_url`. Missing
     server binaries fail the session.
     """
+    if request.config.getoption("--quick", default=False):
+        # --quick leaves out the tests marked postgres: this one is missing its marker.
+        pytest.fail(
+            "a test uses postgres_url in a --quick run but is not marked postgres; a fixture "
+            "that asks for postgres_url at run time marks its parameter "
+            "(pytest.param(..., marks=pytest.mark.postgres))",
+            pytrace=False,
+        )
     configured = os.environ.get(ENV_URL)
     if configured:
         yield configured

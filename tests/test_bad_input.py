@@ -218,7 +218,7 @@ async def _run(engine: fs.Engine, calls: list[Call]) -> None:
         assert state.rev > 0
 
 
-@pytest.fixture(params=["memory", "sqlite", "etcd"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
 def new_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], fs.Engine]:
     """A factory of engines, each on a fresh store."""
     counter = itertools.count()

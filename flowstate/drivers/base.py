@@ -386,7 +386,7 @@ def _load(scheme: str) -> type[Driver]:
         if exc.name == module_name or exc.name is None:
             raise
         extra = _EXTRAS.get(scheme)
-        hint = f"; install it with: pip install 'flowstate[{extra}]'" if extra else ""
+        hint = f"; install it with: pip install 'flowstate-engine[{extra}]'" if extra else ""
         raise MissingDependencyError(
             f"the {scheme!r} driver needs the {exc.name!r} package{hint}"
         ) from exc

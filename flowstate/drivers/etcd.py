@@ -1,8 +1,8 @@
 """The etcd driver (``etcd://host:port[,host:port...]/key-prefix``): the cluster backend.
 
 Built on etcd's gRPC API through aetcd's generated stubs (asyncio); install it with
-``pip install 'flowstate[etcd]'``. Every
-store lives under its own key prefix, so many stores can share one etcd cluster.
+``pip install 'flowstate-engine[etcd]'``. Every store lives under its own key prefix, so many
+stores can share one etcd cluster.
 
 URL:
     ``etcd://[user@]10.0.0.1:2379,10.0.0.2:2379/apps/orders?timeout=5&max_txn_ops=128``. Each

@@ -1,8 +1,8 @@
 """The PostgreSQL driver (``postgresql://user@host:port/database?schema=flowstate``).
 
-Built on asyncpg; install it with ``pip install 'flowstate[postgres]'``. Every store lives in
-its own schema (``flowstate`` by default), so many stores can share one database, and any
-number of processes can use one store at once.
+Built on asyncpg; install it with ``pip install 'flowstate-engine[postgres]'``. Every store
+lives in its own schema (``flowstate`` by default), so many stores can share one database, and
+any number of processes can use one store at once.
 
 URL:
     ``postgresql://app@db.internal:5432/orders?schema=flowstate&sslmode=verify-full``

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["etcd_url"]
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.etcd]
 
 
 class TestEtcdDriver(DriverTests):

@@ -21,7 +21,7 @@ from flowstate.drivers.etcd import PASSWORD_ENV, EtcdDriver
 from tests.etcd_server import EtcdServer, ServerTLS
 from tests.etcd_tls import Certificates, make_certificates
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.etcd]
 
 USER = "flow"
 PASSWORD = "s3cret-Pa55"  # distinctive, so that a leak anywhere shows

@@ -45,7 +45,7 @@ CHILD = Path(__file__).with_name("postgres_child.py")
 PASSWORD_ROLE = "fs_secret_user"
 PASSWORD = "s3cret-Pa55word"
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 
 class TestPostgresDriver(DriverTests):
@@ -55,6 +55,7 @@ class TestPostgresDriver(DriverTests):
             yield driver
 
 
+@pytest.mark.slow
 def test_postgres_driver_matches_the_model(postgres_url: str) -> None:
     run_driver_machine(
         lambda: PostgresDriver.from_url(unique_url(postgres_url)),
@@ -207,6 +208,7 @@ def test_an_ssl_key_password_never_shows() -> None:
     assert "sslpassword=hunter2" in driver._dsn, "it still reaches asyncpg"
 
 
+@pytest.mark.slow
 async def test_password_from_the_environment_or_a_pgpass_file(
     own_server: PostgresServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -649,6 +651,7 @@ async def _page_costs(driver: PostgresDriver, conn: Any) -> list[tuple[int, list
     return costs
 
 
+@pytest.mark.slow
 async def test_page_cost_does_not_grow_with_history(postgres_url: str) -> None:
     """Every page read walks an index and stops at its limit: four times the history costs
     no more (the binary search of since_time a few probes more)."""
@@ -752,6 +755,7 @@ async def test_wait_for_rev_is_woken_by_a_notification(
                 await waiting
 
 
+@pytest.mark.slow
 async def test_watch_sees_a_commit_from_another_process(postgres_url: str) -> None:
     url = unique_url(postgres_url)
     async with (
@@ -797,6 +801,7 @@ async def _terminate(url: str, application_name: str) -> int:
     return len(pids)
 
 
+@pytest.mark.slow
 async def test_a_dropped_connection_loses_no_wake_up(postgres_url: str) -> None:
     url = unique_url(postgres_url)
     name = f"victim-{uuid.uuid4().hex[:8]}"
@@ -825,6 +830,7 @@ async def test_a_dropped_connection_loses_no_wake_up(postgres_url: str) -> None:
         assert (await writer.get_state("from-victim")).rev == rev
 
 
+@pytest.mark.slow
 async def test_watch_resumes_across_a_server_restart(own_server: PostgresServer) -> None:
     url = unique_url(own_server.url)
     async with PostgresDriver.from_url(url) as driver, fs.Engine(driver) as engine:
@@ -872,6 +878,7 @@ async def test_watch_resumes_across_a_server_restart(own_server: PostgresServer)
         ]
 
 
+@pytest.mark.slow
 async def test_unavailable_while_the_server_is_down_then_works_again(
     own_server: PostgresServer,
 ) -> None:
@@ -901,6 +908,7 @@ async def test_unavailable_while_the_server_is_down_then_works_again(
         assert (await driver.get_state("s")).rev == rev2
 
 
+@pytest.mark.slow
 async def test_open_waits_for_a_server_that_is_starting(own_server: PostgresServer) -> None:
     url = unique_url(own_server.url) + "&timeout=30"
     await asyncio.to_thread(own_server.stop)
@@ -919,6 +927,7 @@ async def test_open_waits_for_a_server_that_is_starting(own_server: PostgresServ
 # -- processes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_process_loses_no_acknowledged_commit(postgres_url: str) -> None:
     """SIGKILL committing processes at random moments: every acknowledged commit is stored
     whole, with the revisions it was told, and revisions stay dense."""
@@ -1007,6 +1016,7 @@ def test_cli_reading_never_creates_a_store(
     assert rows == [], "the schema was not created"
 
 
+@pytest.mark.slow
 def test_cli_demo_with_a_crashing_worker(
     postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

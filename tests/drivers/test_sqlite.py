@@ -74,6 +74,7 @@ class TestSQLiteMemoryDriver(DriverTests):
             yield driver
 
 
+@pytest.mark.slow
 def test_sqlite_driver_matches_the_model(tmp_path: Path) -> None:
     counter = itertools.count()
     run_driver_machine(lambda: SQLiteDriver(tmp_path / f"model-{next(counter)}.db"))
@@ -608,6 +609,7 @@ async def _line(proc: asyncio.subprocess.Process) -> str:
     return line.decode().strip()
 
 
+@pytest.mark.slow
 @pytestmark_anyio
 async def test_watch_sees_a_commit_from_another_process(tmp_path: Path) -> None:
     path = tmp_path / "process.db"
@@ -625,6 +627,7 @@ async def test_watch_sees_a_commit_from_another_process(tmp_path: Path) -> None:
         assert (state.id, state.rev) == ("from-child", 1)
 
 
+@pytest.mark.slow
 @pytestmark_anyio
 async def test_two_processes_never_lose_an_update(tmp_path: Path) -> None:
     path = tmp_path / "counter.db"
@@ -659,6 +662,7 @@ async def test_two_processes_never_lose_an_update(tmp_path: Path) -> None:
         assert len(await _all_states(driver)) == 1 + 2 * count
 
 
+@pytest.mark.slow
 def test_killed_process_loses_no_acknowledged_commit(tmp_path: Path) -> None:
     """SIGKILL a committing process at random moments; the file must stay whole."""
     path = tmp_path / "crash.db"
