@@ -28,13 +28,12 @@ from flowstate.workflows._model import (
     StepObservation,
     StepStatus,
 )
-from flowstate.workflows._pipeline import END, Pipeline, Step, StepContext, StepFn
+from flowstate.workflows._pipeline import Pipeline, Step, StepContext, StepFn
 
 __all__ = [
     "AlreadyTerminalError",
     "CancelPendingError",
     "DefinitionError",
-    "END",
     "FlowEvent",
     "FlowManager",
     "FlowStatus",
