@@ -6,7 +6,7 @@ cluster (through ``tests/postgres_server.py``) with PostgreSQL's durable default
 ``full_page_writes`` and ``synchronous_commit`` on), unless ``FLOWSTATE_POSTGRES_URL`` names a
 server::
 
-    python benchmarks/bench_postgres.py [--repeat 5] [--base 1000] [--no-dbos]
+    python -m benchmarks.bench_postgres [--repeat 5] [--base 1000] [--no-dbos]
 
 Every row counts transitions per second, each one a durable commit of one state's next
 version (or, for DBOS, one checkpointed step):
