@@ -790,9 +790,14 @@ class FlowManager:
                     flow = flow_of(ctx.committed, record)
                     planned = plan(ctx.committed, flow, record)
                     change = await planned if isinstance(planned, Awaitable) else planned
-                    if change is None:
+                    if change is None and not cached:
                         self._remember(ctx)
                         return flow
+                    if change is None:
+                        # Nothing to do, decided on a version this manager committed earlier,
+                        # which may be stale: decide again on the latest one.
+                        ctx = None
+                        continue
                     if keep is not None and change.flow is None and not change.status.is_terminal:
                         change = attrs.evolve(change, flow=keep(flow, record))
                     return await self._commit(ctx, change)

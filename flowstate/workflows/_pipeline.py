@@ -349,7 +349,9 @@ class Pipeline:
             pipeline.add_step(
                 Step(task_name, fn, on_success=on_success, on_failure=on_failure, **options)
             )
-        problems += [p for p in pipeline.problems() if p not in problems]
+        # The definition's own checks name the start task and the targets in its terms; the
+        # pipeline adds what only a step can tell (a negative timeout...).
+        problems += pipeline._problems if problems else pipeline.problems()
         if problems:
             raise DefinitionError(problems)
         pipeline.definition = msgspec.json.decode(msgspec.json.encode(raw))

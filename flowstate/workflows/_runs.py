@@ -254,13 +254,13 @@ class PipelineExecutor:
             if attempt > self.pipeline.step(step_id).retries:
                 reason = f"step {step_id!r} failed after {attempt} attempts: {error}"
                 return self._branch(flow, record, step_id, "failure", reason, extra, decision)
-        elif phase == BACKOFF:
+        if record.cancel_requested:
+            return _first(cancelled(flow, record, how="requested"), extra)
+        if phase == BACKOFF:
             due = datetime.datetime.fromisoformat(run["retry_at"]).timestamp()
             if due > time.time():
                 decision.action, decision.until = "wait", due
                 return None
-        if record.cancel_requested:
-            return _first(cancelled(flow, record, how="requested"), extra)
         return self._claim(flow, record, step_id, attempt + 1, extra, decision)
 
     def _plan_done(
