@@ -116,6 +116,10 @@ class FlowRegistry(Mapping[str, Flow]):
         except KeyError:
             raise FlowNotFoundError(flow_id) from None
 
+    def __contains__(self, flow_id: object) -> bool:
+        # Mapping's own __contains__ catches KeyError only, not FlowNotFoundError.
+        return flow_id in self._flows
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._flows)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +27,15 @@ from flowstate.drivers.base import hide_password
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
-from flowstate.workflows import FlowManager, FlowStatus
+from flowstate.workflows import (
+    FlowEvent,
+    FlowManager,
+    FlowStatus,
+    Pipeline,
+    StepFn,
+    Worker,
+    workflow_flows,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -66,6 +76,8 @@ examples:
   {PROG} flows sqlite:///app.db --owner alice --status running
   {PROG} flow sqlite:///app.db FLOW-ID
   {PROG} recover sqlite:///app.db --flows myapp.flows:FLOWS
+  {PROG} worker sqlite:///app.db --flows myapp.flows:FLOWS --concurrency 16
+  {PROG} run flow.json sqlite:///app.db --tasks myapp.tasks:TASKS
 
 Run '{PROG} COMMAND --help' for the options of one command.
 """
@@ -676,9 +688,144 @@ async def _run_demo(args: argparse.Namespace) -> int:
 # `recover` service runner) is one more entry here, with its configure and run functions.
 async def _run_recover(args: argparse.Namespace) -> int:
     try:
-        return await recover_service.run(args)
+        return await recover_service.run(args, extra_flows=workflow_flows())
     except recover_service.FlowsSpecError as exc:
         raise CommandError(str(exc)) from exc
+
+
+# -- worker and run ------------------------------------------------------------------------------
+
+_CODE_WARNING = (
+    "imported from the current folder or the Python path; this imports and runs that code, "
+    "with access to the store: point it only at code you trust"
+)
+
+
+def _configure_worker(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    parser.add_argument(
+        "--flows",
+        metavar="MODULE:ATTR",
+        help="the flows and pipelines to run: a mapping of flow ids to flows (add "
+        f"flowstate.workflows.workflow_flows(*pipelines) to it for pipelines), {_CODE_WARNING}",
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="MODULE:ATTR",
+        help="step functions by task name, for runs of JSON pipeline definitions, " + _CODE_WARNING,
+    )
+    parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_count(1),
+        default=8,
+        help="run at most N executions at once (default 8)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait up to S seconds for running steps to end (default 30)",
+    )
+
+
+def _load_tasks(spec: str) -> dict[str, StepFn]:
+    """Import ``module:attr`` naming a mapping of task names to step functions."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise CommandError(f"--tasks wants package.module:attribute, not {spec!r}")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise CommandError(f"cannot load --tasks {spec!r}: {exc}") from exc
+    if not isinstance(value, Mapping) or not all(callable(fn) for fn in value.values()):
+        raise CommandError(f"--tasks {spec!r} is not a mapping of task names to functions")
+    return dict(value)
+
+
+async def _run_worker_service(args: argparse.Namespace) -> int:
+    recover_service.import_from_working_directory()
+    try:
+        flows = recover_service.load_flows(args.flows) if args.flows else fs.FlowRegistry()
+    except recover_service.FlowsSpecError as exc:
+        raise CommandError(str(exc)) from exc
+    tasks = _load_tasks(args.tasks) if args.tasks else {}
+    if not flows and not tasks:
+        raise CommandError("give the worker something to run: --flows and/or --tasks")
+    for flow_id, fn in workflow_flows().items():
+        flows.register(flow_id, fn)
+
+    async def service(stop: asyncio.Event) -> None:
+        async with (
+            fs.Engine(args.url, flows=flows) as engine,
+            Worker(
+                engine,
+                concurrency=args.concurrency,
+                tasks=tasks,
+                drain_timeout=args.drain_timeout,
+            ),
+        ):
+            await stop.wait()
+
+    return await recover_service.until_signalled(service)
+
+
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition", metavar="DEFINITION.json", help="a JSON pipeline definition")
+    _add_url(parser)
+    parser.add_argument(
+        "--tasks",
+        metavar="MODULE:ATTR",
+        required=True,
+        help="step functions by task name, " + _CODE_WARNING,
+    )
+    parser.add_argument("--input", metavar="JSON", default="null", help="the run's input")
+    parser.add_argument("--owner", default="", help="whom the run belongs to")
+
+
+async def _run_run(args: argparse.Namespace) -> int:
+    recover_service.import_from_working_directory()
+    tasks = _load_tasks(args.tasks)
+    try:
+        definition = await asyncio.to_thread(Path(args.definition).read_bytes)
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.definition}: {exc.strerror}") from exc
+    try:
+        run_input = msgspec.json.decode(args.input)
+    except msgspec.DecodeError as exc:
+        raise CommandError(f"--input is not JSON: {exc}") from exc
+    pipeline = Pipeline.from_definition(definition, tasks=tasks)
+    async with fs.Engine(args.url) as engine:
+        manager = FlowManager(engine)
+        manager.register(pipeline)
+        async with manager.watch(since_rev=await engine.driver.head_rev()) as versions:
+            run = await manager.execute(pipeline.id, input=run_input, owner=args.owner)
+            print(f"run {run.id} of {pipeline.id!r} started", flush=True)
+            seen = 0
+            async for version in versions:
+                if version.id != run.id:
+                    continue
+                events = await manager.events(run.id)
+                for event in events[seen:]:
+                    print(_describe(event), flush=True)
+                seen = len(events)
+                if version.status.is_terminal:
+                    return 0 if version.status == "finished" else EXIT_ERROR
+    return EXIT_ERROR
+
+
+def _describe(event: FlowEvent) -> str:
+    payload = event.payload
+    step = f" {payload['step']} (attempt {payload['attempt']})" if "step" in payload else ""
+    detail = ""
+    if "output" in payload:
+        detail = f": {_json.encode(payload['output']).decode()}"
+    elif "error" in payload:
+        detail = f": {payload['error']}"
+    elif "reason" in payload:
+        detail = f": {payload['reason']}"
+    return f"{_utc(event.at)}  {event.kind}{step}{detail}"
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -739,6 +886,30 @@ COMMANDS: tuple[Command, ...] = (
         ),
         configure=recover_service.configure,
         run=_run_recover,
+    ),
+    Command(
+        name="worker",
+        help="run pipeline runs and flows that other processes start, until SIGTERM",
+        description=(
+            "Follow a store and run the pipeline runs and plain flows other processes commit, "
+            "at most --concurrency at a time. Run as many workers as you like: they share the "
+            "work, and no step runs twice while its worker lives. On SIGTERM a worker stops "
+            "taking work, finishes its running steps (up to --drain-timeout) and hands the "
+            "rest back."
+        ),
+        configure=_configure_worker,
+        run=_run_worker_service,
+    ),
+    Command(
+        name="run",
+        help="start one run of a JSON pipeline definition and follow it to its end",
+        description=(
+            "Start a run of a JSON pipeline definition (the flow-manager format) with the step "
+            "functions of --tasks, run it here, and print each step as it starts and ends. "
+            "Exits 0 when the run finishes, 1 when it fails or is cancelled."
+        ),
+        configure=_configure_run,
+        run=_run_run,
     ),
     Command(
         name="watch",

@@ -14,6 +14,7 @@ from flowstate.drivers.memory import MemoryDriver
 from tests import etcd_server, postgres_server
 from tests.etcd_server import etcd_url
 from tests.postgres_server import postgres_url
+from tests.processes import Process
 
 # The session's etcd and PostgreSQL servers, each started once for every test that needs it.
 __all__ = ["etcd_url", "postgres_url"]
@@ -117,3 +118,12 @@ async def new_driver(
     yield make
     for driver in created:
         await driver.aclose()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[Process]]:
+    """Every process a test starts is killed by PID at the end, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        await process.close()

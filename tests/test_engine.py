@@ -26,6 +26,7 @@ async def noop(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
 def test_flow_registry() -> None:
     registry = fs.FlowRegistry({"a": noop})
     assert "a" in registry
+    assert "zzz" not in registry
     assert list(registry) == ["a"]
     assert len(registry) == 1
 

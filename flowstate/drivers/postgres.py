@@ -651,6 +651,10 @@ def _check_text(write: StateWrite) -> None:
             )
 
 
+def _holds_nul(labels: dict[str, str]) -> bool:
+    return any("\x00" in key or "\x00" in value for key, value in labels.items())
+
+
 async def _no_reset(connection: Any) -> None:
     """The pool's reset between uses: flowstate changes no session state, so there is nothing
     to undo (asyncpg's default costs a round trip per use; an open transaction is still rolled
@@ -1227,6 +1231,9 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        if "\x00" in state_id:
+            self._check()
+            raise NotFoundError(f"state {state_id!r} not found")  # no stored id holds NUL
         if rev == 0:
             row = await self._read("read", lambda c: c.fetchrow(self._sql.state_latest, state_id))
             if row is None:
@@ -1246,7 +1253,11 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         self._check()
-        leads = [list(wanted.items()) for wanted in query.label_sets]
+        label_sets = query.label_sets
+        # No stored text holds NUL (commits refuse it): a filter that needs one matches nothing.
+        leads = [list(wanted.items()) for wanted in label_sets if not _holds_nul(wanted)]
+        if (label_sets and not leads) or (query.id is not None and "\x00" in query.id):
+            return StatesPage(states=[], more=False, head_rev=await self.head_rev())
         if query.id is None and any(len(pairs) > 1 for pairs in leads):
             leads = await self._order_pairs(leads, query.since_rev)
         sql, params = _page_sql(self._sql.schema, query, leads)
@@ -1317,6 +1328,9 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        if "\x00" in state_id or "\x00" in alias:
+            self._check()
+            raise NotFoundError(f"state {state_id!r} has no data {alias!r}")  # none holds NUL
         if rev:
             row = await self._read(
                 "read", lambda c: c.fetchrow(self._sql.data_at, state_id, alias, rev)

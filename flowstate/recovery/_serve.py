@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from flowstate._engine import Engine, Flow, FlowRegistry
@@ -19,7 +19,7 @@ from flowstate.recovery._services import Delayer, Recoverer
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["configure", "load_flows", "run", "serve"]
+__all__ = ["configure", "load_flows", "run", "serve", "until_signalled"]
 
 logger = logging.getLogger("flowstate.recovery")
 
@@ -130,10 +130,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def run(args: argparse.Namespace) -> int:
-    """Run the service until SIGTERM or SIGINT; exit 0 after a clean handover."""
+async def run(args: argparse.Namespace, extra_flows: Mapping[str, Flow] | None = None) -> int:
+    """Run the service until SIGTERM or SIGINT; exit 0 after a clean handover.
+
+    ``extra_flows`` are added to the ones ``--flows`` names (the command adds the flows of
+    the workflow layer there).
+    """
     import_from_working_directory()
     flows = load_flows(args.flows)
+    for flow_id, fn in (extra_flows or {}).items():
+        if flow_id not in flows:
+            flows.register(flow_id, fn)
+
+    async def service(stop: asyncio.Event) -> None:
+        await serve(
+            args.url,
+            flows,
+            retry_after=args.retry_after,
+            max_attempts=args.max_attempts,
+            lease_ttl=args.lease_ttl,
+            stop=stop,
+        )
+
+    return await until_signalled(service)
+
+
+async def until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run a long-lived service until SIGTERM or SIGINT sets its stop event; 0 once it ended.
+
+    Logs go to stderr at INFO unless logging was configured already.
+    """
     if not any(isinstance(h, logging.StreamHandler) for h in logging.getLogger().handlers):
         logging.basicConfig(
             stream=sys.stderr,
@@ -145,14 +171,7 @@ async def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await serve(
-            args.url,
-            flows,
-            retry_after=args.retry_after,
-            max_attempts=args.max_attempts,
-            lease_ttl=args.lease_ttl,
-            stop=stop,
-        )
+        await service(stop)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):

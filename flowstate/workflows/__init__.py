@@ -29,6 +29,7 @@ from flowstate.workflows._model import (
     StepStatus,
 )
 from flowstate.workflows._pipeline import Pipeline, Step, StepContext, StepFn
+from flowstate.workflows._worker import Worker, WorkerStats, workflow_flows
 
 __all__ = [
     "AlreadyTerminalError",
@@ -47,6 +48,9 @@ __all__ = [
     "StepFn",
     "StepObservation",
     "StepStatus",
+    "Worker",
+    "WorkerStats",
+    "workflow_flows",
 ]
 
 # Reprs and docs say flowstate.workflows.FlowManager, not its private module.

@@ -104,7 +104,7 @@ class FlowManager:
         self.attempts = attempts
         self._locks = _KeyedLocks()
         self._latest: collections.OrderedDict[str, fs.StateCtx] = collections.OrderedDict()
-        engine.flows.register(TIMER_FLOW, _resume_on_timer)
+        engine.flows.register(TIMER_FLOW, resume_on_timer)
 
     def __repr__(self) -> str:
         return f"FlowManager({self.engine!r}, attempts={self.attempts})"
@@ -869,7 +869,7 @@ class FlowWatcher:
         await self.aclose()
 
 
-async def _resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+async def resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
     """The flow a timer wait's delay fires: resume the waiting flow (event ``resumed``).
 
     The delay is bound to the version that started the wait, so this runs only when nothing

@@ -104,6 +104,8 @@ class PipelineExecutor:
         )
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._cancelled: set[str] = set()
+        self._hand_back: set[str] = set()
+        self._waits: set[str] = set()
 
     def __repr__(self) -> str:
         return f"PipelineExecutor({self.pipeline.id!r})"
@@ -128,6 +130,13 @@ class PipelineExecutor:
         """The runs whose attempt (or backoff wait) runs in this process now."""
         return frozenset(self._tasks)
 
+    def stop_after_step(self, run_id: str) -> None:
+        """Hand ``run_id`` back at its next step boundary: commit the end of the running
+        attempt without starting the next one (or stop waiting for a retry), and return."""
+        self._hand_back.add(run_id)
+        if run_id in self._waits:
+            self.cancel_local(run_id)  # a backoff wait: nothing to finish
+
     def cancel_local(self, run_id: str) -> bool:
         """Cancel the attempt (or backoff wait) of ``run_id`` running in this process.
 
@@ -151,35 +160,41 @@ class PipelineExecutor:
             decision.action = "stop"
             return self._plan_next(state, flow, record, decision)
 
-        await manager._mutate(run_id, plan_next)
-        while decision.action != "stop":
-            if decision.action == "wait":
-                await self._wait(run_id, decision.until)
-                await manager._mutate(run_id, plan_next)
-                continue
-            step_id, attempt = decision.step, decision.attempt
-            flow = await manager.get(run_id)
-            outcome = await self._attempt(flow, step_id, attempt)
-            if outcome is None:
-                return  # cancelled while it ran: the cancel committed the run's end
+        try:
+            flow = await manager._mutate(run_id, plan_next)
+            while decision.action != "stop":
+                if decision.action == "wait":
+                    await self._wait(run_id, decision.until)
+                    if run_id in self._hand_back:
+                        return
+                    flow = await manager._mutate(run_id, plan_next)
+                else:
+                    flow = await self._step(manager, flow, decision)
+        finally:
+            self._hand_back.discard(run_id)
 
-            def plan_done(
-                state: fs.State,
-                flow: ManagedFlow,
-                record: Record,
-                step_id: str = step_id,
-                attempt: int = attempt,
-                outcome: _Outcome = outcome,
-            ) -> Change | None:
-                decision.action = "stop"
-                return self._plan_done(flow, record, step_id, attempt, outcome, decision)
+    async def _step(
+        self, manager: FlowManager, flow: ManagedFlow, decision: _Decision
+    ) -> ManagedFlow:
+        """Run the attempt ``decision`` claimed on ``flow`` and commit its outcome (with what
+        the run does next); return the run as committed."""
+        step_id, attempt = decision.step, decision.attempt
+        outcome = await self._attempt(flow, step_id, attempt)
+        if outcome is None:
+            decision.action = "stop"  # cancelled while it ran: the cancel ended the run
+            return flow
 
-            await manager._mutate(run_id, plan_done)
+        def plan_done(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
+            decision.action = "stop"
+            return self._plan_done(flow, record, step_id, attempt, outcome, decision)
+
+        return await manager._mutate(flow.id, plan_done)
 
     async def _wait(self, run_id: str, until: float) -> None:
         """Sleep until a retry is due; a cancel in this process ends the sleep early."""
         task = asyncio.ensure_future(asyncio.sleep(max(0.0, until - time.time())))
         self._tasks[run_id] = task
+        self._waits.add(run_id)
         try:
             await task
         except asyncio.CancelledError:
@@ -187,6 +202,7 @@ class PipelineExecutor:
                 raise
         finally:
             self._tasks.pop(run_id, None)
+            self._waits.discard(run_id)
             self._cancelled.discard(run_id)
 
     async def _attempt(self, flow: ManagedFlow, step_id: str, attempt: int) -> _Outcome | None:
@@ -342,6 +358,19 @@ class PipelineExecutor:
             return _first(failed(flow, record, reason, step=step_id), events)
         if record.cancel_requested:
             return _first(cancelled(flow, record, how="requested"), events)
+        if flow.id in self._hand_back:
+            # Stopping: leave the next step for another executor to claim.
+            record.run = {"step": target, "attempt": 0, "phase": PENDING}
+            record.current_step = target
+            (kind, payload), *rest = events
+            return Change(
+                status=FlowStatus.RUNNING,
+                record=record,
+                event=kind,
+                payload=payload,
+                flow=self.pipeline.flow_id,
+                more=tuple(rest),
+            )
         return self._claim(flow, record, target, 1, events, decision)
 
     def _claim(

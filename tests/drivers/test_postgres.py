@@ -489,6 +489,24 @@ async def test_nul_characters_are_refused_before_sending(postgres_url: str, wher
         assert await driver.head_rev() == 0
 
 
+async def test_reads_with_nul_characters_find_nothing(postgres_url: str) -> None:
+    async with PostgresDriver.from_url(unique_url(postgres_url)) as driver:
+        (rev,) = await _commit(driver, _write("a", kind="x"))
+        with pytest.raises(fs.NotFoundError):
+            await driver.get_state("a\x00")
+        with pytest.raises(fs.NotFoundError):
+            await driver.get_data("a", "\x00")
+        for query in (
+            fs.StatesQuery(id="a\x00"),
+            fs.StatesQuery(labels={"kind": "x\x00"}),
+            fs.StatesQuery(labels={"k\x00": "x"}, since_latest=True),
+        ):
+            page = await driver.get_states(query)
+            assert (page.states, page.more, page.head_rev) == ([], False, rev)
+        page = await driver.get_states(fs.StatesQuery(labels=[{"kind": "\x00"}, {"kind": "x"}]))
+        assert [s.id for s in page.states] == ["a"], "the other AND-map still matches"
+
+
 async def test_values_flowstate_did_not_write_are_driver_errors(postgres_url: str) -> None:
     url = unique_url(postgres_url)
     async with PostgresDriver.from_url(url) as driver:
