@@ -94,7 +94,8 @@ Failures:
     unknown and the caller gets ``DriverUnavailableError`` (a retry with the same expected
     revisions is safe: it conflicts if the first attempt was applied). PostgreSQL cannot
     store the NUL character in text: a state id, label, data alias or delay target holding
-    one is refused with ``InvalidCommandError`` before anything is sent.
+    one is refused with ``InvalidCommandError`` before anything is sent, and a read that
+    asks for one finds nothing.
 
 Watching:
     ``fs_commit`` ends with ``pg_notify`` on the store's channel (``flowstate:<schema>``) with
