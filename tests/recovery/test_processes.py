@@ -1,4 +1,4 @@
-"""Recovery with real processes that are really killed, on SQLite files and on etcd."""
+"""Recovery with real processes that are really killed, on SQLite files, etcd and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.recovery import _settings
-from tests.etcd_server import unique_url
+from tests import etcd_server, postgres_server
 from tests.processes import Process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -24,11 +24,19 @@ LEASE_TTL = 1.0
 FLOWS = "tests.recovery.process_flows:flows"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("etcd", marks=pytest.mark.etcd),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store.db"
-    return unique_url(request.getfixturevalue("etcd_url"))
+    if request.param == "etcd":
+        return etcd_server.unique_url(request.getfixturevalue("etcd_url"))
+    return postgres_server.unique_url(request.getfixturevalue("postgres_url"))
 
 
 async def recover(processes: list[Process], url: str, name: str, *extra: str) -> Process:

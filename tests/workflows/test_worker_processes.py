@@ -12,7 +12,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.workflows import FlowManager, ManagedFlow
-from tests.etcd_server import unique_url
+from tests import etcd_server, postgres_server
 from tests.processes import Process
 from tests.workflows.pipeline_app import CRASHY, SHARED, SLOW
 
@@ -21,11 +21,19 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 APP = "tests.workflows.pipeline_app"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("etcd", marks=pytest.mark.etcd),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store.db"
-    return unique_url(request.getfixturevalue("etcd_url"))
+    if request.param == "etcd":
+        return etcd_server.unique_url(request.getfixturevalue("etcd_url"))
+    return postgres_server.unique_url(request.getfixturevalue("postgres_url"))
 
 
 def executions(log: Path) -> collections.Counter[tuple[str, str, int]]:
