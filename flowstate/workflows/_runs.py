@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from flowstate.workflows._manager import FlowManager
 
-__all__ = ["PENDING", "PipelineExecutor", "new_run", "run_steps"]
+__all__ = ["PENDING", "PipelineExecutor", "claimable", "new_progress", "run_steps"]
 
 logger = logging.getLogger("flowstate.workflows")
 
@@ -55,7 +55,7 @@ BACKOFF: Final = "backoff"
 DEFINITION: Final = "pipeline"
 
 
-def new_run(pipeline: Pipeline) -> dict[str, Any]:
+def new_progress(pipeline: Pipeline) -> dict[str, Any]:
     """The progress a new run of ``pipeline`` starts with."""
     return {"step": pipeline.start, "attempt": 0, "phase": PENDING}
 
