@@ -182,9 +182,13 @@ def test_recovery_benchmark_runs(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     from tests.etcd_server import EtcdServer
+    from tests.postgres_server import PostgresServer
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
-    with tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        PostgresServer(settings={"fsync": "on", "full_page_writes": "on"}) as postgres,
+    ):
         server = EtcdServer(Path(tmp) / "etcd")
         server.start()
         server.wait_ready()
@@ -193,6 +197,7 @@ if __name__ == "__main__":
                 "memory": "memory://",
                 "sqlite": f"sqlite:///{tmp}/{{}}.db",
                 "etcd": server.url + "/{}",
+                "postgres": postgres.url + "?schema={}",
             }
             print(f"{n} stalled states, 200 delays, lease TTL {LEASE_TTL}s, 3 failovers\n")
             print("\n".join(asyncio.run(measure(stores, n, delays=200, failovers=3))))

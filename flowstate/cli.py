@@ -23,6 +23,7 @@ import msgspec
 from attrs import frozen
 
 import flowstate as fs
+from flowstate.drivers.base import hide_password
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
@@ -170,7 +171,7 @@ def _query(args: argparse.Namespace, limit: int = 50) -> fs.StatesQuery:
 
 
 def _open_existing(url: str) -> Driver:
-    """The driver of a store that must exist already: reading never creates a file."""
+    """The driver of a store that must exist already: reading never creates a store."""
     driver = fs.open_driver(url)
     if (
         isinstance(driver, SQLiteDriver)
@@ -178,6 +179,11 @@ def _open_existing(url: str) -> Driver:
         and not Path(driver.path).is_file()
     ):
         raise CommandError(f"no flowstate store at {driver.path!r} (from {url!r})")
+    if driver.scheme == "postgresql":
+        from flowstate.drivers.postgres import PostgresDriver  # loaded by open_driver already
+
+        if isinstance(driver, PostgresDriver):
+            driver.create = False  # open() fails on a missing schema instead of creating it
     return driver
 
 
@@ -612,7 +618,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
         # Another process cannot reach a store that lives in this one, so it is left out there.
         crash_order = f"r{run}-order-4"
         shared = not _in_this_process_only(driver)
-        out.say(f"flowstate demo, run {run}, on {args.url}")
+        out.say(f"flowstate demo, run {run}, on {hide_password(args.url)}")
         out.say("Three orders: a small one, a large one a manager must approve, and one whose")
         out.say("card is declined once.", end=" ")
         if shared:
@@ -673,7 +679,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     out.say(f"All {len(all_orders)} orders finished in {elapsed:.1f} s.", end="")
     if shared:
         out.say(" Look at them again with:")
-        out.say(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
+        out.say(f"  {PROG} states {hide_password(args.url)} --label demo-run={run} --latest-only")
     else:
         out.say(" They were kept in this process's memory only, and are gone now.")
     return 0
@@ -992,7 +998,8 @@ def main(argv: list[str] | None = None) -> int:
     except (fs.FlowstateError, CommandError) as exc:
         return _error(exc)
     except ImportError as exc:  # a driver module that cannot be imported
-        return _error(f"cannot load the driver for {getattr(args, 'url', '?')!r}: {exc}")
+        url = hide_password(getattr(args, "url", "?"))
+        return _error(f"cannot load the driver for {url!r}: {exc}")
     except BaseExceptionGroup as group:
         if group.subgroup(KeyboardInterrupt) is not None:
             return EXIT_INTERRUPTED

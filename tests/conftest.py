@@ -11,11 +11,14 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
-from tests.etcd_server import etcd_url, unique_url
+from tests import etcd_server, postgres_server
+from tests.etcd_server import etcd_url
+from tests.postgres_server import postgres_url
 from tests.processes import Process
 from tests.serve_process import ServerPool
 
-__all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
+# The session's etcd and PostgreSQL servers, each started once for every test that needs it.
+__all__ = ["etcd_url", "postgres_url"]
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +55,7 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
 # here, and a fixture that asks for a server at run time marks its parameter instead
 # (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table, and its
 # fixture fails in a --quick run, which names the test that lacks the marker.
-SERVER_FIXTURES = {"etcd_url": "etcd", "serve_pool": "slow"}
+SERVER_FIXTURES = {"etcd_url": "etcd", "postgres_url": "postgres", "serve_pool": "slow"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -100,6 +103,7 @@ STORES = [
     "memory",
     "sqlite",
     pytest.param("etcd", marks=pytest.mark.etcd),
+    pytest.param("postgres", marks=pytest.mark.postgres),
     pytest.param("http", marks=pytest.mark.slow),
 ]
 
@@ -125,11 +129,13 @@ async def new_driver(
     else:
         if request.param == "sqlite":
             url = f"sqlite:///{tmp_path}/store.db"
+        elif request.param == "etcd":
+            url = etcd_server.unique_url(request.getfixturevalue("etcd_url"))
         elif request.param == "http":
             server = request.getfixturevalue("serve_pool").take()
             url = server.url
         else:
-            url = unique_url(request.getfixturevalue("etcd_url"))
+            url = postgres_server.unique_url(request.getfixturevalue("postgres_url"))
 
         def make() -> Driver:
             driver = fs.open_driver(url)

@@ -252,7 +252,8 @@ class Driver(abc.ABC):
     cannot be reached); backend exceptions never escape.
     """
 
-    #: The URL scheme the driver is registered under (``memory``, ``sqlite``, ``etcd``).
+    #: The URL scheme the driver is registered under (``memory``, ``sqlite``, ``etcd``,
+    #: ``postgresql``).
     scheme: ClassVar[str]
 
     @classmethod
@@ -347,10 +348,18 @@ _BUILTIN: dict[str, str] = {
     "memory": "flowstate.drivers.memory:MemoryDriver",
     "sqlite": "flowstate.drivers.sqlite:SQLiteDriver",
     "etcd": "flowstate.drivers.etcd:EtcdDriver",
+    "postgresql": "flowstate.drivers.postgres:PostgresDriver",
+    "postgres": "flowstate.drivers.postgres:PostgresDriver",
     "http": "flowstate.drivers.http:HTTPDriver",
     "https": "flowstate.drivers.http:HTTPDriver",
 }
-_EXTRAS: dict[str, str] = {"etcd": "etcd", "http": "http", "https": "http"}
+_EXTRAS: dict[str, str] = {
+    "etcd": "etcd",
+    "postgresql": "postgres",
+    "postgres": "postgres",
+    "http": "http",
+    "https": "http",
+}
 _REGISTERED: dict[str, type[Driver]] = {}
 ENTRY_POINT_GROUP = "flowstate.drivers"
 
@@ -401,9 +410,10 @@ def open_driver(url: str) -> Driver:
     """Create the (unopened) driver a URL names.
 
     ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite://:memory:``,
-    ``etcd://host:port[,host:port...]/key-prefix`` and ``http://host:port`` (a store served
-    by ``flowstate serve``) are built in; other schemes come from the ``flowstate.drivers``
-    entry-point group.
+    ``etcd://host:port[,host:port...]/key-prefix``,
+    ``postgresql://user@host:port/database?schema=name`` and ``http://host:port`` (a store
+    served by ``flowstate serve``) are built in; other schemes come from the
+    ``flowstate.drivers`` entry-point group.
 
     Raises:
         InvalidURLError: The URL has no scheme, or the driver cannot parse it.

@@ -19,7 +19,7 @@ from flowstate.errors import (
     DefinitionError,
     InvalidTransitionError,
 )
-from flowstate.workflows._manager import FlowManager, FlowWatcher
+from flowstate.workflows._manager import FlowManager, FlowWatcher, new_run
 from flowstate.workflows._model import (
     FlowEvent,
     FlowStatus,
@@ -50,6 +50,7 @@ __all__ = [
     "StepStatus",
     "Worker",
     "WorkerStats",
+    "new_run",
     "workflow_flows",
 ]
 

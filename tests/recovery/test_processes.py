@@ -1,4 +1,4 @@
-"""Recovery with real processes that are really killed, on SQLite files and on etcd."""
+"""Recovery with real processes that are really killed, on SQLite files, etcd and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.recovery import _settings
-from tests.etcd_server import unique_url
+from tests import etcd_server, postgres_server
 from tests.processes import Process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -25,7 +25,12 @@ FLOWS = "tests.recovery.process_flows:flows"
 
 
 @pytest.fixture(
-    params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd), "http"],
+    params=[
+        "sqlite",
+        pytest.param("etcd", marks=pytest.mark.etcd),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "http",
+    ]
 )
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A store every process reaches; "http" is a `flowstate serve` (on SQLite) that the
@@ -33,7 +38,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.db"
     elif request.param == "etcd":
-        yield unique_url(request.getfixturevalue("etcd_url"))
+        yield etcd_server.unique_url(request.getfixturevalue("etcd_url"))
+    elif request.param == "postgres":
+        yield postgres_server.unique_url(request.getfixturevalue("postgres_url"))
     else:
         server = request.getfixturevalue("serve_pool").take()
         try:

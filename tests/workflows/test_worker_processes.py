@@ -13,7 +13,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.workflows import FlowManager, ManagedFlow
-from tests.etcd_server import unique_url
+from tests import etcd_server, postgres_server
 from tests.processes import Process
 from tests.workflows.pipeline_app import CRASHY, SHARED, SLOW
 
@@ -22,14 +22,23 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 APP = "tests.workflows.pipeline_app"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd), "http"])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("etcd", marks=pytest.mark.etcd),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "http",
+    ]
+)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A store every process reaches; "http" is a `flowstate serve` (on SQLite) that the
     workers, the recoverer and `flowstate run` reach through the remote driver."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.db"
     elif request.param == "etcd":
-        yield unique_url(request.getfixturevalue("etcd_url"))
+        yield etcd_server.unique_url(request.getfixturevalue("etcd_url"))
+    elif request.param == "postgres":
+        yield postgres_server.unique_url(request.getfixturevalue("postgres_url"))
     else:
         server = request.getfixturevalue("serve_pool").take()
         try:
@@ -121,7 +130,7 @@ async def test_a_worker_killed_mid_step_is_replaced(
         await step_started(flows, run, "two")
         await logged(log, (run.id, "two", 1))  # the attempt is under way in the worker
         first.kill()
-        assert await first.close() == -signal.SIGKILL
+        assert await first.close() == -signal.SIGKILL, "\n".join(first.lines)
         recover = await Process.start(
             "recover",
             "-m",
