@@ -87,10 +87,18 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 
 class Health(msgspec.Struct, kw_only=True):
-    """``GET /health``: the store answers, and its latest revision."""
+    """``GET /health``: the store answers, and its latest revision.
+
+    Attributes:
+        status: ``"ok"``.
+        rev: The store's latest revision.
+        token_required: True when every other route needs ``Authorization: Bearer``, so
+            that a client (the console) knows to ask for the token before it calls them.
+    """
 
     status: str
     rev: int
+    token_required: bool = False
 
 
 class ServerInfo(msgspec.Struct, kw_only=True):

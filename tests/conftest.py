@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
     if config.getoption("--quick"):
-        left_out = {"slow", *SERVER_FIXTURES.values()}
+        left_out = {"slow", "browser", *SERVER_FIXTURES.values()}
         quick = [i for i in items if not any(i.get_closest_marker(m) for m in left_out)]
         config.hook.pytest_deselected(items=[i for i in items if i not in quick])
         items[:] = quick

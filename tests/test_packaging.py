@@ -157,6 +157,9 @@ def test_the_built_wheel_installs_and_runs_the_demo(tmp_path: Path) -> None:
         entry_points = archive.read(f"{info}/entry_points.txt").decode()
         license_text = archive.read(f"{info}/licenses/LICENSE").decode()
     assert _package_files() <= names, "files under flowstate/ missing from the wheel"
+    # The console is data files, not modules: the page, its scripts and its styles.
+    console = {f"flowstate/server/console/{name}" for name in ("index.html", "app.js", "style.css")}
+    assert console <= names
     assert "flowstate/py.typed" in names
     assert {name.split("/")[0] for name in names} == {"flowstate", info}
     assert metadata["Name"] == DISTRIBUTION

@@ -21,7 +21,7 @@ from flowstate._wire import Health
 from flowstate.drivers.base import SupportsLease
 from flowstate.errors import DriverError, DriverUnavailableError
 from flowstate.recovery import Delayer, Recoverer
-from flowstate.server import _flows, _states, _store
+from flowstate.server import _console, _flows, _states, _store
 from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, ServerContext
 from flowstate.server._errors import EXCEPTION_HANDLERS
 from flowstate.server._escape import route_path
@@ -92,7 +92,8 @@ def create_app(
 
     Args:
         engine: The open engine; its driver stores everything the routes read and write.
-        token: When set, every route but ``/health`` needs ``Authorization: Bearer <token>``.
+        token: When set, every route but ``/health`` and the console's files (``/``,
+            ``/console/...``) needs ``Authorization: Bearer <token>``.
         max_body_size: The largest request body accepted, in bytes (413 above it).
         keepalive: Seconds without versions after which a watch stream sends a comment.
         recoverer: A recoverer running on ``engine``, shown by ``GET /api/v1/recovery``.
@@ -108,8 +109,10 @@ def create_app(
         recoverer=recoverer,
         delayer=delayer,
         tasks=dict(tasks or {}),
+        token_required=token is not None,
     )
     handlers: list[object] = [
+        _console.router(),
         _health(context),
         _recovery(context),
         _states.router(context),
@@ -159,13 +162,13 @@ def _health(context: ServerContext) -> object:
 
     @get("/health", opt={"public": True}, summary="Is the store reachable", tags=["server"])
     async def health() -> Health:
-        """200 with the store's latest revision, or 503 when the store cannot be reached.
-        Needs no token."""
+        """200 with the store's latest revision and whether the other routes need a token,
+        or 503 when the store cannot be reached. Needs no token."""
         try:
             rev = await driver.head_rev()
         except DriverError as exc:
             raise DriverUnavailableError(f"the store is unavailable: {exc}") from exc
-        return Health(status="ok", rev=rev)
+        return Health(status="ok", rev=rev, token_required=context.token_required)
 
     return health
 

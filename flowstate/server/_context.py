@@ -34,6 +34,7 @@ class ServerContext:
         delayer: The delayer running in the server process, if any.
         tasks: The step functions of pipelines posted to ``/api/v1/flows/execute``, by task
             name.
+        token_required: True when the routes need a bearer token (``/health`` says so).
         stopping: Set when the server begins to shut down: watch streams and long polls
             end, so that the server can drain.
     """
@@ -44,6 +45,7 @@ class ServerContext:
     recoverer: Recoverer | None = None
     delayer: Delayer | None = None
     tasks: Mapping[str, StepFn] = field(factory=dict)
+    token_required: bool = False
     stopping: asyncio.Event = field(factory=asyncio.Event)
 
 

@@ -75,6 +75,9 @@ SinceTime = Annotated[
 LatestOnly = Annotated[bool, QueryParameter(description="only versions still their state's latest")]
 Limit = Annotated[int, QueryParameter(description=f"page size (at most {MAX_PAGE})")]
 Rev = Annotated[int, QueryParameter(ge=0, description="a version's revision; 0: the latest")]
+StateId = Annotated[
+    str | None, QueryParameter(query="id", description="only versions of the state with this id")
+]
 
 
 def router(ctx: ServerContext) -> Router:
@@ -89,10 +92,11 @@ def router(ctx: ServerContext) -> Router:
         since_time: SinceTime = None,
         latest_only: LatestOnly = False,
         limit: Limit = 50,
+        state_id: StateId = None,
     ) -> StatesPage:
         """One page of the versions that match; ``more`` says a next page exists: ask again
         with ``since_rev`` set to the last version's ``rev``."""
-        query = _query(label, since_rev, since_latest, since_time, latest_only, limit)
+        query = _query(label, since_rev, since_latest, since_time, latest_only, limit, state_id)
         return await engine.get_states(query)
 
     @post("/api/v1/states/query", status_code=200, summary="Query state versions")
@@ -131,6 +135,7 @@ def router(ctx: ServerContext) -> Router:
         limit: Annotated[
             int, QueryParameter(description=f"versions read at once (at most {MAX_PAGE})")
         ] = WATCH_PAGE,
+        state_id: StateId = None,
         last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
     ) -> Stream:
         """Every matching version, in revision order, as ``event: state`` with the version as
@@ -146,7 +151,7 @@ def router(ctx: ServerContext) -> Router:
                     f"Last-Event-ID must be a revision, not {last_event_id!r}"
                 ) from None
             since_latest = False
-        query = _query(label, since_rev, since_latest, None, latest_only, limit)
+        query = _query(label, since_rev, since_latest, None, latest_only, limit, state_id)
         # The first page is read here, so that a store failure is an error response.
         first = await engine.get_states(query)
         return Stream(

@@ -74,6 +74,16 @@ async def test_every_route_but_health_needs_the_token(
         assert (await client.get("/api/v1/head")).status_code == 401, "nothing was committed"
 
 
+async def test_the_console_and_health_need_no_token(server: ServeProcess) -> None:
+    """The page asks for the token itself: it and its files load without one, and
+    ``/health`` says that the API needs one (so the page asks before its first call)."""
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for path in ("/", "/console/app.js", "/console/style.css"):
+            assert (await client.get(path)).status_code == 200, path
+        health = (await client.get("/health")).json()
+        assert health["token_required"] is True
+
+
 async def test_the_right_token_opens_every_route(server: ServeProcess) -> None:
     headers = [(b"Authorization", f"Bearer {TOKEN}".encode())]
     async with httpx.AsyncClient(base_url=server.url, headers=headers) as client:

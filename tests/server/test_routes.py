@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.drivers.http import HTTPDriver
+from flowstate.server._console import CONSOLE_DIR
 from tests.serve_process import ServeProcess
 from tests.server.sse import Event, events
 
@@ -80,6 +82,7 @@ async def test_health(client: httpx.AsyncClient, run: str) -> None:
     health = response.json()
     assert health["status"] == "ok"
     assert health["rev"] >= rev
+    assert health["token_required"] is False
 
 
 async def test_info(client: httpx.AsyncClient) -> None:
@@ -90,6 +93,51 @@ async def test_info(client: httpx.AsyncClient) -> None:
         "max_body_size": 1024 * 1024,
         "max_page": 1000,
     }
+
+
+# -- the console -----------------------------------------------------------------------------
+
+
+async def test_the_console_page_and_its_files(client: httpx.AsyncClient) -> None:
+    """``/`` is the console's page; every file it loads (and every module those import) is
+    served from ``/console/``, with headers that let the page run nothing but its own files."""
+    page = await client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy
+    assert "connect-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    loaded = set(re.findall(r'(?:src|href)="(console/[^"]+)"', page.text))
+    assert {"console/app.js", "console/style.css", "console/icon.svg"} <= loaded
+    types = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+    seen: set[str] = set()
+    while loaded - seen:
+        path = min(loaded - seen)
+        seen.add(path)
+        response = await client.get(f"/{path}")
+        assert response.status_code == 200, path
+        suffix = path[path.rindex(".") :]
+        assert response.headers["content-type"].startswith(types[suffix]), path
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        if suffix == ".js":
+            loaded |= {
+                f"console/{name}" for name in re.findall(r'from "\./([\w-]+\.js)"', response.text)
+            }
+    # Every module of the folder is loaded by the page, and none is missing from the folder.
+    assert {f"console/{p.name}" for p in CONSOLE_DIR.iterdir() if p.suffix == ".js"} == {
+        p for p in seen if p.endswith(".js")
+    }
+    assert_error(await client.get("/console/missing.js"), 404, "no_route")
+    for outside in (
+        "/console/%2E%2E/_app.py",
+        "/console/..%2F_app.py",
+        "/console/%2E%2E%2F_app.py",
+    ):
+        assert_error(await client.get(outside), 404, "no_route")
+    schema = (await client.get("/schema/openapi.json")).json()
+    assert "/" not in schema["paths"], "the page is not part of the API"
 
 
 async def test_unknown_routes_and_methods_are_json_errors(client: httpx.AsyncClient) -> None:
@@ -147,6 +195,9 @@ async def test_openapi_schema_documents_the_routes(client: httpx.AsyncClient) ->
         "/api/v1/flows/{flow_id}/cancel",
     ]:
         assert path in paths, path
+    for path in ("/api/v1/states", "/api/v1/watch"):
+        names = {p["name"] for p in paths[path]["get"]["parameters"]}
+        assert {"id", "label", "since_rev", "latest_only"} <= names, path
 
 
 # -- states ------------------------------------------------------------------------------------
@@ -376,6 +427,29 @@ async def test_watch_sends_keepalive_comments(client: httpx.AsyncClient, run: st
 async def test_watch_rejects_a_bad_last_event_id(client: httpx.AsyncClient) -> None:
     response = await client.get("/api/v1/watch", headers={"Last-Event-ID": "yesterday"})
     assert_error(response, 400, "invalid_query")
+
+
+async def test_states_and_watch_of_one_state(client: httpx.AsyncClient, run: str) -> None:
+    """``id=`` narrows the list and the watch to one state's versions (its history, live)."""
+    (first,) = await commit(client, (state_json(f"{run}/a", run=run), 0))
+    (other,) = await commit(client, (state_json(f"{run}/b", run=run), 0))
+    (second,) = await commit(client, (state_json(f"{run}/a", "next", run=run), first))
+    page = (await client.get("/api/v1/states", params={"id": f"{run}/a"})).json()
+    assert [(s["id"], s["rev"]) for s in page["states"]] == [
+        (f"{run}/a", first),
+        (f"{run}/a", second),
+    ]
+    latest = await client.get("/api/v1/states", params={"id": f"{run}/a", "latest_only": "true"})
+    assert [s["rev"] for s in latest.json()["states"]] == [second]
+    params = {"id": f"{run}/a", "since_rev": str(first)}
+    async with client.stream("GET", "/api/v1/watch", params=params) as response:
+        stream = events(response)
+        (seen,) = await take(stream, 1)
+        assert _state.decode(seen.data).rev == second
+        await commit(client, (state_json(f"{run}/b", "next", run=run), other))
+        (third,) = await commit(client, (state_json(f"{run}/a", "last", run=run), second))
+        (live,) = await take(stream, 1)  # b's new version is not in this stream
+        assert (_state.decode(live.data).rev, live.last_id) == (third, str(third))
 
 
 async def test_watch_since_latest(client: httpx.AsyncClient, run: str) -> None:
