@@ -91,3 +91,10 @@ def test_install_hints_name_the_distribution() -> None:
         assert not re.search(r"pip install '?flowstate(\[|\b(?!-))", text), page.name
     assert "pip install 'flowstate-engine[etcd]'" in README
     assert "pip install 'flowstate-engine[testing]'" in README
+
+
+def test_images_exist() -> None:
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
+    assert "docs/console.png" in images
+    for path in images:
+        assert (ROOT / path).is_file(), path

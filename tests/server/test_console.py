@@ -265,6 +265,7 @@ def test_history_shows_each_change_and_follows_a_new_commit(
     expect(page.locator(".summary .badge").first).to_have_text("ended")
     expect(page.locator(".page-text")).to_have_text("versions 1–4 of 4 · page 1 of 1")
     assert page.evaluate("window.notReloaded") is True, "the page was not reloaded"
+    expect(page.locator("#server-line .rev")).to_have_text(f"rev {rev}")
     tab.screenshot("history")
 
 

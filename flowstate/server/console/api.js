@@ -282,6 +282,14 @@ export class HeadFollower {
     this.controller = null;
   }
 
+  /** A revision seen elsewhere (a watch stream): the store has reached at least that. */
+  observe(rev) {
+    if (this.rev !== null && rev > this.rev) {
+      this.rev = rev;
+      this.notify(rev, null);
+    }
+  }
+
   notify(rev, error) {
     for (const listener of this.listeners) listener(rev, error);
   }

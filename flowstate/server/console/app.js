@@ -234,16 +234,13 @@ function start() {
 
 async function boot() {
   let health;
-  for (;;) {
-    try {
-      health = await api("health", { public: true });
-      break;
-    } catch (error) {
-      replace(main, h("section", { class: "view" }, h("h1", {}, "The server does not answer"),
-        h("p", { class: "error" }, error.toString()),
-        h("button", { type: "button", onclick: () => location.reload() }, "Try again")));
-      return;
-    }
+  try {
+    health = await api("health", { public: true });
+  } catch (error) {
+    replace(main, h("section", { class: "view" }, h("h1", {}, "The server does not answer"),
+      h("p", { class: "error", role: "alert" }, error.toString()),
+      h("button", { type: "button", onclick: () => location.reload() }, "Try again")));
+    return;
   }
   if (health.token_required && !hasToken()) {
     replace(main, h("p", { class: "loading" }, "Sign in to continue."));

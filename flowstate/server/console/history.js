@@ -226,6 +226,7 @@ export class HistoryView {
       }
     }
     this.latest = fresh[fresh.length - 1];
+    this.ctx.head.observe(this.latest.rev);
     // Follow the newest version when the reader was at the end; otherwise stay put.
     if (onLastPage && atBottom) this.scroller.scrollTop = this.scroller.scrollHeight;
     this.updatePager();
@@ -248,8 +249,9 @@ export class HistoryView {
     const pages = this.pageCount();
     const first = this.page * PAGE + 1;
     const last = this.page * PAGE + this.shown.length;
+    const range = first === last ? `version ${fmtCount(first)}` : `versions ${fmtCount(first)}–${fmtCount(last)}`;
     this.pageText.textContent = count
-      ? `versions ${fmtCount(first)}–${fmtCount(last)} of ${fmtCount(count)} · page ${this.page + 1} of ${pages}`
+      ? `${range} of ${fmtCount(count)} · page ${this.page + 1} of ${pages}`
       : "no version yet";
     this.firstButton.disabled = this.olderButton.disabled = this.page <= 0;
     this.newerButton.disabled = this.latestButton.disabled = this.page >= pages - 1 || this.page < 0;

@@ -204,6 +204,7 @@ export class StatesView {
   }
 
   onStates(batch) {
+    this.ctx.head.observe(batch[batch.length - 1].rev);
     this.states.merge(batch);
     if (this.table.held) {
       this.heldChanges += batch.length;
