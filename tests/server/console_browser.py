@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import re
 import subprocess
@@ -136,8 +137,19 @@ class ConsolePage:
         self.shots.append(path)
         return path
 
+    @contextlib.contextmanager
+    def expect_error(self, pattern: str) -> Iterator[None]:
+        """Wait for the block to make the page log an error matching ``pattern`` (a regex),
+        and take that error off the record: the test expects it."""
+        regex = re.compile(pattern)
+        with self.page.expect_console_message(
+            lambda m: m.type == "error" and regex.search(m.text) is not None
+        ) as logged:
+            yield
+        self.errors.remove(f"console: {logged.value.text}")
+
     def take_errors(self, pattern: str) -> list[str]:
-        """Remove (and return) the recorded errors that a test expects, by regex."""
+        """Remove (and return) the recorded errors that match ``pattern`` (a regex)."""
         regex = re.compile(pattern)
         expected = [e for e in self.errors if regex.search(e)]
         self.errors = [e for e in self.errors if not regex.search(e)]

@@ -136,12 +136,17 @@ export class WatchStream {
     this.onStates = onStates;
     this.onStatus = onStatus;
     this.lastEventId = lastEventId; // set: resume right after this revision
+    // The last event id of what onStates was given: versions parsed but not handed over yet
+    // (they wait for the next frame) come after it.
+    this.deliveredId = lastEventId;
     this.pending = [];
     this.controller = new AbortController();
     this.flush = frameScheduler(() => {
       const batch = this.pending;
       this.pending = [];
-      if (batch.length && !this.closed) this.onStates(batch);
+      if (this.closed) return;
+      this.deliveredId = this.lastEventId;
+      if (batch.length) this.onStates(batch);
     });
     this.closed = false;
     this.run();

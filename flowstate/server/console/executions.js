@@ -81,10 +81,8 @@ export class ExecutionView extends DetailView {
 
   async fetch(signal) {
     // The run as a managed flow gives the revision that the watch stream follows on from.
-    const [run, flow] = await Promise.all([
-      api(`api/v1/flows/executions/${segment(this.id)}`, { signal }),
-      api(`api/v1/flows/${segment(this.id)}`, { signal }),
-    ]);
+    const run = await api(`api/v1/flows/executions/${segment(this.id)}`, { signal });
+    const flow = await api(`api/v1/flows/${segment(this.id)}`, { signal });
     return { run, revision: flow.revision };
   }
 

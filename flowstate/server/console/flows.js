@@ -366,8 +366,9 @@ export class FlowView extends DetailView {
 
   async fetch(signal) {
     const base = `api/v1/flows/${segment(this.id)}`;
-    const [flow, events, steps] = await Promise.all([
-      api(base, { signal }),
+    // The flow first: when it does not exist, one request says so.
+    const flow = await api(base, { signal });
+    const [events, steps] = await Promise.all([
       api(`${base}/events`, { signal }),
       api(`${base}/steps`, { signal }),
     ]);

@@ -260,9 +260,8 @@ export class StatesView {
     count.textContent = `${fmtCount(this.table.keys.length)} of ${fmtCount(this.states.size)} states`;
     conn.textContent = text;
     conn.className = `conn ${kind}`;
-    held.textContent = this.heldChanges
-      ? `order held while you look: ${fmtCount(this.heldChanges)} changes wait`
-      : "";
+    const changes = this.heldChanges === 1 ? "1 change waits" : `${fmtCount(this.heldChanges)} changes wait`;
+    held.textContent = this.heldChanges ? `order held while you look: ${changes}` : "";
     newest.hidden = !this.heldChanges;
   }
 
@@ -281,8 +280,10 @@ export class StatesView {
   }
 
   destroy() {
-    if (this.stream?.lastEventId != null) {
-      kept = { labels: JSON.stringify(this.labels), states: this.states, lastEventId: this.stream.lastEventId };
+    // Kept with the id of the last version the list took in, not of the last one read:
+    // versions still waiting for a frame are read again on the way back.
+    if (this.stream?.deliveredId != null) {
+      kept = { labels: JSON.stringify(this.labels), states: this.states, lastEventId: this.stream.deliveredId };
     }
     this.stream?.close();
     this.table.destroy();
