@@ -24,35 +24,21 @@ from flowstate.server._escape import unescape
 from flowstate.workflows import (
     FlowEvent,
     FlowManager,
+    FlowsPage,
     FlowStep,
     ManagedFlow,
     Pipeline,
     StepObservation,
 )
-from flowstate.workflows._model import flow_of
 
 __all__ = [
     "Execution",
     "ExecutionAccepted",
     "ExecutionsPage",
-    "FlowsPage",
     "Resume",
     "StepReport",
     "router",
 ]
-
-
-class FlowsPage(msgspec.Struct, kw_only=True):
-    """One page of managed flows at their latest versions, oldest change first.
-
-    Attributes:
-        flows: The flows.
-        more: True when a next page exists: ask again with ``since_rev`` set to the last
-            flow's ``revision``.
-    """
-
-    flows: list[ManagedFlow]
-    more: bool
 
 
 class StepReport(msgspec.Struct, kw_only=True):
@@ -167,17 +153,15 @@ def router(ctx: ServerContext) -> Router:
     ) -> ExecutionsPage:
         """Runs at their latest versions, oldest change first, filtered by status and by
         pipeline; the next page starts after ``last_rev``."""
-        query = manager.query(
+        page = await manager.page(
             status=status,
             runtime="pipeline",
             pipeline=flow_id,
             since_rev=since_rev,
             limit=min(limit, MAX_PAGE),
         )
-        page = await engine.get_states(query)
-        runs = [_execution(flow_of(state)) for state in page.states]
-        last = page.states[-1].rev if page.states else since_rev
-        return ExecutionsPage(executions=runs, more=page.more, last_rev=last)
+        runs = [_execution(run) for run in page.flows]
+        return ExecutionsPage(executions=runs, more=page.more, last_rev=page.last_rev)
 
     @get("/api/v1/flows/executions/{execution_id:str}", summary="Read a pipeline run")
     async def execution(execution_id: FromPath[str]) -> Execution:
@@ -200,7 +184,7 @@ def router(ctx: ServerContext) -> Router:
         """Managed flows at their latest versions, filtered by owner, status (``created``,
         ``running``, ``waiting``, ``finished``, ``failed``, ``cancelled``), controller and
         runtime; a flow that moved on from a status is not listed under it any more."""
-        query = manager.query(
+        return await manager.page(
             owner=owner,
             status=status,
             controller=controller,
@@ -208,8 +192,6 @@ def router(ctx: ServerContext) -> Router:
             since_rev=since_rev,
             limit=min(limit, MAX_PAGE),
         )
-        page = await engine.get_states(query)
-        return FlowsPage(flows=[flow_of(state) for state in page.states], more=page.more)
 
     @get("/api/v1/flows/{flow_id:str}", summary="Read a managed flow")
     async def read(flow_id: FromPath[str]) -> ManagedFlow:

@@ -22,6 +22,7 @@ from flowstate.errors import (
 from flowstate.workflows._manager import FlowManager, FlowWatcher, new_run
 from flowstate.workflows._model import (
     FlowEvent,
+    FlowsPage,
     FlowStatus,
     FlowStep,
     ManagedFlow,
@@ -40,6 +41,7 @@ __all__ = [
     "FlowStatus",
     "FlowStep",
     "FlowWatcher",
+    "FlowsPage",
     "InvalidTransitionError",
     "ManagedFlow",
     "Pipeline",

@@ -37,6 +37,7 @@ from flowstate.workflows._model import (
     STATUS,
     TIMER_FLOW,
     FlowEvent,
+    FlowsPage,
     FlowStatus,
     FlowStep,
     ManagedFlow,
@@ -600,6 +601,37 @@ class FlowManager:
             owner=owner, status=status, controller=controller, runtime=runtime, pipeline=pipeline
         )
         return [flow_of(state) async for state in self.engine.iter_states(query)]
+
+    async def page(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | str | None = None,
+        controller: str | None = None,
+        runtime: str | None = None,
+        pipeline: str | None = None,
+        since_rev: int = 0,
+        limit: int = 100,
+    ) -> FlowsPage:
+        """One page of :meth:`list`: the flows whose latest version comes after
+        ``since_rev``; ask for the next page with ``since_rev=page.last_rev``.
+
+        Raises:
+            InvalidQueryError: A filter is not a string, or not a known status.
+        """
+        query = self.query(
+            owner=owner,
+            status=status,
+            controller=controller,
+            runtime=runtime,
+            pipeline=pipeline,
+            since_rev=since_rev,
+            limit=limit,
+        )
+        found = await self.engine.get_states(query)
+        flows = [flow_of(state) for state in found.states if is_flow(state)]
+        last = found.states[-1].rev if found.states else since_rev
+        return FlowsPage(flows=flows, more=found.more, last_rev=last)
 
     def query(
         self,

@@ -332,6 +332,7 @@ class PipelineExecutor:
             delay = step.delay(attempt)
             due = _now() + datetime.timedelta(seconds=delay)
             payload["retry_in"] = delay
+            payload["retry_at"] = _iso(due)
             record.run = {
                 "step": step_id,
                 "attempt": attempt,
