@@ -76,7 +76,7 @@ LatestOnly = Annotated[bool, QueryParameter(description="only versions still the
 Limit = Annotated[int, QueryParameter(description=f"page size (at most {MAX_PAGE})")]
 Rev = Annotated[int, QueryParameter(ge=0, description="a version's revision; 0: the latest")]
 StateId = Annotated[
-    str | None, QueryParameter(query="id", description="only versions of the state with this id")
+    str | None, QueryParameter(name="id", description="only versions of the state with this id")
 ]
 
 

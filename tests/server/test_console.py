@@ -137,10 +137,6 @@ def server(served: tuple[ServeProcess, str]) -> ServeProcess:
     return served[0]
 
 
-def count_line(tab: ConsolePage) -> str:
-    return tab.page.locator(".status-line .count").inner_text()
-
-
 def shown_keys(tab: ConsolePage) -> list[str]:
     keys: list[str] = tab.page.eval_on_selector_all(
         ".vt-row:not([hidden])", "rows => rows.map(r => r.dataset.key)"
@@ -167,9 +163,11 @@ def test_sign_in_and_list_states(server: ServeProcess, new_tab: NewTab) -> None:
     page.keyboard.press("Enter")
     expect(page.locator("#login")).to_be_hidden()
     expect(page.locator(".status-line .conn")).to_have_text("● live")
+    # 30 orders, 10 invoices, the long history, the flows and their steps, and more.
+    page.wait_for_function(
+        "document.querySelector('.status-line .count').textContent.split(' ')[0] >= 46"
+    )
     expect(page.locator(".status-line .count")).to_have_text(re.compile(r"^(\d+) of \1 states$"))
-    total = int(count_line(tab).split()[0])
-    assert total >= 46  # 30 orders, 10 invoices, the long history, the flows and their steps
     expect(page.locator("#server-line")).to_contain_text("sqlite")
     tab.screenshot("states-list")
 

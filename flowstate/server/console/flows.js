@@ -249,8 +249,7 @@ export class FlowsView extends ListView {
         const query = { ...values, since_rev: since, limit: 1000 };
         if (!initial) delete query.status;
         const page = await api("api/v1/flows", { query, signal });
-        const cursor = page.flows.reduce((max, f) => Math.max(max, f.revision), since);
-        return { items: page.flows, more: page.more, cursor };
+        return { items: page.flows, more: page.more, cursor: page.last_rev };
       },
       matches: (flow, values) => !values.status || flow.status === values.status,
       empty: "No managed flow matches these filters.",
