@@ -277,8 +277,16 @@ _clock = _MillisecondClock()
 
 
 def encode_ctx(ctx: StateCtx) -> str:
-    """Serialise a whole StateCtx to a JSON string (used by ``Stack``)."""
-    return _ctx_json_encoder.encode(ctx).decode()
+    """Serialise a whole StateCtx to a JSON string (used by ``Stack``).
+
+    Raises:
+        InvalidCommandError: Something in it cannot be written as JSON, such as text that is
+            not valid Unicode (a lone surrogate) where a data blob should be.
+    """
+    try:
+        return _ctx_json_encoder.encode(ctx).decode()
+    except (UnicodeEncodeError, TypeError) as exc:
+        raise InvalidCommandError(f"state {ctx.id!r} cannot be stacked: {exc}") from None
 
 
 def decode_ctx(raw: str | bytes) -> StateCtx:

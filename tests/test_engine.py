@@ -186,6 +186,16 @@ async def test_stack_of_a_ctx_with_data_round_trips(engine: fs.Engine) -> None:
     assert restored == inner
 
 
+async def test_stack_of_what_json_cannot_hold_is_an_invalid_command(engine: fs.Engine) -> None:
+    inner = fs.StateCtx.new("inner")
+    inner.data["d"] = fs.Data(blob="\ud800")  # type: ignore[arg-type]
+    carrier = fs.StateCtx.new("carrier")
+    with pytest.raises(fs.InvalidCommandError, match="'inner' cannot be stacked"):
+        await engine.do(fs.Commit(fs.Stack(carrier, inner, "k"), fs.Transit(carrier, "next")))
+    assert carrier.current.annotations == {}
+    assert await engine.driver.head_rev() == 0
+
+
 async def test_unstack_of_garbage_is_an_invalid_command(engine: fs.Engine) -> None:
     carrier = fs.StateCtx.new("carrier", annotations={"k": "not json"})
     with pytest.raises(fs.InvalidCommandError, match="does not hold a stacked state"):
