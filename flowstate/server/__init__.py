@@ -1,4 +1,5 @@
-"""``flowstate serve``: the HTTP API of a store (states, watch, the remote driver's routes).
+"""``flowstate serve``: the HTTP API of a store (states, watch, managed flows, the remote
+driver's routes) and the console, a static page at ``/`` (files in ``console/``).
 
 Install the extra: ``pip install 'flowstate-engine[server]'``. :func:`create_app` builds the ASGI
 application on an open engine; ``flowstate serve URL`` runs it on uvicorn.

@@ -139,7 +139,7 @@ export class ListView {
     this.el = h("section", { class: "view view-fill" },
       h("div", { class: "view-head" }, h("h1", { tabindex: -1 }, title)),
       filterBar(`Filter ${title.toLowerCase()}`, filters, (name, value) => this.filterChanged(name, value)),
-      h("div", { class: "status-line", role: "status" }, this.count, this.state),
+      h("div", { class: "status-line" }, this.count, this.state),
       this.table.el);
     this.start();
   }

@@ -96,7 +96,8 @@ export class StatesView {
     this.el = h("section", { class: "view view-fill" },
       h("div", { class: "view-head" }, h("h1", { tabindex: -1 }, "States")),
       this.filtersBar(),
-      this.statusLine = h("div", { class: "status-line", role: "status" }),
+      // Not a live region: it changes with every batch of versions.
+      this.statusLine = h("div", { class: "status-line" }),
       this.table.el,
     );
     this.start();
