@@ -26,15 +26,19 @@ from flowstate._state import Data, State, StateCtx, Status, Transition
 from flowstate._watcher import Watcher
 from flowstate.drivers.base import Driver, open_driver
 from flowstate.errors import (
+    AlreadyTerminalError,
+    CancelPendingError,
     ClosedError,
     Conflict,
     ConflictError,
+    DefinitionError,
     DriverError,
     DriverUnavailableError,
     FlowNotFoundError,
     FlowstateError,
     InvalidCommandError,
     InvalidQueryError,
+    InvalidTransitionError,
     InvalidURLError,
     MissingDependencyError,
     NotFoundError,
@@ -46,12 +50,15 @@ from flowstate.recovery import Delayer, Recoverer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyTerminalError",
+    "CancelPendingError",
     "ClosedError",
     "Command",
     "Commit",
     "Conflict",
     "ConflictError",
     "Data",
+    "DefinitionError",
     "Delay",
     "Delayer",
     "Driver",
@@ -68,6 +75,7 @@ __all__ = [
     "GetData",
     "InvalidCommandError",
     "InvalidQueryError",
+    "InvalidTransitionError",
     "InvalidURLError",
     "MissingDependencyError",
     "Noop",

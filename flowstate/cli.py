@@ -22,6 +22,7 @@ from attrs import frozen
 import flowstate as fs
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
+from flowstate.workflows import FlowManager, FlowStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -163,9 +164,10 @@ def _open_existing(url: str) -> Driver:
 
 
 def _when(state: fs.State) -> str:
-    at = state.committed_at
-    if at is None:
-        return "-"
+    return "-" if state.committed_at is None else _utc(state.committed_at)
+
+
+def _utc(at: datetime.datetime) -> str:
     at = at.astimezone(datetime.UTC)
     return f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d}Z"
 
@@ -282,6 +284,119 @@ async def _run_watch(args: argparse.Namespace) -> int:
     ):
         async for state in watcher:
             _write_json(state)
+    return 0
+
+
+# -- managed flows -----------------------------------------------------------------------------
+
+
+def _configure_flows(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    parser.add_argument("--owner", help="only flows of this owner")
+    parser.add_argument(
+        "--status",
+        choices=[status.value for status in FlowStatus],
+        help="only flows whose latest version has this status",
+    )
+    parser.add_argument("--controller", help="only flows driven by this controller")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of flows")
+
+
+async def _run_flows(args: argparse.Namespace) -> int:
+    async with _open_existing(args.url) as driver, fs.Engine(driver) as engine:
+        found = await FlowManager(engine).list(
+            owner=args.owner, status=args.status, controller=args.controller
+        )
+    if args.json:
+        _write_json(found)
+        return 0
+    if not found:
+        print("no managed flows match")
+        return 0
+    rows = [("ID", "STATUS", "OWNER", "CONTROLLER", "RUNTIME", "STEP", "UPDATED (UTC)", "GOAL")]
+    rows += [
+        (
+            flow.id,
+            flow.status + (" (cancel requested)" if flow.cancel_requested else ""),
+            flow.owner or "-",
+            flow.controller,
+            flow.runtime,
+            flow.current_step or "-",
+            _utc(flow.updated_at),
+            flow.goal or "-",
+        )
+        for flow in found
+    ]
+    print(_table(rows))
+    return 0
+
+
+def _configure_flow(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    parser.add_argument("id", metavar="ID", help="the managed flow's id")
+    parser.add_argument(
+        "--json", action="store_true", help='print {"flow": ..., "steps": [...], "events": [...]}'
+    )
+
+
+async def _run_flow(args: argparse.Namespace) -> int:
+    if not args.id:
+        raise CommandError("the flow id must not be empty")
+    async with _open_existing(args.url) as driver, fs.Engine(driver) as engine:
+        manager = FlowManager(engine)
+        flow = await manager.get(args.id)
+        steps = await manager.steps(args.id)
+        events = await manager.events(args.id)
+    if args.json:
+        _write_json({"flow": flow, "steps": steps, "events": events})
+        return 0
+    status = flow.status + (" (cancel requested)" if flow.cancel_requested else "")
+    print(
+        _table(
+            [
+                ("id:", flow.id),
+                ("status:", status),
+                ("runtime:", flow.runtime + (f" ({flow.pipeline})" if flow.pipeline else "")),
+                ("controller:", flow.controller),
+                ("owner:", flow.owner or "-"),
+                ("goal:", flow.goal or "-"),
+                ("origin:", flow.origin or "-"),
+                ("current step:", flow.current_step or "-"),
+                ("waiting for:", "-" if flow.wait is None else _json.encode(flow.wait).decode()),
+                ("state:", _json.encode(flow.state).decode()),
+                ("created:", _utc(flow.created_at)),
+                ("updated:", f"{_utc(flow.updated_at)} (rev {flow.revision})"),
+            ]
+        )
+    )
+    print(f"\nsteps ({len(steps)}):")
+    if steps:
+        rows = [("RUN", "TASK", "STATUS", "ATTEMPT", "UPDATED (UTC)", "RESULT / ERROR")]
+        rows += [
+            (
+                step.run_id,
+                step.task or "-",
+                step.status,
+                str(step.attempt),
+                _utc(step.updated_at),
+                step.error or ("-" if step.result is None else _json.encode(step.result).decode()),
+            )
+            for step in steps
+        ]
+        print(_table(rows))
+    print(f"\nevents ({len(events)}):")
+    lines = [("REV", "AT (UTC)", "EVENT", "STATUS", "PAYLOAD")]
+    lines += [
+        (
+            str(event.revision),
+            _utc(event.at),
+            event.kind,
+            str(event.status),
+            _json.encode(event.payload).decode() if event.payload else "-",
+        )
+        for event in events
+    ]
+    print(_table(lines))
     return 0
 
 
@@ -529,6 +644,23 @@ COMMANDS: tuple[Command, ...] = (
         description="Show one state: its latest version, or its version at --rev.",
         configure=_configure_get,
         run=_run_get,
+    ),
+    Command(
+        name="flows",
+        help="list managed flows at their latest versions",
+        description=(
+            "List the managed flows of a store (see flowstate.workflows.FlowManager) at their "
+            "latest versions, filtered by owner, status and controller."
+        ),
+        configure=_configure_flows,
+        run=_run_flows,
+    ),
+    Command(
+        name="flow",
+        help="show one managed flow with its steps and its audit trail",
+        description="Show one managed flow: its fields, its steps and every event it recorded.",
+        configure=_configure_flow,
+        run=_run_flow,
     ),
     Command(
         name="recover",

@@ -13,6 +13,10 @@ catches them all::
     ├── InvalidURLError (ValueError)     a driver URL that cannot be parsed
     ├── InvalidCommandError (ValueError) a command that cannot be applied as given
     ├── InvalidQueryError (ValueError)   a query filter that cannot be evaluated
+    ├── DefinitionError (ValueError)     a pipeline definition with problems (lists them all)
+    ├── InvalidTransitionError           a managed flow cannot move between these statuses
+    │   └── AlreadyTerminalError         the managed flow is finished, failed or cancelled
+    ├── CancelPendingError               a cancel was requested: the flow may only be cancelled
     └── DriverError                      the storage backend failed; the original is chained
         ├── DriverUnavailableError       connection lost; retrying the same call is safe
         │                                (a commit may have been applied, never half-applied)
@@ -30,15 +34,19 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 __all__ = [
+    "AlreadyTerminalError",
+    "CancelPendingError",
     "ClosedError",
     "Conflict",
     "ConflictError",
+    "DefinitionError",
     "DriverError",
     "DriverUnavailableError",
     "FlowNotFoundError",
     "FlowstateError",
     "InvalidCommandError",
     "InvalidQueryError",
+    "InvalidTransitionError",
     "InvalidURLError",
     "MissingDependencyError",
     "NotFoundError",
@@ -141,6 +149,66 @@ class InvalidCommandError(FlowstateError, ValueError):
 
 class InvalidQueryError(FlowstateError, ValueError):
     """A query filter that cannot be evaluated (negative revision, naive datetime, ...)."""
+
+
+class DefinitionError(FlowstateError, ValueError):
+    """A pipeline definition with problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        listed = "; ".join(self.problems)
+        super().__init__(f"invalid pipeline definition ({len(self.problems)} problems): {listed}")
+
+    def __reduce__(self) -> tuple[type[DefinitionError], tuple[list[str]]]:
+        return (type(self), (self.problems,))
+
+
+class InvalidTransitionError(FlowstateError):
+    """A managed flow cannot move from ``from_status`` to ``to_status``.
+
+    ``to_status`` is None for a change that keeps the status (``update_state``, ...).
+    """
+
+    def __init__(self, flow_id: str, from_status: str, to_status: str | None) -> None:
+        self.flow_id = flow_id
+        self.from_status = from_status
+        self.to_status = to_status
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (
+            f"managed flow {self.flow_id!r} cannot move from {self.from_status!r} "
+            f"to {self.to_status!r}"
+        )
+
+    def __reduce__(self) -> tuple[type[InvalidTransitionError], tuple[str, str, str | None]]:
+        return (type(self), (self.flow_id, self.from_status, self.to_status))
+
+
+class AlreadyTerminalError(InvalidTransitionError):
+    """The managed flow is finished, failed or cancelled: nothing may change it any more."""
+
+    def _message(self) -> str:
+        target = f" (to {self.to_status!r})" if self.to_status else ""
+        return (
+            f"managed flow {self.flow_id!r} is already {self.from_status}; "
+            f"it cannot change any more{target}"
+        )
+
+
+class CancelPendingError(FlowstateError):
+    """A cancel was requested for the managed flow: it may be cancelled, not ``action``-ed."""
+
+    def __init__(self, flow_id: str, action: str) -> None:
+        self.flow_id = flow_id
+        self.action = action
+        super().__init__(
+            f"managed flow {flow_id!r} has a cancel request pending: it cannot {action}; "
+            "cancel it instead"
+        )
+
+    def __reduce__(self) -> tuple[type[CancelPendingError], tuple[str, str]]:
+        return (type(self), (self.flow_id, self.action))
 
 
 class DriverError(FlowstateError):

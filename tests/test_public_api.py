@@ -22,6 +22,7 @@ PUBLIC_MODULES = [
     "flowstate.testing.flows",
     "flowstate.testing.stateful",
     "flowstate.testing.strategies",
+    "flowstate.workflows",
 ]
 
 

@@ -1,0 +1,968 @@
+"""FlowManager: managed flows with a checked lifecycle, an audit trail and observed steps."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from attrs import define, field
+
+import flowstate as fs
+from flowstate.errors import CancelPendingError
+from flowstate.workflows._model import (
+    CONTROLLER,
+    EVENT,
+    EVENT_PAYLOAD,
+    FLOW_ID,
+    KIND,
+    KIND_FLOW,
+    KIND_STEP,
+    OWNER,
+    PIPELINE,
+    RECORD,
+    REST_FLOW,
+    RUNTIME,
+    RUNTIMES,
+    STATUS,
+    STEP,
+    TIMER_FLOW,
+    FlowEvent,
+    FlowStatus,
+    FlowStep,
+    ManagedFlow,
+    Record,
+    StepObservation,
+    StepRecord,
+    StepStatus,
+    check_move,
+    encode,
+    event_of,
+    flow_of,
+    is_flow,
+    is_step,
+    json_bytes,
+    json_object,
+    read_record,
+    read_step,
+    step_id,
+    step_of,
+)
+
+if TYPE_CHECKING:
+    import builtins
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["FlowManager", "FlowWatcher"]
+
+#: How many latest versions a manager keeps to commit against without reading first.
+CACHE_SIZE: Final = 4096
+
+
+@define(frozen=True)
+class Change:
+    """What one mutation commits: the flow's status and record after it, its event, and
+    anything committed with it.
+
+    Attributes:
+        status: The status after the change.
+        record: The record after the change.
+        event: The audit event's kind.
+        payload: The audit event's payload (a JSON object).
+        delay_at: For a timer wait: when the flow resumes by itself.
+        flow: For a pipeline run that goes on running: the flow it runs next.
+        also: Other states written in the same commit (their ctx, already changed).
+    """
+
+    status: FlowStatus
+    record: Record
+    event: str
+    payload: dict[str, Any] = field(factory=dict)
+    delay_at: datetime.datetime | None = None
+    flow: str | None = None
+    also: tuple[fs.StateCtx, ...] = ()
+
+
+Plan = Callable[[fs.StateCtx, ManagedFlow, Record], Awaitable[Change] | Change]
+
+
+class FlowManager:
+    """Managed flows on an engine: each method is one atomic commit and one audit event.
+
+    A managed flow is a flowstate state with a lifecycle (``created → running ⇄ waiting →
+    finished | failed | cancelled``, checked on every move), a JSON working state, an audit
+    trail (its own committed history) and steps. Every method reads the flow, checks the move,
+    and commits with compare-and-set; when another writer got there first it reads again and
+    retries, ``attempts`` times, then raises ``ConflictError``. Calls on one flow through one
+    manager are serialised, so concurrent calls in a process never lose an update.
+
+    A manager remembers the versions it committed last and commits against them without
+    reading first; another writer's commit makes that attempt conflict, and it is retried
+    after a fresh read (that first attempt does not count against ``attempts``).
+
+    Timer waits resume by themselves through ``Delay``: run a :class:`flowstate.Delayer` (or
+    ``flowstate recover``) on an engine a ``FlowManager`` was created on, since creating one
+    registers the flow that resumes them.
+
+    Args:
+        engine: An open engine.
+        attempts: Reads and commits per call before a persistent conflict raises (>= 1).
+
+    Raises:
+        InvalidCommandError: ``attempts`` is not an int >= 1.
+    """
+
+    def __init__(self, engine: fs.Engine, *, attempts: int = 2) -> None:
+        if type(attempts) is not int or attempts < 1:
+            raise fs.InvalidCommandError(f"attempts must be an int >= 1, not {attempts!r}")
+        self.engine = engine
+        self.attempts = attempts
+        self._locks = _KeyedLocks()
+        self._latest: collections.OrderedDict[str, fs.StateCtx] = collections.OrderedDict()
+        engine.flows.register(TIMER_FLOW, _resume_on_timer)
+
+    def __repr__(self) -> str:
+        return f"FlowManager({self.engine!r}, attempts={self.attempts})"
+
+    # -- creating ------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        controller: str,
+        goal: str = "",
+        owner: str = "",
+        origin: str = "",
+        current_step: str = "",
+        state: Mapping[str, Any] | None = None,
+        id: str | None = None,
+    ) -> ManagedFlow:
+        """Create a managed flow in status ``created`` (event ``created``).
+
+        Args:
+            controller: Who drives the flow.
+            goal: What it is for.
+            owner: Whom it belongs to.
+            origin: Where the request came from.
+            current_step: Where the controller starts.
+            state: The initial working state, a JSON object.
+            id: The flow's id; a new unique one when None.
+
+        Raises:
+            InvalidCommandError: An argument is not as documented; nothing was written.
+            ConflictError: A state with this id exists already.
+        """
+        return await self._create(
+            FlowStatus.CREATED,
+            "managed",
+            controller=controller,
+            goal=goal,
+            owner=owner,
+            origin=origin,
+            current_step=current_step,
+            state=state,
+            flow_id=id,
+        )
+
+    async def create_mirrored(
+        self,
+        *,
+        controller: str,
+        goal: str = "",
+        owner: str = "",
+        origin: str = "",
+        current_step: str = "",
+        state: Mapping[str, Any] | None = None,
+        id: str | None = None,
+    ) -> ManagedFlow:
+        """Create a flow that mirrors work done elsewhere: born ``running``, runtime
+        ``mirrored``; its steps are reported with :meth:`record_step`.
+
+        Takes the arguments of :meth:`create` and raises what it raises.
+        """
+        return await self._create(
+            FlowStatus.RUNNING,
+            "mirrored",
+            controller=controller,
+            goal=goal,
+            owner=owner,
+            origin=origin,
+            current_step=current_step,
+            state=state,
+            flow_id=id,
+        )
+
+    async def _create(
+        self,
+        status: FlowStatus,
+        runtime: str,
+        *,
+        controller: str,
+        goal: str,
+        owner: str,
+        origin: str,
+        current_step: str,
+        state: Mapping[str, Any] | None,
+        flow_id: str | None,
+        pipeline: str | None = None,
+        run: dict[str, Any] | None = None,
+        flow: str | None = None,
+    ) -> ManagedFlow:
+        _check_text(controller, "controller", empty=False)
+        for value, name in ((goal, "goal"), (owner, "owner"), (origin, "origin")):
+            _check_text(value, name)
+        _check_text(current_step, "current_step")
+        if runtime not in RUNTIMES:
+            raise fs.InvalidCommandError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+        if flow_id is None:
+            flow_id = uuid.uuid4().hex
+        _check_id(flow_id)
+        record = Record(
+            controller=controller,
+            goal=goal,
+            origin=origin,
+            current_step=current_step,
+            state={} if state is None else json_object(state, "state"),
+            run=run,
+        )
+        labels = {KIND: KIND_FLOW, OWNER: owner, CONTROLLER: controller, RUNTIME: runtime}
+        if pipeline is not None:
+            labels[PIPELINE] = pipeline
+        ctx = fs.StateCtx.new(flow_id, labels=labels)
+        payload = {
+            "status": str(status),
+            "controller": controller,
+            "goal": goal,
+            "owner": owner,
+            "origin": origin,
+            "current_step": current_step,
+            "runtime": runtime,
+        }
+        if pipeline is not None:
+            payload["pipeline"] = pipeline
+        change = Change(status=status, record=record, event="created", payload=payload, flow=flow)
+        async with self._locks.hold(flow_id):
+            return await self._commit(ctx, change)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, flow_id: str) -> ManagedFlow:
+        """``created → running`` (event ``started``).
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidTransitionError: The flow is not ``created``.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            _check_driven(flow)
+            return Change(
+                status=check_move(flow.id, flow.status, "start"), record=record, event="started"
+            )
+
+        return await self._mutate(flow_id, plan)
+
+    async def wait(self, flow_id: str, wait: Mapping[str, Any]) -> ManagedFlow:
+        """``running → waiting`` (event ``waiting``).
+
+        ``wait`` says what the flow waits for, a JSON object with a ``"kind"``. A timer,
+        ``{"kind": "timer", "at": "2026-04-23T15:00:00Z"}`` (timezone required) or
+        ``{"kind": "timer", "seconds": 30}``, resumes the flow by itself when due (event
+        ``resumed`` with ``"by": "timer"``), exactly once, and not at all if the flow was
+        resumed or cancelled before; the stored wait gets the due time as ``"at"``. Any other
+        kind waits for :meth:`resume`.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidTransitionError: The flow is not ``running``.
+            InvalidCommandError: ``wait`` is not a JSON object with a string ``"kind"``, or a
+                timer without a valid ``"at"`` or ``"seconds"``; nothing was written.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+        stored = json_object(wait, "wait")
+        kind = stored.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise fs.InvalidCommandError(f"a wait needs a non-empty string 'kind', not {wait!r}")
+        due = _timer_due(stored) if kind == "timer" else None
+        if due is not None:
+            stored["at"] = due.isoformat().replace("+00:00", "Z")
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            _check_driven(flow)
+            status = check_move(flow.id, flow.status, "wait")
+            record.wait = stored
+            return Change(
+                status=status,
+                record=record,
+                event="waiting",
+                payload={"wait": stored},
+                delay_at=due,
+            )
+
+        return await self._mutate(flow_id, plan)
+
+    async def resume(self, flow_id: str, patch: Mapping[str, Any] | None = None) -> ManagedFlow:
+        """``waiting → running`` (event ``resumed``): clears the wait and merges ``patch``
+        into the state (shallow: its keys replace the state's).
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidTransitionError: The flow is not ``waiting``.
+            InvalidCommandError: ``patch`` is not a JSON object; nothing was written.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+        changes = None if patch is None else json_object(patch, "patch")
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            _check_driven(flow)
+            return resumed(flow, record, changes, by="user")
+
+        return await self._mutate(flow_id, plan)
+
+    async def finish(self, flow_id: str, final: Mapping[str, Any] | None = None) -> ManagedFlow:
+        """``running → finished`` (event ``finished``), merging ``final`` into the state first.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidTransitionError: The flow is not ``running``.
+            CancelPendingError: A cancel was requested: cancel the flow instead.
+            InvalidCommandError: ``final`` is not a JSON object; nothing was written.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+        changes = None if final is None else json_object(final, "final")
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            _check_driven(flow)
+            status = check_move(flow.id, flow.status, "finish")
+            if record.cancel_requested:
+                raise CancelPendingError(flow.id, "finish")
+            if changes:
+                record.state.update(changes)
+            return Change(
+                status=status,
+                record=record,
+                event="finished",
+                payload={} if changes is None else {"final": changes},
+            )
+
+        return await self._mutate(flow_id, plan)
+
+    async def fail(self, flow_id: str, reason: str) -> ManagedFlow:
+        """``running | waiting → failed`` (event ``failed``); stamps ``state["failure"] =
+        {"reason": reason, "at": <ISO time>}`` and clears the wait.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidTransitionError: The flow is neither ``running`` nor ``waiting``.
+            InvalidCommandError: ``reason`` is not a string; nothing was written.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+        _check_text(reason, "reason")
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            _check_driven(flow)
+            return failed(flow, record, reason)
+
+        return await self._mutate(flow_id, plan)
+
+    async def request_cancel(self, flow_id: str) -> ManagedFlow:
+        """Ask for the flow to be cancelled (event ``cancel_requested``): sets the sticky
+        ``cancel_requested`` and keeps the status. From then on ``finish`` and
+        ``update_state`` refuse; whoever drives the flow should stop and :meth:`cancel` it
+        (a pipeline run does so before its next step). Asking again changes nothing.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            AlreadyTerminalError: The flow is finished, failed or cancelled.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change | None:
+            check_move(flow.id, flow.status, None)
+            if record.cancel_requested:
+                return None
+            record.cancel_requested = True
+            return Change(status=flow.status, record=record, event="cancel_requested")
+
+        return await self._mutate(flow_id, plan, keep=flow_run_flow)
+
+    async def cancel(self, flow_id: str) -> ManagedFlow:
+        """Any non-terminal status ``→ cancelled`` (event ``cancelled``, whose payload says
+        whether a cancel had been requested); clears the wait. A pipeline run's running step
+        is cancelled too.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidTransitionError: The flow is already finished, failed or cancelled.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            return cancelled(flow, record, how="cancel")
+
+        return await self._mutate(flow_id, plan)
+
+    async def update_state(
+        self, flow_id: str, patch: Mapping[str, Any], next_step: str | None = None
+    ) -> ManagedFlow:
+        """Merge ``patch`` into the state (shallow) and move ``current_step`` to ``next_step``
+        when given; the status stays (event ``state_updated``).
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            AlreadyTerminalError: The flow is finished, failed or cancelled.
+            CancelPendingError: A cancel was requested: cancel the flow instead.
+            InvalidCommandError: ``patch`` is not a JSON object, or ``next_step`` not a
+                string; nothing was written.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+        changes = json_object(patch, "patch")
+        if next_step is not None:
+            _check_text(next_step, "next_step")
+
+        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            _check_driven(flow)
+            check_move(flow.id, flow.status, None)
+            if record.cancel_requested:
+                raise CancelPendingError(flow.id, "update its state")
+            record.state.update(changes)
+            payload: dict[str, Any] = {"patch": changes}
+            if next_step is not None:
+                record.current_step = next_step
+                payload["next_step"] = next_step
+            return Change(status=flow.status, record=record, event="state_updated", payload=payload)
+
+        return await self._mutate(flow_id, plan)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    async def record_step(self, observation: StepObservation) -> FlowStep:
+        """Record a step of a flow: create it, or update the step of the same ``run_id``.
+
+        The step and the flow's ``step_observed`` event are one atomic commit. An update keeps
+        the earlier ``child_session_key`` when the observation has none. A step of a finished
+        flow may still be recorded (a late report of work that ended after its flow did);
+        it does not change the flow's status or state.
+
+        Raises:
+            NotFoundError: No managed flow has the observation's ``flow_id``.
+            InvalidCommandError: The observation is not as documented (an unknown status, a
+                result that is not JSON); nothing was written.
+            ConflictError: Other writers kept winning for ``attempts`` tries.
+        """
+        if not isinstance(observation, StepObservation):
+            raise fs.InvalidCommandError(
+                f"record_step takes a StepObservation, not {type(observation).__name__}"
+            )
+        _check_id(observation.flow_id)
+        _check_text(observation.run_id, "run_id", empty=False)
+        _check_text(observation.task, "task")
+        try:
+            status = StepStatus(observation.status)
+        except ValueError:
+            allowed = ", ".join(s.value for s in StepStatus)
+            raise fs.InvalidCommandError(
+                f"a step status is one of {allowed}, not {observation.status!r}"
+            ) from None
+        for value, name in (
+            (observation.child_session_key, "child_session_key"),
+            (observation.error, "error"),
+        ):
+            if value is not None:
+                _check_text(value, name)
+        result = msgspec.json.decode(json_bytes(observation.result, "result"))
+        sid = step_id(observation.flow_id, observation.run_id)
+        staged: list[fs.StateCtx] = []
+
+        async def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+            step_ctx = await self._step_ctx(sid)
+            staged[:] = [step_ctx]
+            known = read_step(step_ctx.committed) if step_ctx.committed.rev else None
+            step = StepRecord(
+                run_id=observation.run_id,
+                task=observation.task,
+                runtime=flow.runtime,
+                attempt=known.attempt if known is not None else 1,
+                result=result,
+                error=observation.error,
+                child_session_key=(
+                    observation.child_session_key
+                    if observation.child_session_key is not None or known is None
+                    else known.child_session_key
+                ),
+                started_at=known.started_at if known is not None else None,
+                ended_at=known.ended_at if known is not None else None,
+                created_at=known.created_at if known is not None else None,
+            )
+            stage_step(step_ctx, flow.id, step, status)
+            return Change(
+                status=flow.status,
+                record=record,
+                event="step_observed",
+                payload={
+                    "run_id": observation.run_id,
+                    "task": observation.task,
+                    "status": str(status),
+                },
+                also=(step_ctx,),
+            )
+
+        await self._mutate(observation.flow_id, plan, keep=flow_run_flow)
+        return step_of(staged[0].committed)
+
+    async def _step_ctx(self, sid: str) -> fs.StateCtx:
+        """A ctx on a step's latest version (from this manager's last commit if it made
+        one), or on a new step."""
+        ctx = self._latest.pop(sid, None)
+        if ctx is not None:
+            return ctx
+        try:
+            return await self.engine.get_state(sid)
+        except fs.NotFoundError:
+            return fs.StateCtx.new(sid)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, flow_id: str) -> ManagedFlow:
+        """The flow's latest version.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidQueryError: ``flow_id`` is not a non-empty string.
+        """
+        return flow_of((await self._read(flow_id)).committed)
+
+    async def list(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | str | None = None,
+        controller: str | None = None,
+        runtime: str | None = None,
+        pipeline: str | None = None,
+    ) -> list[ManagedFlow]:
+        """The flows matching every filter given, at their latest versions, oldest change
+        first. A flow that moved on from a status is not listed under it any more.
+
+        Raises:
+            InvalidQueryError: A filter is not a string, or not a known status.
+        """
+        query = self.query(
+            owner=owner, status=status, controller=controller, runtime=runtime, pipeline=pipeline
+        )
+        return [flow_of(state) async for state in self.engine.iter_states(query)]
+
+    def query(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | str | None = None,
+        controller: str | None = None,
+        runtime: str | None = None,
+        pipeline: str | None = None,
+        since_rev: int = 0,
+        limit: int = 100,
+    ) -> fs.StatesQuery:
+        """The :class:`flowstate.StatesQuery` of flows' latest versions matching every filter
+        given; pass it to ``engine.get_states`` for one page at a time.
+
+        Raises:
+            InvalidQueryError: A filter is not a string, or not a known status.
+        """
+        labels = {KIND: KIND_FLOW}
+        for key, value in (
+            (OWNER, owner),
+            (CONTROLLER, controller),
+            (RUNTIME, runtime),
+            (PIPELINE, pipeline),
+        ):
+            if value is not None:
+                if not isinstance(value, str):
+                    raise fs.InvalidQueryError(f"filters are strings, not {value!r}")
+                labels[key] = value
+        if status is not None:
+            try:
+                labels[STATUS] = str(FlowStatus(status))
+            except ValueError:
+                raise fs.InvalidQueryError(f"no flow status {status!r}") from None
+        return fs.StatesQuery(labels=labels, latest_only=True, since_rev=since_rev, limit=limit)
+
+    async def events(self, flow_id: str) -> builtins.list[FlowEvent]:
+        """The flow's audit trail, oldest first: one event per committed change.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidQueryError: ``flow_id`` is not a non-empty string.
+        """
+        await self._read(flow_id)
+        found = []
+        async for state in self.engine.iter_states(id=flow_id, limit=500):
+            if is_flow(state):
+                event = event_of(state)
+                if event is not None:
+                    found.append(event)
+        return found
+
+    async def steps(self, flow_id: str) -> builtins.list[FlowStep]:
+        """The flow's steps, in the order they were first recorded.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            InvalidQueryError: ``flow_id`` is not a non-empty string.
+        """
+        await self._read(flow_id)
+        query = fs.StatesQuery(labels={KIND: KIND_STEP, FLOW_ID: flow_id}, latest_only=True)
+        found = [step_of(state) async for state in self.engine.iter_states(query) if is_step(state)]
+        found.sort(key=lambda step: (step.created_at, step.id))
+        return found
+
+    def watch(
+        self,
+        *,
+        id: str | None = None,
+        owner: str | None = None,
+        status: FlowStatus | str | None = None,
+        controller: str | None = None,
+        runtime: str | None = None,
+        since_rev: int = 0,
+    ) -> FlowWatcher:
+        """Stream every committed version of the flows matching the filters, as snapshots,
+        in revision order from ``since_rev`` (``async for flow in manager.watch(...)``).
+
+        Raises:
+            InvalidQueryError: A filter is invalid.
+        """
+        labels = self.query(
+            owner=owner, status=status, controller=controller, runtime=runtime
+        ).labels
+        return FlowWatcher(self.engine.watch(id=id, labels=labels, since_rev=since_rev))
+
+    async def _read(self, flow_id: str) -> fs.StateCtx:
+        ctx = await self.engine.get_state(flow_id)
+        if not is_flow(ctx.committed):
+            raise fs.NotFoundError(f"{flow_id!r} is a state, but not a managed flow")
+        return ctx
+
+    # -- committing ----------------------------------------------------------------------------
+
+    async def _mutate(
+        self,
+        flow_id: str,
+        plan: Callable[
+            [fs.StateCtx, ManagedFlow, Record], Awaitable[Change | None] | Change | None
+        ],
+        *,
+        keep: Callable[[ManagedFlow, Record], str | None] | None = None,
+    ) -> ManagedFlow:
+        """Read, plan, commit; read again and retry on a conflict.
+
+        ``plan`` checks the move and returns the change (None: nothing to commit); it may
+        change the record it is given. ``keep`` names the flow a pipeline run goes on running
+        after a change that keeps its status.
+        """
+        _check_id(flow_id)
+        async with self._locks.hold(flow_id):
+            ctx = self._latest.pop(flow_id, None)
+            tries = self.attempts + (ctx is not None)
+            error: fs.ConflictError | None = None
+            for _ in range(tries):
+                cached = ctx is not None
+                if ctx is None:
+                    ctx = await self._read(flow_id)
+                try:
+                    flow = flow_of(ctx.committed)
+                    record = read_record(ctx.committed)
+                    planned = plan(ctx, flow, record)
+                    change = await planned if isinstance(planned, Awaitable) else planned
+                    if change is None:
+                        self._remember(ctx)
+                        return flow
+                    if keep is not None and change.flow is None and not change.status.is_terminal:
+                        change = _with_flow(change, keep(flow, record))
+                    return await self._commit(ctx, change)
+                except fs.ConflictError as exc:
+                    error = exc
+                except fs.FlowstateError:
+                    if not cached:
+                        raise
+                    # Decided on a version this manager committed earlier, which may be
+                    # stale: decide again on the latest one.
+                ctx = None
+            assert error is not None
+            raise error
+
+    async def _commit(self, ctx: fs.StateCtx, change: Change) -> ManagedFlow:
+        """Commit the change on ``ctx`` with every state it carries along."""
+        try:
+            await self.engine.do(await stage(self.engine, ctx, change))
+        except BaseException:
+            for other in change.also:
+                self._latest.pop(other.id, None)
+            raise
+        for done in (ctx, *change.also):
+            self._remember(done)
+        return flow_of(ctx.committed, change.record)
+
+    def _remember(self, ctx: fs.StateCtx) -> None:
+        latest = self._latest
+        latest[ctx.id] = ctx
+        latest.move_to_end(ctx.id)
+        while len(latest) > CACHE_SIZE:
+            latest.popitem(last=False)
+
+
+class FlowWatcher:
+    """Snapshots of managed flows as their versions are committed (see
+    :meth:`FlowManager.watch`). Steps' versions are skipped."""
+
+    def __init__(self, watcher: fs.Watcher) -> None:
+        self._watcher = watcher
+
+    @property
+    def rev(self) -> int:
+        """Everything up to this revision has been delivered (resume with ``since_rev``)."""
+        return self._watcher.rev
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ManagedFlow:
+        while True:
+            state = await anext(self._watcher)
+            if is_flow(state):
+                return flow_of(state)
+
+    async def aclose(self) -> None:
+        """Stop watching. Calling it again does nothing."""
+        await self._watcher.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+# -- changes shared by the methods and the flows that run without a manager ------------------------
+
+
+def resumed(flow: ManagedFlow, record: Record, patch: dict[str, Any] | None, *, by: str) -> Change:
+    """``waiting → running``: clear the wait, merge ``patch``."""
+    status = check_move(flow.id, flow.status, "resume")
+    record.wait = None
+    payload: dict[str, Any] = {"by": by}
+    if patch:
+        record.state.update(patch)
+        payload["patch"] = patch
+    return Change(status=status, record=record, event="resumed", payload=payload)
+
+
+def failed(flow: ManagedFlow, record: Record, reason: str, **details: Any) -> Change:
+    """``running | waiting → failed``: stamp the reason and the time into the state."""
+    status = check_move(flow.id, flow.status, "fail")
+    at = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+    record.state["failure"] = {"reason": reason, "at": at}
+    record.wait = None
+    return Change(
+        status=status,
+        record=record,
+        event="failed",
+        payload={"reason": reason, **details},
+    )
+
+
+def cancelled(flow: ManagedFlow, record: Record, *, how: str, **details: Any) -> Change:
+    """Any non-terminal status ``→ cancelled``; ``how`` says who stopped it."""
+    status = check_move(flow.id, flow.status, "cancel")
+    record.wait = None
+    return Change(
+        status=status,
+        record=record,
+        event="cancelled",
+        payload={"how": how, "requested": record.cancel_requested, **details},
+    )
+
+
+async def stage(engine: fs.Engine, ctx: fs.StateCtx, change: Change) -> fs.Commit:
+    """Apply ``change`` to ``ctx`` in memory and return the commit that stores it.
+
+    The flow's new version gets a fresh transition carrying the change's event: it rests
+    (paused) while not terminal, ended when terminal, paused with a ``Delay`` for a timer
+    wait, or running at ``change.flow`` (a pipeline run that goes on).
+    """
+    record = change.record
+    committed = ctx.committed
+    if record.created_at is None and committed.rev:
+        record.created_at = read_record(committed).created_at or committed.committed_at
+    state = ctx.current
+    state.labels[STATUS] = str(change.status)
+    state.annotations[RECORD] = encode(record)
+    if change.status.is_terminal:
+        await engine.do(fs.End(ctx))
+    elif change.flow is not None:
+        await engine.do(fs.Transit(ctx, change.flow))
+    elif change.delay_at is not None:
+        await engine.do(fs.Pause(ctx, TIMER_FLOW))
+    else:
+        await engine.do(fs.Pause(ctx, REST_FLOW))
+    annotations = ctx.current.transition.annotations
+    if change.event:
+        annotations[EVENT] = change.event
+        if change.payload:
+            annotations[EVENT_PAYLOAD] = encode(change.payload)
+    commands: list[fs.Command] = [fs.Noop(ctx)]
+    if change.delay_at is not None:
+        commands.append(fs.Delay(ctx, TIMER_FLOW, until=change.delay_at))
+    commands += [fs.Noop(other) for other in change.also]
+    return fs.Commit(*commands)
+
+
+def flow_run_flow(flow: ManagedFlow, record: Record) -> str | None:
+    """The flow a running pipeline run goes on running at; None for other flows."""
+    if flow.runtime == "pipeline" and flow.status is FlowStatus.RUNNING:
+        return flow.pipeline
+    return None
+
+
+def stage_step(ctx: fs.StateCtx, flow_id: str, step: StepRecord, status: StepStatus) -> None:
+    """Write a step record into its (resting, ended) state's working copy."""
+    now = datetime.datetime.now(datetime.UTC)
+    if status is StepStatus.RUNNING and step.started_at is None:
+        step.started_at = now
+    if status in (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED):
+        step.ended_at = step.ended_at or now
+        if step.started_at is None:
+            step.started_at = step.ended_at
+    committed = ctx.committed
+    if step.created_at is None and committed.rev:
+        step.created_at = committed.committed_at  # a new step's is its first commit's time
+    state = ctx.current
+    state.labels.update({KIND: KIND_STEP, FLOW_ID: flow_id, STATUS: str(status)})
+    state.annotations[STEP] = encode(step)
+    state.transition = fs.Transition()
+
+
+def _with_flow(change: Change, flow: str | None) -> Change:
+    if flow is None:
+        return change
+    return Change(
+        status=change.status,
+        record=change.record,
+        event=change.event,
+        payload=change.payload,
+        delay_at=change.delay_at,
+        flow=flow,
+        also=change.also,
+    )
+
+
+async def _resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    """The flow a timer wait's delay fires: resume the waiting flow (event ``resumed``).
+
+    The delay is bound to the version that started the wait, so this runs only when nothing
+    moved the flow since; a version that somehow is not a timer wait is put back to rest.
+    """
+    state = ctx.committed
+    if not is_flow(state):
+        return fs.Noop()
+    flow = flow_of(state)
+    record = read_record(state)
+    if flow.status is FlowStatus.WAITING and (record.wait or {}).get("kind") == "timer":
+        change = resumed(flow, record, None, by="timer")
+    else:
+        change = Change(status=flow.status, record=record, event="")
+    return await stage(engine, ctx, change)
+
+
+# -- argument checks --------------------------------------------------------------------------
+
+
+def _check_driven(flow: ManagedFlow) -> None:
+    """Pipeline runs move only by their pipeline (and by request_cancel and cancel)."""
+    if flow.runtime == "pipeline":
+        raise fs.InvalidCommandError(
+            f"{flow.id!r} is a run of pipeline {flow.pipeline!r}: its pipeline moves it; "
+            "only request_cancel and cancel apply"
+        )
+
+
+def _check_id(flow_id: object) -> None:
+    if not isinstance(flow_id, str) or not flow_id:
+        raise fs.InvalidCommandError(f"a flow id must be a non-empty string, not {flow_id!r}")
+    if flow_id.startswith("flowstate."):
+        raise fs.InvalidCommandError(
+            f"flow ids starting with 'flowstate.' are reserved: {flow_id!r}"
+        )
+
+
+def _check_text(value: object, name: str, *, empty: bool = True) -> None:
+    if not isinstance(value, str) or (not empty and not value):
+        need = "a non-empty string" if not empty else "a string"
+        raise fs.InvalidCommandError(f"{name} must be {need}, not {value!r}")
+
+
+def _timer_due(wait: dict[str, Any]) -> datetime.datetime:
+    """When a timer wait is due.
+
+    Raises:
+        InvalidCommandError: It has neither a valid ``"at"`` nor a valid ``"seconds"``.
+    """
+    at, seconds = wait.get("at"), wait.get("seconds")
+    if (at is None) == (seconds is None):
+        raise fs.InvalidCommandError(
+            f"a timer wait needs exactly one of 'at' (ISO 8601) or 'seconds', not {wait!r}"
+        )
+    if seconds is not None:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not (0 <= seconds < 10**9)
+        ):
+            raise fs.InvalidCommandError(
+                f"a timer's 'seconds' must be a number >= 0, not {seconds!r}"
+            )
+        return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    if not isinstance(at, str):
+        raise fs.InvalidCommandError(f"a timer's 'at' must be an ISO 8601 string, not {at!r}")
+    try:
+        due = datetime.datetime.fromisoformat(at)
+    except ValueError:
+        raise fs.InvalidCommandError(f"a timer's 'at' is not an ISO 8601 time: {at!r}") from None
+    if due.tzinfo is None:
+        raise fs.InvalidCommandError(f"a timer's 'at' needs a timezone (e.g. 'Z'): {at!r}")
+    return due.astimezone(datetime.UTC)
+
+
+class _KeyedLocks:
+    """One asyncio lock per key, dropped once nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
