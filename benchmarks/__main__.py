@@ -75,15 +75,20 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def header(settings: Settings, seconds: float) -> str:
-    load = os.getloadavg()
+def header(settings: Settings, seconds: float, load: tuple[float, float]) -> str:
+    if settings.quick:
+        how = "one round at small sizes (a smoke run: the figures are not meaningful)"
+    else:
+        how = (
+            f"{settings.rounds} interleaved rounds, each measurement at least "
+            f"{settings.seconds:g} s long and in a fresh process"
+        )
     return (
         f"`python -m benchmarks{' --quick' if settings.quick else ''}`, "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}: Python {platform.python_version()}, "
-        f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
-        f"load average before the run {load[0]:.2f}; {settings.rounds if not settings.quick else 1} "
-        f"interleaved rounds, each measurement ≥ {settings.seconds:g} s in a fresh process; "
-        f"took {seconds:.0f} s.\n\n"
+        f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs; {how}; took {seconds:.0f} s. Load average (1 min) "
+        f"{load[0]:.2f} when it started and {load[1]:.2f} when it ended.\n\n"
         "median: over the rounds; spread: ± half the range between the lowest and the highest "
         "round, relative to the median; ratio: the median of the per-round ratios to the "
         "first contender of the comparison (for times: its time / this time), with the "
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     rows: list[Row] = []
     for name in args.only or modules():
         module = importlib.import_module(f"benchmarks.bench_{name}")
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = "quick" if args.quick else "results"
-    text = f"{header(settings, took)}\n\n{table(rows)}\n"
+    load = (load_before, os.getloadavg()[0])
+    text = f"{header(settings, took, load)}\n\n{table(rows)}\n"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n")
     if not args.no_chart:

@@ -219,10 +219,8 @@ def _seconds(settings: Settings, case: Case, n: int) -> float:
     if not settings.isolate:
         return float(case.fn(n, **case.kwargs))
     name = f"{case.fn.__module__}:{case.fn.__qualname__}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks._suite", name, str(n), json.dumps(dict(case.kwargs))],
         capture_output=True,
