@@ -139,8 +139,6 @@ _SYNCHRONOUS = ("normal", "full")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 # How often an idle database thread checks whether the interpreter is shutting down.
 _IDLE_CHECK = 1.0
-# Most ids in one ``IN (...)`` list of the statement that reads a commit group's latest revs.
-_IN_CHUNK = 250
 # How many label postings the probe that picks an AND-map's sparsest pair reads per pair.
 _PROBE_CAP = 1024
 
@@ -1158,100 +1156,72 @@ def _write_group(
     Returns each commit's outcome (its result, or the ConflictError it gets) and the head
     revision after the group.
     """
-    # The transaction is spelled out rather than taken from _write_transaction: this runs
-    # once per commit group, and a generator-based context manager costs more than the rest
-    # of the Python work of a one-commit group.
-    cursor = conn.cursor()
-    cursor.execute("BEGIN IMMEDIATE")
-    try:
-        outcomes, head = _write_rows(cursor, commits)
-        cursor.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-    return outcomes, head
-
-
-def _latest_revs(cursor: sqlite3.Cursor, commits: list[list[_Write]]) -> dict[str, int]:
-    """The latest revision of every state the group writes (0: none yet), read in as few
-    statements as the group's size allows."""
-    ids = list(dict.fromkeys(write.id for writes in commits for write in writes))
-    if len(ids) == 1:
-        row = cursor.execute(_SQL_LATEST_REV, ids).fetchone()
-        return {ids[0]: row[0] if row is not None else 0}
-    found = dict.fromkeys(ids, 0)
-    for start in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[start : start + _IN_CHUNK]
-        found.update(cursor.execute(_sql_latest_revs(len(chunk)), chunk).fetchall())
-    return found
-
-
-@functools.lru_cache(maxsize=_IN_CHUNK)
-def _sql_latest_revs(count: int) -> str:
-    return f"SELECT id, rev FROM fs_latest WHERE id IN ({', '.join('?' * count)})"
-
-
-def _write_rows(cursor: sqlite3.Cursor, commits: list[list[_Write]]) -> tuple[list[_Outcome], int]:
-    """The body of :func:`_write_group`, inside its transaction."""
-    execute = cursor.execute
-    last = execute(_SQL_LAST).fetchone()
-    head, last_ms = (last[0], last[1]) if last is not None else (0, 0)
-    # The wall clock may go back; commit times must not (since_time relies on it).
-    now_ms = max(time.time_ns() // 1_000_000, last_ms)
-    committed_at = _to_datetime(now_ms)
-    stored_revs = _latest_revs(cursor, commits)  # each state's revision before the group
-    latest = dict(stored_revs)
-    # The version each written state ends the group at, and its labels.
-    written: dict[str, tuple[int, list[tuple[str, str]]]] = {}
-    outcomes: list[_Outcome] = []
-    log_rows: list[tuple[int, str, int, bytes]] = []
-    label_rows: list[tuple[str, str, int]] = []
-    data_rows: list[tuple[str, str, int, bytes]] = []
-    delay_rows: list[tuple[int, str, int]] = []
-    for writes in commits:
-        conflicts: list[Conflict] = []
-        for write in writes:
-            actual = latest[write.id]
-            if actual != write.expected_rev:
-                conflicts.append(Conflict(write.id, write.expected_rev, actual))
-        if conflicts:
-            outcomes.append(ConflictError(conflicts))
-            continue
-        revs = []
-        for write in writes:
-            head += 1
-            rev = head
-            latest[write.id] = rev
-            written[write.id] = (rev, write.labels)
-            log_rows.append((rev, write.id, now_ms, write.state))
-            for key, value in write.labels:
-                label_rows.append((key, value, rev))
-            for alias, blob in write.data:
-                data_rows.append((write.id, alias, rev, blob))
-            if write.delay_at_us is not None:
-                delay_rows.append((rev, write.delay_to, write.delay_at_us))
-            revs.append(rev)
-        outcomes.append(CommitResult(revs=revs, committed_at=committed_at))
-    if log_rows:
-        executemany = cursor.executemany
-        executemany(_SQL_INSERT_LOG, log_rows)
-        if label_rows:
-            executemany(_SQL_INSERT_LABEL, label_rows)
-        # The index of latest versions' labels: drop each state's version from before
-        # the group (``stored``), add the version it ends the group at.
-        stored = [(rev,) for state_id in written if (rev := stored_revs[state_id])]
-        if stored:
-            executemany(_SQL_DELETE_LATEST_LABELS, stored)
-        latest_labels = [
-            (key, value, rev) for rev, labels in written.values() for key, value in labels
-        ]
-        if latest_labels:
-            executemany(_SQL_INSERT_LATEST_LABEL, latest_labels)
-        executemany(_SQL_UPSERT_LATEST, [(state_id, rev) for state_id, (rev, _) in written.items()])
-        if data_rows:
-            executemany(_SQL_INSERT_DATA, data_rows)
-        if delay_rows:
-            executemany(_SQL_INSERT_DELAY, delay_rows)
+    with _write_transaction(conn) as cursor:
+        execute = cursor.execute
+        last = execute(_SQL_LAST).fetchone()
+        head, last_ms = (last[0], last[1]) if last is not None else (0, 0)
+        # The wall clock may go back; commit times must not (since_time relies on it).
+        now_ms = max(time.time_ns() // 1_000_000, last_ms)
+        committed_at = _to_datetime(now_ms)
+        latest: dict[str, int] = {}
+        stored_revs: dict[str, int] = {}  # each state's latest revision before the group
+        # The version each written state ends the group at, and its labels.
+        written: dict[str, tuple[int, list[tuple[str, str]]]] = {}
+        outcomes: list[_Outcome] = []
+        log_rows: list[tuple[int, str, int, bytes]] = []
+        label_rows: list[tuple[str, str, int]] = []
+        data_rows: list[tuple[str, str, int, bytes]] = []
+        delay_rows: list[tuple[int, str, int]] = []
+        for writes in commits:
+            conflicts: list[Conflict] = []
+            for write in writes:
+                actual = latest.get(write.id)
+                if actual is None:
+                    row = execute(_SQL_LATEST_REV, (write.id,)).fetchone()
+                    actual = latest[write.id] = row[0] if row is not None else 0
+                    stored_revs[write.id] = actual
+                if actual != write.expected_rev:
+                    conflicts.append(Conflict(write.id, write.expected_rev, actual))
+            if conflicts:
+                outcomes.append(ConflictError(conflicts))
+                continue
+            revs = []
+            for write in writes:
+                head += 1
+                rev = head
+                latest[write.id] = rev
+                written[write.id] = (rev, write.labels)
+                log_rows.append((rev, write.id, now_ms, write.state))
+                for key, value in write.labels:
+                    label_rows.append((key, value, rev))
+                for alias, blob in write.data:
+                    data_rows.append((write.id, alias, rev, blob))
+                if write.delay_at_us is not None:
+                    delay_rows.append((rev, write.delay_to, write.delay_at_us))
+                revs.append(rev)
+            outcomes.append(CommitResult(revs=revs, committed_at=committed_at))
+        if log_rows:
+            executemany = cursor.executemany
+            executemany(_SQL_INSERT_LOG, log_rows)
+            if label_rows:
+                executemany(_SQL_INSERT_LABEL, label_rows)
+            # The index of latest versions' labels: drop each state's version from before
+            # the group (``stored``), add the version it ends the group at.
+            stored = [(rev,) for state_id in written if (rev := stored_revs[state_id])]
+            if stored:
+                executemany(_SQL_DELETE_LATEST_LABELS, stored)
+            latest_labels = [
+                (key, value, rev) for rev, labels in written.values() for key, value in labels
+            ]
+            if latest_labels:
+                executemany(_SQL_INSERT_LATEST_LABEL, latest_labels)
+            executemany(
+                _SQL_UPSERT_LATEST, [(state_id, rev) for state_id, (rev, _) in written.items()]
+            )
+            if data_rows:
+                executemany(_SQL_INSERT_DATA, data_rows)
+            if delay_rows:
+                executemany(_SQL_INSERT_DELAY, delay_rows)
     return outcomes, head
 
 
