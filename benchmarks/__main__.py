@@ -31,7 +31,7 @@ from benchmarks._suite import ROOT, Row, Settings
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: Modules in this order first; any other bench_*.py module after them, by name.
-ORDER = ("memory", "sqlite", "etcd", "scaling", "recovery")
+ORDER = ("memory", "sqlite", "etcd", "scaling", "recovery", "workflows")
 
 
 def modules() -> list[str]:

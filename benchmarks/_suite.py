@@ -63,6 +63,8 @@ class Case:
         step: ``n`` is a multiple of it (e.g. the number of concurrent flows).
         calibrate: False: always measure ``pilot`` units (work of a fixed size, such as a
             latency percentile over ``pilot`` samples).
+        direct: ``fn`` returns the row's value itself, measured its own way (for example a
+            rate over a fixed duration); ``n`` is passed as ``pilot`` and never calibrated.
         note: One line on what the contender does, for the table.
     """
 
@@ -77,6 +79,7 @@ class Case:
     pilot: int = 200
     step: int = 1
     calibrate: bool = True
+    direct: bool = False
     note: str = ""
 
     @property
@@ -84,6 +87,8 @@ class Case:
         return "rate" if self.unit.endswith("/s") else "time"
 
     def value(self, n: int, seconds: float) -> float:
+        if self.direct:
+            return seconds
         if self.kind == "rate":
             return n / seconds
         scale = 1000.0 if self.unit == "ms" else 1.0
@@ -165,7 +170,7 @@ class Settings:
             if self.quick:
                 sizes[case] = case.step * max(1, round(case.pilot * self.scale / case.step))
                 continue
-            if not case.calibrate or self.seconds <= 0:
+            if not case.calibrate or case.direct or self.seconds <= 0:
                 sizes[case] = case.pilot
                 continue
             pilot = _seconds(self, case, case.pilot)

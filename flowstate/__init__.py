@@ -4,6 +4,8 @@ Flows are async functions that take a :class:`StateCtx` and return commands; an
 :class:`Engine` applies them through a pluggable driver with atomic compare-and-set commits.
 """
 
+import importlib.metadata as _metadata
+
 from flowstate import recovery
 from flowstate._commands import (
     Command,
@@ -47,7 +49,12 @@ from flowstate.errors import (
 )
 from flowstate.recovery import Delayer, Recoverer
 
-__version__ = "0.1.0"
+try:
+    # The version is written once, in CHANGELOG.md, and reaches here through the metadata of
+    # the installed distribution (flowstate-engine).
+    __version__ = _metadata.version("flowstate-engine")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AlreadyTerminalError",

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import math
 
+#: The largest revision any store can hold: revisions are signed 64-bit integers in SQLite,
+#: etcd and PostgreSQL alike.
+MAX_REV = 2**63 - 1
+
+#: Ids starting with this prefix belong to flowstate's own states (the recovery cursors).
+RESERVED_PREFIX = "flowstate."
+
 
 def is_int(value: object) -> bool:
     """True for an int (a bool is not one here)."""
     return type(value) is int
+
+
+def is_rev(value: object) -> bool:
+    """True for a revision a store can hold, or 0: an int from 0 to :data:`MAX_REV`."""
+    return type(value) is int and 0 <= value <= MAX_REV
 
 
 def is_number(value: object, *, minimum: float = 0.0, strict: bool = False) -> bool:
@@ -16,3 +28,26 @@ def is_number(value: object, *, minimum: float = 0.0, strict: bool = False) -> b
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return value > minimum if strict else value >= minimum
+
+
+def is_text(value: object) -> bool:
+    """True for a str that every store can keep: one that encodes to UTF-8.
+
+    Python strings may hold lone surrogates (``"\\ud800"``, e.g. from ``os.fsdecode`` or
+    ``surrogateescape``), which no UTF-8 encoder, and so no driver, accepts.
+    """
+    if type(value) is not str:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A short repr of ``value`` for an error message (long text is cut)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

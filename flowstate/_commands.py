@@ -8,12 +8,12 @@ Transit, End, Pause, Resume, Stack and Unstack change the working copy in memory
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
 import msgspec
 from attrs import define, field
 
-from flowstate._checks import is_number
+from flowstate._checks import describe, is_number, is_text
 from flowstate._state import (
     PAUSED_ANNOTATION,
     StateCtx,
@@ -22,9 +22,6 @@ from flowstate._state import (
     encode_ctx,
 )
 from flowstate.errors import InvalidCommandError
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 __all__ = [
     "Command",
@@ -57,10 +54,31 @@ def _check_ctx(ctx: object, command: str) -> None:
 
 
 def _check_flow_id(to: object, command: str) -> None:
-    if not to or not isinstance(to, str):
+    if not to or not is_text(to):
         raise InvalidCommandError(
-            f"{command} needs a non-empty flow id (str), not {to!r}; use End to finish a state"
+            f"{command} needs a non-empty flow id (str of valid Unicode text), not "
+            f"{describe(to)}; use End to finish a state"
         )
+
+
+def _check_name(name: object, command: str, what: str) -> None:
+    if not name or not is_text(name):
+        raise InvalidCommandError(
+            f"{command} needs a non-empty {what} (str of valid Unicode text), not {describe(name)}"
+        )
+
+
+def _check_annotations(annotations: object, command: str) -> dict[str, str] | None:
+    if annotations is None:
+        return None
+    if not isinstance(annotations, Mapping) or not all(
+        is_text(key) and is_text(value) for key, value in annotations.items()
+    ):
+        raise InvalidCommandError(
+            f"{command} annotations must map str to str (valid Unicode text), "
+            f"not {describe(annotations)}"
+        )
+    return dict(annotations) or None
 
 
 def _set(ctx: StateCtx, transition: Transition) -> None:
@@ -86,24 +104,29 @@ class Transit(Command):
         _check_flow_id(to, "Transit")
         self.ctx = ctx
         self.to = to
-        self.annotations = dict(annotations) if annotations else None
+        self.annotations = _check_annotations(annotations, "Transit")
 
     def _mutate(self) -> None:
         _set(self.ctx, Transition(to=self.to, annotations=dict(self.annotations or {})))
 
 
-@define(slots=True)
+@define(slots=True, init=False)
 class End(Command):
-    """Finish ``ctx``: its transition points nowhere (``to == ""``), a terminal resting status."""
+    """Finish ``ctx``: its transition points nowhere (``to == ""``), a terminal resting status.
 
-    ctx: StateCtx = field()
+    ``annotations`` are the new transition's own (e.g. why the state ended).
+    """
 
-    @ctx.validator
-    def _validate(self, _attr: object, value: object) -> None:
-        _check_ctx(value, "End")
+    ctx: StateCtx
+    annotations: dict[str, str] | None
+
+    def __init__(self, ctx: StateCtx, *, annotations: Mapping[str, str] | None = None) -> None:
+        _check_ctx(ctx, "End")
+        self.ctx = ctx
+        self.annotations = _check_annotations(annotations, "End")
 
     def _mutate(self) -> None:
-        _set(self.ctx, Transition())
+        _set(self.ctx, Transition(annotations=dict(self.annotations or {})))
 
 
 @define(slots=True, init=False)
@@ -111,36 +134,52 @@ class Pause(Command):
     """Pause ``ctx``: it rests (the recoverer leaves it alone) until ``Resume``.
 
     ``to`` is where ``Resume`` continues; by default the flow the state is at now.
+    ``annotations`` are the new transition's own, besides the paused marker.
     """
 
     ctx: StateCtx
     to: str
+    annotations: dict[str, str] | None
 
-    def __init__(self, ctx: StateCtx, to: str | None = None) -> None:
+    def __init__(
+        self,
+        ctx: StateCtx,
+        to: str | None = None,
+        *,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         _check_ctx(ctx, "Pause")
         to = ctx.current.transition.to if to is None else to
         _check_flow_id(to, "Pause")
         self.ctx = ctx
         self.to = to
+        self.annotations = _check_annotations(annotations, "Pause")
 
     def _mutate(self) -> None:
-        _set(self.ctx, Transition(to=self.to, annotations={PAUSED_ANNOTATION: "true"}))
+        annotations = {**(self.annotations or {}), PAUSED_ANNOTATION: "true"}
+        _set(self.ctx, Transition(to=self.to, annotations=annotations))
 
 
-@define(slots=True)
+@define(slots=True, init=False)
 class Resume(Command):
-    """Continue a paused ``ctx`` at the flow it was paused at."""
+    """Continue a paused ``ctx`` at the flow it was paused at.
 
-    ctx: StateCtx = field()
+    ``annotations`` are the new transition's own, besides the resumed marker.
+    """
 
-    @ctx.validator
-    def _validate(self, _attr: object, value: object) -> None:
-        _check_ctx(value, "Resume")
+    ctx: StateCtx
+    annotations: dict[str, str] | None
+
+    def __init__(self, ctx: StateCtx, *, annotations: Mapping[str, str] | None = None) -> None:
+        _check_ctx(ctx, "Resume")
+        self.ctx = ctx
+        self.annotations = _check_annotations(annotations, "Resume")
 
     def _mutate(self) -> None:
         to = self.ctx.current.transition.to
         _check_flow_id(to, "Resume")
-        _set(self.ctx, Transition(to=to, annotations={RESUMED_ANNOTATION: "true"}))
+        annotations = {**(self.annotations or {}), RESUMED_ANNOTATION: "true"}
+        _set(self.ctx, Transition(to=to, annotations=annotations))
 
 
 @define(slots=True, init=False)
@@ -172,13 +211,23 @@ class Delay(Command):
         if seconds is not None:
             if not is_number(seconds):
                 raise InvalidCommandError(
-                    f"Delay seconds must be a finite number >= 0, not {seconds!r}"
+                    f"Delay seconds must be a finite number >= 0, not {describe(seconds)}"
                 )
-            at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+            try:
+                at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+            except OverflowError:
+                raise InvalidCommandError(
+                    f"Delay seconds={describe(seconds)} lies past the last representable date"
+                ) from None
         else:
             if not isinstance(until, datetime.datetime) or until.tzinfo is None:
                 raise InvalidCommandError("Delay until= must be a timezone-aware datetime")
-            at = until.astimezone(datetime.UTC)
+            try:
+                at = until.astimezone(datetime.UTC)
+            except OverflowError:
+                raise InvalidCommandError(
+                    f"Delay until={until!r} has no UTC equivalent that a datetime can hold"
+                ) from None
         self.ctx = ctx
         self.to = to
         self.at = at
@@ -225,8 +274,7 @@ class Stack(Command):
     def __init__(self, carrier: StateCtx, stacked: StateCtx, key: str) -> None:
         _check_ctx(carrier, "Stack")
         _check_ctx(stacked, "Stack")
-        if not key or not isinstance(key, str):
-            raise InvalidCommandError("Stack needs a non-empty annotation key")
+        _check_name(key, "Stack", "annotation key")
         self.carrier = carrier
         self.stacked = stacked
         self.key = key
@@ -258,8 +306,7 @@ class Unstack(Command):
     def __init__(self, carrier: StateCtx, into: StateCtx, key: str) -> None:
         _check_ctx(carrier, "Unstack")
         _check_ctx(into, "Unstack")
-        if not key or not isinstance(key, str):
-            raise InvalidCommandError("Unstack needs a non-empty annotation key")
+        _check_name(key, "Unstack", "annotation key")
         self.carrier = carrier
         self.into = into
         self.key = key
@@ -302,8 +349,7 @@ class StoreData(Command):
 
     def __init__(self, ctx: StateCtx, alias: str) -> None:
         _check_ctx(ctx, "StoreData")
-        if not alias or not isinstance(alias, str):
-            raise InvalidCommandError("StoreData needs a non-empty alias")
+        _check_name(alias, "StoreData", "alias")
         self.ctx = ctx
         self.alias = alias
 
@@ -317,8 +363,7 @@ class GetData(Command):
 
     def __init__(self, ctx: StateCtx, alias: str) -> None:
         _check_ctx(ctx, "GetData")
-        if not alias or not isinstance(alias, str):
-            raise InvalidCommandError("GetData needs a non-empty alias")
+        _check_name(alias, "GetData", "alias")
         self.ctx = ctx
         self.alias = alias
 

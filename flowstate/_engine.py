@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 import msgspec
 from attrs import define, field
 
+from flowstate._checks import MAX_REV, describe, is_number, is_rev, is_text
 from flowstate._commands import (
     Command,
     Commit,
@@ -35,6 +36,7 @@ from flowstate._state import (
     State,
     StateCtx,
     Transition,
+    check_id,
     check_strings,
 )
 from flowstate._watcher import Signal, Watcher
@@ -113,6 +115,10 @@ class FlowRegistry(Mapping[str, Flow]):
             return self._flows[flow_id]
         except KeyError:
             raise FlowNotFoundError(flow_id) from None
+
+    def __contains__(self, flow_id: object) -> bool:
+        # Mapping's own __contains__ catches KeyError only, not FlowNotFoundError.
+        return flow_id in self._flows
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._flows)
@@ -430,10 +436,13 @@ class Engine:
             InvalidQueryError: ``state_id`` is empty or ``rev`` is negative.
         """
         self._check_open()
-        if not state_id or not isinstance(state_id, str):
-            raise InvalidQueryError("a state id must be a non-empty string")
-        if type(rev) is not int or rev < 0:
-            raise InvalidQueryError(f"rev must be an int >= 0, not {rev!r}")
+        if not state_id or not is_text(state_id):
+            raise InvalidQueryError(
+                "a state id must be a non-empty string of valid Unicode text, "
+                f"not {describe(state_id)}"
+            )
+        if not is_rev(rev):
+            raise InvalidQueryError(f"rev must be an int from 0 to {MAX_REV}, not {describe(rev)}")
         return StateCtx.of(await self.driver.get_state(state_id, rev))
 
     async def find_state(self, labels: Mapping[str, str]) -> StateCtx:
@@ -441,10 +450,14 @@ class Engine:
 
         Raises:
             NotFoundError: No version matches.
+            InvalidQueryError: ``labels`` is not a mapping of str to str.
         """
-        page = await self.get_states(labels=dict(labels), since_latest=True, limit=1)
+        if not isinstance(labels, Mapping):
+            raise InvalidQueryError(f"labels must be a dict of str to str, not {describe(labels)}")
+        query = _query(None, {"labels": labels, "since_latest": True, "limit": 1})
+        page = await self.get_states(query)
         if not page.states:
-            raise NotFoundError(f"no state has labels {dict(labels)!r}")
+            raise NotFoundError(f"no state has labels {query.labels!r}")
         return StateCtx.of(page.states[0])
 
     async def get_states(self, query: StatesQuery | None = None, **filters: Any) -> StatesPage:
@@ -473,16 +486,38 @@ class Engine:
                 return
             query = query.replace(since_rev=page.states[-1].rev, since_latest=False)
 
-    def watch(self, query: StatesQuery | None = None, **filters: Any) -> Watcher:
+    def watch(
+        self,
+        query: StatesQuery | None = None,
+        *,
+        unavailable_timeout: float | None = None,
+        **filters: Any,
+    ) -> Watcher:
         """Stream every matching committed version, in revision order, from ``since_rev``.
 
         Takes the same filters as :meth:`get_states`; ``limit`` sets the fetch size.
 
+        The watcher rides out store outages: reads that fail with ``DriverUnavailableError``
+        are tried again with a capped backoff, and the stream resumes from its last revision
+        with no gap and no duplicate. ``unavailable_timeout`` (seconds; default None: keep
+        trying) is how long an outage may last before the watcher raises the error instead.
+        Other errors are raised at once.
+
         Raises:
-            InvalidQueryError: A filter is invalid.
+            InvalidQueryError: A filter, or ``unavailable_timeout``, is invalid.
         """
         self._check_open()
-        return Watcher(self.driver, _query(query, filters), self._closed)
+        if unavailable_timeout is not None and not is_number(unavailable_timeout):
+            raise InvalidQueryError(
+                "unavailable_timeout must be None or a number of seconds >= 0, "
+                f"not {describe(unavailable_timeout)}"
+            )
+        return Watcher(
+            self.driver,
+            _query(query, filters),
+            self._closed,
+            None if unavailable_timeout is None else float(unavailable_timeout),
+        )
 
 
 def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateWrite]]:
@@ -508,6 +543,12 @@ def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateW
                     f"StoreData: state {ctx.id!r} has no data {alias!r}; "
                     f"set ctx.data[{alias!r}] = Data(blob=...) first"
                 )
+            given: object = data
+            if not isinstance(given, Data) or not isinstance(given.blob, bytes | bytearray):
+                raise InvalidCommandError(
+                    f"StoreData: ctx.data[{alias!r}] of state {ctx.id!r} must be a "
+                    f"Data(blob=bytes), not {describe(given)}"
+                )
             if not data.rev:
                 stored_data.setdefault(ctx.id, {})[alias] = data.blob
         elif isinstance(command, Noop):
@@ -531,10 +572,16 @@ def _state_write(ctx: StateCtx, data: dict[str, bytes] | None, delay: Delay | No
     state = ctx.current
     if ctx.committed.id != state.id:
         raise InvalidCommandError(
-            f"ctx.current.id {state.id!r} differs from ctx.committed.id "
-            f"{ctx.committed.id!r}; a state's id cannot change"
+            f"ctx.current.id {describe(state.id)} differs from ctx.committed.id "
+            f"{describe(ctx.committed.id)}; a state's id cannot change"
         )
+    check_id(state.id)
     check_strings(state)
+    if not is_rev(ctx.committed.rev):
+        raise InvalidCommandError(
+            f"state {describe(state.id)}: ctx.committed.rev {describe(ctx.committed.rev)} "
+            f"is not a revision (an int from 0 to {MAX_REV})"
+        )
     if delay is None:
         return StateWrite(state=state, expected_rev=ctx.committed.rev, data=data)
     # The stored version carries the delay marker; ctx.current gets it only once committed.
@@ -563,6 +610,8 @@ def _query(query: StatesQuery | None, filters: dict[str, Any]) -> StatesQuery:
             raise InvalidQueryError(str(exc)) from None
     if filters:
         raise InvalidQueryError("pass a StatesQuery or keyword filters, not both")
+    if not isinstance(query, StatesQuery):
+        raise InvalidQueryError(f"expected a StatesQuery, not {describe(query)}")
     return query
 
 

@@ -5,11 +5,14 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-from flowstate._checks import is_int
+from flowstate._checks import MAX_REV, describe, is_int, is_rev, is_text
 from flowstate._state import State
 from flowstate.errors import InvalidQueryError
 
-__all__ = ["StatesPage", "StatesQuery"]
+__all__ = ["MAX_LIMIT", "StatesPage", "StatesQuery"]
+
+#: The largest page size a query may ask for.
+MAX_LIMIT = 2**31 - 1
 
 
 class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
@@ -37,27 +40,53 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         state_id: object = self.id
-        if state_id is not None and (not isinstance(state_id, str) or not state_id):
-            raise InvalidQueryError(f"id must be a non-empty string or None, not {state_id!r}")
-        if not is_int(self.since_rev) or self.since_rev < 0:
-            raise InvalidQueryError(f"since_rev must be an int >= 0, not {self.since_rev!r}")
-        if not is_int(self.limit) or self.limit < 1:
-            raise InvalidQueryError(f"limit must be an int >= 1, not {self.limit!r}")
+        if state_id is not None and (not state_id or not is_text(state_id)):
+            raise InvalidQueryError(
+                "id must be a non-empty string of valid Unicode text or None, "
+                f"not {describe(state_id)}"
+            )
+        if not is_rev(self.since_rev):
+            raise InvalidQueryError(
+                f"since_rev must be an int from 0 to {MAX_REV}, not {describe(self.since_rev)}"
+            )
+        if not is_int(self.limit) or not 1 <= self.limit <= MAX_LIMIT:
+            raise InvalidQueryError(
+                f"limit must be an int from 1 to {MAX_LIMIT}, not {describe(self.limit)}"
+            )
         # Checked as plain objects: callers may pass anything, whatever the annotations say.
         since_time: object = self.since_time
-        if since_time is not None and (
-            not isinstance(since_time, datetime.datetime) or since_time.tzinfo is None
-        ):
-            raise InvalidQueryError("since_time must be a timezone-aware datetime")
+        if since_time is not None:
+            if not isinstance(since_time, datetime.datetime) or since_time.tzinfo is None:
+                raise InvalidQueryError("since_time must be a timezone-aware datetime")
+            try:
+                since_time.astimezone(datetime.UTC)
+            except (OverflowError, ValueError):
+                raise InvalidQueryError(
+                    f"since_time {since_time!r} has no UTC equivalent that a datetime can hold"
+                ) from None
         given: object = self.labels
-        label_sets = [given] if isinstance(given, Mapping) else given
-        if not isinstance(label_sets, Sequence):
-            raise InvalidQueryError("labels must be a dict or a list of dicts")
+        label_sets: Sequence[object]
+        if isinstance(given, Mapping):
+            label_sets = [given]
+        elif isinstance(given, Sequence) and not isinstance(given, (str, bytes)):
+            label_sets = given
+        else:
+            raise InvalidQueryError(
+                f"labels must be a dict or a list of dicts, not {describe(given)}"
+            )
+        copies = []
         for labels in label_sets:
             if not isinstance(labels, Mapping) or not all(
-                type(k) is str and type(v) is str for k, v in labels.items()
+                is_text(k) and is_text(v) for k, v in labels.items()
             ):
-                raise InvalidQueryError(f"labels must map str to str, not {labels!r}")
+                raise InvalidQueryError(
+                    f"labels must map str to str (valid Unicode text), not {describe(labels)}"
+                )
+            copies.append(dict(labels))
+        # Stored as plain dicts, so that later changes to the caller's mappings change nothing.
+        msgspec.structs.force_setattr(
+            self, "labels", copies[0] if isinstance(given, Mapping) else copies
+        )
 
     @property
     def label_sets(self) -> list[dict[str, str]]:

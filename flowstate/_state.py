@@ -2,10 +2,12 @@
 
 import datetime
 import time
+from collections.abc import Mapping
 from typing import Literal, TypeAlias
 
 import msgspec
 
+from flowstate._checks import RESERVED_PREFIX, describe, is_text
 from flowstate.errors import InvalidCommandError
 
 __all__ = [
@@ -93,6 +95,11 @@ class State(msgspec.Struct, kw_only=True):
         raw = self.transition.annotations.get(DELAY_AT_ANNOTATION)
         return datetime.datetime.fromisoformat(raw) if raw is not None else None
 
+    @property
+    def delay_to(self) -> str | None:
+        """The flow this version's delay transits to when due, or None."""
+        return self.transition.annotations.get(DELAY_TO_ANNOTATION)
+
     def copy(self) -> "State":
         """Return an independent copy (no dict is shared with this one)."""
         transition = self.transition
@@ -149,13 +156,16 @@ class StateCtx(msgspec.Struct, kw_only=True):
         """Create the context of a state that does not exist yet.
 
         Raises:
-            InvalidCommandError: ``id`` is empty, or a label or annotation is not a string.
+            InvalidCommandError: ``id`` is empty, not a string, not valid Unicode text (a lone
+                surrogate), or starts with ``flowstate.`` (reserved for flowstate's own
+                states); or a label or annotation is not such a string.
         """
-        if not id or not isinstance(id, str):
-            raise InvalidCommandError("a state id must be a non-empty string")
-        state = State(id=id, labels=dict(labels or {}), annotations=dict(annotations or {}))
-        check_strings(state)
-        return cls(current=state, committed=State(id=id))
+        if is_text(id) and id.startswith(RESERVED_PREFIX):
+            raise InvalidCommandError(
+                f"state id {describe(id)} starts with {RESERVED_PREFIX!r}, which flowstate "
+                "reserves for its own states; choose another id"
+            )
+        return _new_ctx(id, labels, annotations)
 
     @classmethod
     def of(cls, state: State) -> "StateCtx":
@@ -179,15 +189,65 @@ class StateCtx(msgspec.Struct, kw_only=True):
         )
 
 
+def check_id(state_id: object) -> None:
+    """Raise InvalidCommandError unless ``state_id`` is a non-empty str every store can keep."""
+    if not state_id or not is_text(state_id):
+        raise InvalidCommandError(
+            f"a state id must be a non-empty string of valid Unicode text, not {describe(state_id)}"
+        )
+
+
 def check_strings(state: State) -> None:
-    """Raise InvalidCommandError unless every label and annotation key and value is a str."""
+    """Raise InvalidCommandError unless every label and annotation key and value is a str
+    that every store can keep (valid Unicode text: no lone surrogate)."""
     for mapping in (state.labels, state.annotations, state.transition.annotations):
+        if mapping.__class__ is not dict:
+            raise InvalidCommandError(
+                f"state {describe(state.id)}: labels and annotations must be dicts, "
+                f"not {type(mapping).__name__}"
+            )
         for key, value in mapping.items():
-            if key.__class__ is not str or value.__class__ is not str:
+            if not (is_text(key) and is_text(value)):
                 raise InvalidCommandError(
-                    f"state {state.id!r}: {key!r} = {value!r} in labels or annotations; "
-                    "labels and annotations map str to str"
+                    f"state {describe(state.id)}: {describe(key)} = {describe(value)} in labels "
+                    "or annotations; labels and annotations map str to str (valid Unicode text)"
                 )
+    transition_to: object = state.transition.to
+    if not is_text(transition_to):
+        raise InvalidCommandError(
+            f"state {describe(state.id)}: the transition's flow id {describe(transition_to)} "
+            "is not a string of valid Unicode text"
+        )
+
+
+def _new_ctx(state_id: object, labels: object, annotations: object) -> "StateCtx":
+    check_id(state_id)
+    assert isinstance(state_id, str)  # check_id() made sure
+    maps: list[dict[str, str]] = []
+    for name, given in (("labels", labels), ("annotations", annotations)):
+        if given is None:
+            maps.append({})
+        elif isinstance(given, Mapping):
+            maps.append(dict(given))
+        else:
+            raise InvalidCommandError(
+                f"{name} must be a mapping of str to str, not {type(given).__name__}"
+            )
+    state = State(id=state_id, labels=maps[0], annotations=maps[1])
+    check_strings(state)
+    return StateCtx(current=state, committed=State(id=state_id))
+
+
+def internal_ctx(state_id: str, *, labels: dict[str, str]) -> StateCtx:
+    """The context of a new state of flowstate's own (a recovery cursor): the one way to
+    create a state whose id starts with the reserved ``flowstate.`` prefix.
+
+    Raises:
+        InvalidCommandError: ``state_id`` is not in the reserved namespace.
+    """
+    if not state_id.startswith(RESERVED_PREFIX):
+        raise InvalidCommandError(f"{state_id!r} is not a flowstate-internal state id")
+    return _new_ctx(state_id, labels, None)
 
 
 def utcnow_ms() -> datetime.datetime:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
+import random
 from typing import TYPE_CHECKING
 
 from attrs import define, field
 
-from flowstate.errors import ClosedError
+from flowstate.errors import ClosedError, DriverUnavailableError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -20,6 +22,13 @@ if TYPE_CHECKING:
     from flowstate.drivers.base import Driver
 
 __all__ = ["Signal", "Watcher"]
+
+logger = logging.getLogger("flowstate")
+
+# Pacing of the retries while the store is unavailable: from 50 ms, doubling, up to 1 s (each
+# pause drawn between half and all of that, so that many watchers do not retry in step).
+_FIRST_RETRY = 0.05
+_MAX_RETRY = 1.0
 
 
 class Signal:
@@ -58,17 +67,27 @@ class Watcher:
 
     With ``latest_only=True`` a state committed several times between two reads is delivered
     once, at its latest version.
+
+    The watcher rides out store outages: when a read fails with ``DriverUnavailableError`` it
+    tries again, pausing between attempts (from 50 ms, doubling, at most 1 s), and goes on from
+    its last revision, with no gap and no duplicate. It raises that error only once the store
+    has been unavailable for ``unavailable_timeout`` seconds (measured when a read fails; None:
+    keep trying). Any other error (a ``DriverError`` that is not ``DriverUnavailableError``,
+    a closed driver) is raised at once.
     """
 
     _driver: Driver
     _query: StatesQuery
     _engine_closed: Signal
+    _unavailable_timeout: float | None = None
     rev: int = field(init=False, default=0)
     _cursor: int = field(init=False, default=0)
     _buffer: collections.deque[State] = field(init=False, factory=collections.deque)
     _started: bool = field(init=False, default=False)
     _caught_up: bool = field(init=False, default=False)
     _closed: Signal = field(init=False, factory=Signal)
+    _outage_since: float | None = field(init=False, default=None)
+    _retries: int = field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self.rev = self._cursor = self._query.since_rev
@@ -82,11 +101,19 @@ class Watcher:
         while not self._buffer:
             if self._engine_closed.is_set():
                 raise StopAsyncIteration
-            if self._caught_up:
-                self.rev = self._cursor  # everything up to the cursor has been delivered
-                if not await self._wait(self._cursor + 1):
-                    raise StopAsyncIteration
-            await self._fetch()
+            try:
+                if self._caught_up:
+                    self.rev = self._cursor  # everything up to the cursor has been delivered
+                    if not await self._wait(self._cursor + 1):
+                        raise StopAsyncIteration
+                # A failed fetch changes nothing: the next one starts from the same cursor.
+                await self._fetch()
+            except DriverUnavailableError as exc:
+                if not await self._ride_out(exc):
+                    raise StopAsyncIteration from None
+                continue
+            if self._outage_since is not None:
+                self._outage_ended()
         state = self._buffer.popleft()
         self.rev = state.rev
         return state
@@ -102,6 +129,37 @@ class Watcher:
         last = page.states[-1].rev if page.states else self._cursor
         # Caught up: every version up to head_rev has been seen, even where none matched.
         self._cursor = last if page.more else max(last, page.head_rev)
+
+    async def _ride_out(self, error: DriverUnavailableError) -> bool:
+        """Pause before the next attempt. False when the engine or the watcher closed
+        meanwhile; raises ``error`` once the outage lasted ``unavailable_timeout``."""
+        now = asyncio.get_running_loop().time()
+        if self._outage_since is None:
+            self._outage_since, self._retries = now, 0
+            if self._unavailable_timeout != 0:
+                logger.warning(
+                    "watcher at rev %d: store unavailable, retrying: %s", self._cursor, error
+                )
+        elapsed = now - self._outage_since
+        pause = min(_MAX_RETRY, _FIRST_RETRY * 2**self._retries) * random.uniform(0.5, 1.0)
+        if self._unavailable_timeout is not None:
+            left = self._unavailable_timeout - elapsed
+            if left <= 0:
+                raise error
+            pause = min(pause, left)
+        self._retries += 1
+        logger.debug("watcher: store unavailable for %.1f s; next try in %.2f s", elapsed, pause)
+        stops = (self._engine_closed.future(), self._closed.future())
+        done, _ = await asyncio.wait(stops, timeout=pause)
+        return not done
+
+    def _outage_ended(self) -> None:
+        assert self._outage_since is not None
+        elapsed = asyncio.get_running_loop().time() - self._outage_since
+        logger.warning(
+            "watcher at rev %d: store available again after %.1f s", self._cursor, elapsed
+        )
+        self._outage_since = None
 
     async def _wait(self, rev: int) -> bool:
         """Wait until the store reaches ``rev``. False when the engine or watcher closed."""

@@ -1,7 +1,8 @@
-"""The ``flowstate`` command: try flowstate and look into a store from the shell.
+"""The ``flowstate`` command: try flowstate, look into a store, run its services.
 
 ``flowstate demo`` runs a small workflow; ``states``, ``get`` and ``watch`` read any store
-named by a driver URL. Also runnable as ``python -m flowstate``.
+named by a driver URL; ``recover`` runs the recovery service. Also runnable as
+``python -m flowstate``. No command prints a Python traceback: errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,9 +23,18 @@ import msgspec
 from attrs import frozen
 
 import flowstate as fs
+from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
-from flowstate.workflows import FlowManager, FlowStatus
+from flowstate.workflows import (
+    FlowEvent,
+    FlowManager,
+    FlowStatus,
+    Pipeline,
+    StepFn,
+    Worker,
+    workflow_flows,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -43,14 +55,14 @@ EXIT_INTERRUPTED = 130
 _json = msgspec.json.Encoder()
 
 DESCRIPTION = """\
-flowstate is an asyncio state and workflow engine. This command tries it out (demo) and looks
-into stores from the shell (states, get, watch).
+flowstate is an asyncio state and workflow engine. This command tries it out, looks into a
+store from the shell and runs flowstate's services: see the commands below.
 
 A store is named by a driver URL:
   sqlite:///relative/path.db    a SQLite file, relative to the current directory
   sqlite:////absolute/path.db   a SQLite file, absolute path
   memory://                     an empty in-memory store (gone when the command ends)
-  etcd://host:2379/prefix       an etcd cluster (needs: pip install 'flowstate[etcd]')
+  etcd://host:2379/prefix       an etcd cluster (needs: pip install 'flowstate-engine[etcd]')
 """
 
 EPILOG = f"""\
@@ -60,6 +72,11 @@ examples:
   {PROG} states {DEMO_URL} --latest-only --json
   {PROG} get {DEMO_URL} r1-order-1
   {PROG} watch {DEMO_URL} --since-rev 10       (Ctrl-C to stop)
+  {PROG} flows sqlite:///app.db --owner alice --status running
+  {PROG} flow sqlite:///app.db FLOW-ID
+  {PROG} recover sqlite:///app.db --flows myapp.flows:FLOWS
+  {PROG} worker sqlite:///app.db --flows myapp.flows:FLOWS --concurrency 16
+  {PROG} run flow.json sqlite:///app.db --tasks myapp.tasks:TASKS
 
 Run '{PROG} COMMAND --help' for the options of one command.
 """
@@ -172,6 +189,19 @@ def _utc(at: datetime.datetime) -> str:
     return f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d}Z"
 
 
+def _status(state: fs.State) -> str:
+    """The status to show: a version committed with a ``Delay`` shows as ``delayed``."""
+    return "delayed" if state.is_delayed else state.status
+
+
+def _next(state: fs.State) -> str:
+    """The flow that runs next; for a delayed version, the delay's flow and when it is due."""
+    due = state.delay_at
+    if due is not None:
+        return f"{state.delay_to} (due {_utc(due)})"
+    return state.transition.to or "-"
+
+
 def _pairs(mapping: dict[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(mapping.items())) or "-"
 
@@ -223,8 +253,8 @@ async def _run_states(args: argparse.Namespace) -> int:
         (
             str(state.rev),
             state.id,
-            state.status,
-            state.transition.to or "-",
+            _status(state),
+            _next(state),
             _when(state),
             _pairs(state.labels),
         )
@@ -257,11 +287,12 @@ async def _run_get(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(state)
         return 0
+    next_flow = _next(state)
     rows = [
         ("id:", state.id),
         ("rev:", str(state.rev)),
-        ("status:", state.status),
-        ("next flow:", state.transition.to or "- (ended)"),
+        ("status:", _status(state)),
+        ("next flow:", "- (ended)" if next_flow == "-" else next_flow),
         ("committed:", _when(state)),
         ("labels:", _pairs(state.labels)),
         ("annotations:", _pairs(state.annotations)),
@@ -406,6 +437,7 @@ APPROVAL_LIMIT = 100  # orders of this amount (EUR) or more wait for a manager's
 MAX_CHARGE_ATTEMPTS = 3
 APPROVAL_DELAY = 0.3  # seconds the manager takes to look at an order
 RETRY_AFTER = 1.0  # seconds a running order may stall before the demo's recoverer retries it
+DEMO_TIMEOUT = 60.0  # seconds; the demo takes a few, so anything longer is a fault
 # Set only in the demo's worker process: the id of the order it crashes on while shipping.
 CRASH_ENV = "FLOWSTATE_DEMO_CRASH_ON"
 
@@ -464,7 +496,10 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         default=DEMO_URL,
-        help=f"the store to run the demo on (default: {DEMO_URL})",
+        help=(
+            f"the store to run the demo on (default: {DEMO_URL}); on a store only this "
+            "process can reach (memory://, sqlite://:memory:) the crash is left out"
+        ),
     )
     # The demo starts itself as a worker process that crashes; not for people to call.
     parser.add_argument("--worker", nargs=2, metavar=("ORDER", "RUN"), help=argparse.SUPPRESS)
@@ -494,10 +529,18 @@ async def _crashing_worker(url: str, order_id: str, run: int) -> str:
         str(run),
         env={**os.environ, CRASH_ENV: order_id},
         stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     code = await proc.wait()
     how = "killed by SIGKILL" if code == -signal.SIGKILL else f"exit code {code}"
     return f"worker process {proc.pid} crashed ({how}) while shipping {order_id}"
+
+
+def _in_this_process_only(driver: Driver) -> bool:
+    """True for a store no other process can open (its data lives in this process)."""
+    return isinstance(driver, MemoryDriver) or (
+        isinstance(driver, SQLiteDriver) and driver.is_memory
+    )
 
 
 async def _next_run(engine: fs.Engine) -> int:
@@ -529,11 +572,29 @@ async def _follow(
                     return
 
 
+class _Output:
+    """The demo's stdout. When the reader goes away (``flowstate demo | head -3``), the demo
+    goes on silently to the end, so that it leaves no order running in the store."""
+
+    def __init__(self) -> None:
+        self.reader_gone = False
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        if self.reader_gone:
+            return
+        try:
+            print(text, end=end, flush=True)
+        except BrokenPipeError:
+            self.reader_gone = True
+            _reader_gone()
+
+
 async def _run_demo(args: argparse.Namespace) -> int:
     if args.worker:
         return await _run_worker(args.url, *args.worker)
     started = time.monotonic()
-    async with fs.Engine(args.url, flows=DEMO_FLOWS) as engine:
+    out = _Output()
+    async with fs.open_driver(args.url) as driver, fs.Engine(driver, flows=DEMO_FLOWS) as engine:
         run = await _next_run(engine)
         labels = {"kind": "order", "demo-run": str(run)}
         since = await engine.driver.head_rev()
@@ -544,28 +605,29 @@ async def _run_demo(args: argparse.Namespace) -> int:
             f"r{run}-order-3": {"amount": "60", "card": "flaky"},
         }
         # A worker process takes this one and crashes mid-flow; the recoverer finishes it.
+        # Another process cannot reach a store that lives in this one, so it is left out there.
         crash_order = f"r{run}-order-4"
-        crashes = not args.url.startswith("memory:")
-        print(f"flowstate demo, run {run}, on {args.url}")
-        print("Three orders: a small one, a large one a manager must approve, and one whose")
-        print("card is declined once.", end=" ")
-        if crashes:
-            print("A fourth is taken by a worker process that crashes while")
-            print(f"shipping it; the recoverer retries it once it stalled for {RETRY_AFTER:.0f} s.")
+        shared = not _in_this_process_only(driver)
+        out.say(f"flowstate demo, run {run}, on {args.url}")
+        out.say("Three orders: a small one, a large one a manager must approve, and one whose")
+        out.say("card is declined once.", end=" ")
+        if shared:
+            out.say("A fourth is taken by a worker process that crashes while")
+            out.say(
+                f"shipping it; the recoverer retries it once it stalled for {RETRY_AFTER:.0f} s."
+            )
         else:
-            print(f"(A store in one process's memory cannot show {crash_order} crash.)")
-        print("Every committed version, as a watcher sees it:\n")
-        print(f"{'REV':>5}  {'ORDER':<14} {'STATUS':<8} {'NEXT':<15} NOTE", flush=True)
+            out.say("(The fourth, taken by a worker process that crashes, needs a store")
+            out.say(f"another process can reach, such as the default {DEMO_URL}.)")
+        out.say("Every committed version, as a watcher sees it:\n")
+        out.say(f"{'REV':>5}  {'ORDER':<14} {'STATUS':<8} {'NEXT':<15} NOTE")
 
         async def show(state: fs.State) -> None:
             next_flow = state.transition.to or "-"
             note = state.annotations.get("note", "new order")
             if fs.recovery.attempt(state):
                 note = f"{note}; retried by the recoverer (attempt {fs.recovery.attempt(state)})"
-            print(
-                f"{state.rev:>5}  {state.id:<14} {state.status:<8} {next_flow:<15} {note}",
-                flush=True,
-            )
+            out.say(f"{state.rev:>5}  {state.id:<14} {state.status:<8} {next_flow:<15} {note}")
 
         async def approve(state: fs.State) -> None:
             # The manager: resumes each paused order a moment later, then runs it on.
@@ -579,28 +641,37 @@ async def _run_demo(args: argparse.Namespace) -> int:
             await engine.do(fs.Commit(fs.Resume(ctx)))
             await engine.execute(ctx)
 
-        all_orders = {*orders, crash_order} if crashes else set(orders)
+        all_orders = {*orders, crash_order} if shared else set(orders)
         crash_report: list[str] = []
 
         async def crash() -> None:
             crash_report.append(await _crashing_worker(args.url, crash_order, run))
 
         recoverer = fs.Recoverer(engine, retry_after=RETRY_AFTER, lease_ttl=2.0, tick=0.1)
-        async with recoverer, asyncio.timeout(60), asyncio.TaskGroup() as group:
-            group.create_task(_follow(engine, query, all_orders, show))
-            group.create_task(_follow(engine, query, all_orders, approve))
-            for order_id, annotations in orders.items():
-                ctx = fs.StateCtx.new(order_id, labels=labels, annotations=annotations)
-                await engine.do(fs.Commit(fs.Transit(ctx, "validate")))
-                group.create_task(engine.execute(ctx))
-            if crashes:
-                group.create_task(crash())
+        try:
+            async with recoverer, asyncio.timeout(DEMO_TIMEOUT), asyncio.TaskGroup() as group:
+                group.create_task(_follow(engine, query, all_orders, show))
+                group.create_task(_follow(engine, query, all_orders, approve))
+                for order_id, annotations in orders.items():
+                    ctx = fs.StateCtx.new(order_id, labels=labels, annotations=annotations)
+                    await engine.do(fs.Commit(fs.Transit(ctx, "validate")))
+                    group.create_task(engine.execute(ctx))
+                if shared:
+                    group.create_task(crash())
+        except TimeoutError:
+            raise CommandError(
+                f"the demo's orders did not all finish within {DEMO_TIMEOUT:.0f} s"
+            ) from None
     elapsed = time.monotonic() - started
-    print()
+    out.say()
     for line in crash_report:
-        print(f"{line}; the recoverer retried it and it finished.")
-    print(f"All {len(all_orders)} orders finished in {elapsed:.1f} s. Look at them again with:")
-    print(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
+        out.say(f"{line}; the recoverer retried it and it finished.")
+    out.say(f"All {len(all_orders)} orders finished in {elapsed:.1f} s.", end="")
+    if shared:
+        out.say(" Look at them again with:")
+        out.say(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
+    else:
+        out.say(" They were kept in this process's memory only, and are gone now.")
     return 0
 
 
@@ -611,9 +682,144 @@ async def _run_demo(args: argparse.Namespace) -> int:
 # `recover` service runner) is one more entry here, with its configure and run functions.
 async def _run_recover(args: argparse.Namespace) -> int:
     try:
-        return await recover_service.run(args)
+        return await recover_service.run(args, extra_flows=workflow_flows())
     except recover_service.FlowsSpecError as exc:
         raise CommandError(str(exc)) from exc
+
+
+# -- worker and run ------------------------------------------------------------------------------
+
+_CODE_WARNING = (
+    "imported from the current folder or the Python path; this imports and runs that code, "
+    "with access to the store: point it only at code you trust"
+)
+
+
+def _configure_worker(parser: argparse.ArgumentParser) -> None:
+    _add_url(parser)
+    parser.add_argument(
+        "--flows",
+        metavar="MODULE:ATTR",
+        help="the flows and pipelines to run: a mapping of flow ids to flows (add "
+        f"flowstate.workflows.workflow_flows(*pipelines) to it for pipelines), {_CODE_WARNING}",
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="MODULE:ATTR",
+        help="step functions by task name, for runs of JSON pipeline definitions, " + _CODE_WARNING,
+    )
+    parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_count(1),
+        default=8,
+        help="run at most N executions at once (default 8)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait up to S seconds for running steps to end (default 30)",
+    )
+
+
+def _load_tasks(spec: str) -> dict[str, StepFn]:
+    """Import ``module:attr`` naming a mapping of task names to step functions."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise CommandError(f"--tasks wants package.module:attribute, not {spec!r}")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise CommandError(f"cannot load --tasks {spec!r}: {exc}") from exc
+    if not isinstance(value, Mapping) or not all(callable(fn) for fn in value.values()):
+        raise CommandError(f"--tasks {spec!r} is not a mapping of task names to functions")
+    return dict(value)
+
+
+async def _run_worker_service(args: argparse.Namespace) -> int:
+    recover_service.import_from_working_directory()
+    try:
+        flows = recover_service.load_flows(args.flows) if args.flows else fs.FlowRegistry()
+    except recover_service.FlowsSpecError as exc:
+        raise CommandError(str(exc)) from exc
+    tasks = _load_tasks(args.tasks) if args.tasks else {}
+    if not flows and not tasks:
+        raise CommandError("give the worker something to run: --flows and/or --tasks")
+    for flow_id, fn in workflow_flows().items():
+        flows.register(flow_id, fn)
+
+    async def service(stop: asyncio.Event) -> None:
+        async with (
+            fs.Engine(args.url, flows=flows) as engine,
+            Worker(
+                engine,
+                concurrency=args.concurrency,
+                tasks=tasks,
+                drain_timeout=args.drain_timeout,
+            ),
+        ):
+            await stop.wait()
+
+    return await recover_service.until_signalled(service)
+
+
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition", metavar="DEFINITION.json", help="a JSON pipeline definition")
+    _add_url(parser)
+    parser.add_argument(
+        "--tasks",
+        metavar="MODULE:ATTR",
+        required=True,
+        help="step functions by task name, " + _CODE_WARNING,
+    )
+    parser.add_argument("--input", metavar="JSON", default="null", help="the run's input")
+    parser.add_argument("--owner", default="", help="whom the run belongs to")
+
+
+async def _run_run(args: argparse.Namespace) -> int:
+    recover_service.import_from_working_directory()
+    tasks = _load_tasks(args.tasks)
+    try:
+        definition = await asyncio.to_thread(Path(args.definition).read_bytes)
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.definition}: {exc.strerror}") from exc
+    try:
+        run_input = msgspec.json.decode(args.input)
+    except msgspec.DecodeError as exc:
+        raise CommandError(f"--input is not JSON: {exc}") from exc
+    pipeline = Pipeline.from_definition(definition, tasks=tasks)
+    async with fs.Engine(args.url) as engine:
+        manager = FlowManager(engine)
+        manager.register(pipeline)
+        async with manager.watch(since_rev=await engine.driver.head_rev()) as versions:
+            run = await manager.execute(pipeline.id, input=run_input, owner=args.owner)
+            print(f"run {run.id} of {pipeline.id!r} started", flush=True)
+            seen = 0
+            async for version in versions:
+                if version.id != run.id:
+                    continue
+                events = await manager.events(run.id)
+                for event in events[seen:]:
+                    print(_describe(event), flush=True)
+                seen = len(events)
+                if version.status.is_terminal:
+                    return 0 if version.status == "finished" else EXIT_ERROR
+    return EXIT_ERROR
+
+
+def _describe(event: FlowEvent) -> str:
+    payload = event.payload
+    step = f" {payload['step']} (attempt {payload['attempt']})" if "step" in payload else ""
+    detail = ""
+    if "output" in payload:
+        detail = f": {_json.encode(payload['output']).decode()}"
+    elif "error" in payload:
+        detail = f": {payload['error']}"
+    elif "reason" in payload:
+        detail = f": {payload['reason']}"
+    return f"{_utc(event.at)}  {event.kind}{step}{detail}"
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -621,9 +827,10 @@ COMMANDS: tuple[Command, ...] = (
         name="demo",
         help="run a small order-processing workflow and print its states as they change",
         description=(
-            "Run three orders through a small workflow (validate, wait for approval, charge "
-            "with a retry, ship) and print every state version as a watcher sees it. "
-            "Finishes in a few seconds."
+            "Run four orders through a small workflow (validate, wait for a manager's "
+            "approval, charge with a retry, ship) and print every state version as a watcher "
+            "sees it. The fourth order is taken by a worker process that crashes while "
+            "shipping it; the recoverer retries it and it finishes. Takes a few seconds."
         ),
         configure=_configure_demo,
         run=_run_demo,
@@ -675,6 +882,30 @@ COMMANDS: tuple[Command, ...] = (
         run=_run_recover,
     ),
     Command(
+        name="worker",
+        help="run pipeline runs and flows that other processes start, until SIGTERM",
+        description=(
+            "Follow a store and run the pipeline runs and plain flows other processes commit, "
+            "at most --concurrency at a time. Run as many workers as you like: they share the "
+            "work, and no step runs twice while its worker lives. On SIGTERM a worker stops "
+            "taking work, finishes its running steps (up to --drain-timeout) and hands the "
+            "rest back."
+        ),
+        configure=_configure_worker,
+        run=_run_worker_service,
+    ),
+    Command(
+        name="run",
+        help="start one run of a JSON pipeline definition and follow it to its end",
+        description=(
+            "Start a run of a JSON pipeline definition (the flow-manager format) with the step "
+            "functions of --tasks, run it here, and print each step as it starts and ends. "
+            "Exits 0 when the run finishes, 1 when it fails or is cancelled."
+        ),
+        configure=_configure_run,
+        run=_run_run,
+    ),
+    Command(
         name="watch",
         help="print state versions as JSON lines as they are committed, until Ctrl-C",
         description=(
@@ -718,8 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``flowstate`` command with ``argv`` (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 on success, 1 on an error (printed on one line to stderr), 2 on a
-        bad command line, 130 when interrupted with Ctrl-C.
+        The exit code: 0 on success, 1 on an error (printed on one line to stderr, never as a
+        traceback, whatever the error), 2 on a bad command line, 130 when interrupted with
+        Ctrl-C.
     """
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):
@@ -739,14 +971,20 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:  # a driver module that cannot be imported
         return _error(f"cannot load the driver for {getattr(args, 'url', '?')!r}: {exc}")
     except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None:
+            return EXIT_INTERRUPTED
         if group.subgroup(BrokenPipeError) is not None:
             return _reader_gone()
-        first = _first_error(group)
-        if first is None:
-            raise
-        return _error(first)
+        known = _first_error(group)
+        return _error(known) if known is not None else _unexpected(_first_leaf(group))
     except BrokenPipeError:
         return _reader_gone()
+    except Exception as exc:  # noqa: BLE001 (a bug, or a failure nobody translated: one line)
+        return _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> int:
+    return _error(f"unexpected {type(exc).__name__}: {exc}")
 
 
 def _reader_gone() -> int:
@@ -761,6 +999,12 @@ async def _main(
     run: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
 ) -> int:
     return await run(args)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a task group's failure that is not itself a group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

@@ -12,6 +12,7 @@ import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
 from tests.etcd_server import etcd_url, unique_url
+from tests.processes import Process
 
 __all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
 
@@ -46,7 +47,34 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
 
 
-STORES = ["memory", "sqlite", "etcd"]
+# Tests that need a server carry its marker: a test that takes a server's fixture is marked
+# here, and a fixture that asks for a server at run time marks its parameter instead
+# (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table, and its
+# fixture fails in a --quick run, which names the test that lacks the marker.
+SERVER_FIXTURES = {"etcd_url": "etcd"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        help="only the tests marked neither slow nor with a server (scripts/test --quick)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in SERVER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+    if config.getoption("--quick"):
+        left_out = {"slow", *SERVER_FIXTURES.values()}
+        quick = [i for i in items if not any(i.get_closest_marker(m) for m in left_out)]
+        config.hook.pytest_deselected(items=[i for i in items if i not in quick])
+        items[:] = quick
+
+
+STORES = ["memory", "sqlite", pytest.param("etcd", marks=pytest.mark.etcd)]
 
 
 @pytest.fixture(params=STORES)
@@ -80,3 +108,12 @@ async def new_driver(
     yield make
     for driver in created:
         await driver.aclose()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[Process]]:
+    """Every process a test starts is killed by PID at the end, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        await process.close()

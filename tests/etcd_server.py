@@ -13,6 +13,7 @@ interpreter exit at the latest.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
@@ -20,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -28,10 +30,12 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, NamedTuple, Self
 
 import aetcd
+import grpc
 import pytest
+from aetcd import rpc
 
 __all__ = [
     "ENV_URL",
@@ -39,6 +43,7 @@ __all__ = [
     "INSTALL_HINT",
     "EtcdCluster",
     "EtcdServer",
+    "ServerTLS",
     "etcd_binary",
     "etcd_url",
     "free_ports",
@@ -94,11 +99,23 @@ async def raw_client(url: str) -> Any:
     return client
 
 
-def _post_json(url: str, timeout: float) -> Any:
+def _post_json(url: str, timeout: float, context: ssl.SSLContext | None = None) -> Any:
     """POST ``{}`` to an etcd JSON gateway endpoint and return the decoded answer."""
     request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.load(response)
+
+
+class ServerTLS(NamedTuple):
+    """PEM files of a member that serves its clients over TLS and wants client certificates:
+    the server's certificate and key, the CA it trusts, and a client certificate for the
+    harness's own health checks."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path
+    client_key: Path
 
 
 class EtcdServer:
@@ -122,6 +139,7 @@ class EtcdServer:
         peer_port: int | None = None,
         initial_cluster: str | None = None,
         timing: tuple[str, ...] = _SINGLE_TIMING,
+        tls: ServerTLS | None = None,
     ) -> None:
         if client_port is None or peer_port is None:
             client_port, peer_port = free_ports(2)
@@ -131,6 +149,11 @@ class EtcdServer:
         self.peer_port = peer_port
         self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self.timing = timing
+        self.tls = tls
+        self._context: ssl.SSLContext | None = None
+        if tls is not None:
+            self._context = ssl.create_default_context(cafile=str(tls.ca))
+            self._context.load_cert_chain(tls.client_cert, tls.client_key)
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -143,7 +166,8 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
@@ -195,6 +219,7 @@ class EtcdServer:
             cluster_state,
             "--initial-cluster-token",
             f"flowstate-{zlib.crc32(self.initial_cluster.encode()):08x}",
+            *self._tls_flags(),
             "--logger",
             "zap",
             "--log-level",
@@ -205,6 +230,20 @@ class EtcdServer:
             command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
         _running.add(self)
+
+    def _tls_flags(self) -> list[str]:
+        tls = self.tls
+        if tls is None:
+            return []
+        return [
+            "--cert-file",
+            str(tls.cert),
+            "--key-file",
+            str(tls.key),
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            str(tls.ca),
+        ]
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Block until the member reports itself healthy (it has a leader).
@@ -229,7 +268,9 @@ class EtcdServer:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as response:
+            with urllib.request.urlopen(
+                f"{self.client_url}/health", timeout=1, context=self._context
+            ) as response:
                 return bool(json.load(response).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -237,10 +278,27 @@ class EtcdServer:
     def is_ours(self) -> bool:
         """True when the member answering on the client port has this member's peer URL."""
         try:
-            members = _post_json(f"{self.client_url}/v3/cluster/member/list", 2)["members"]
-        except (OSError, ValueError, KeyError, urllib.error.URLError):
+            if self.tls is not None:
+                # etcd's JSON gateway cannot reach a server that wants client certificates.
+                peer_urls = asyncio.run(self._peer_urls_over_grpc())
+            else:
+                members = _post_json(f"{self.client_url}/v3/cluster/member/list", 2)["members"]
+                peer_urls = [url for member in members for url in member.get("peerURLs", [])]
+        except (OSError, ValueError, KeyError, urllib.error.URLError, rpc.AioRpcError):
             return False
-        return any(self.peer_url in member.get("peerURLs", []) for member in members)
+        return self.peer_url in peer_urls
+
+    async def _peer_urls_over_grpc(self) -> list[str]:
+        tls = self.tls
+        assert tls is not None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca.read_bytes(),
+            private_key=tls.client_key.read_bytes(),
+            certificate_chain=tls.client_cert.read_bytes(),
+        )
+        async with rpc.secure_channel(self.endpoint, credentials) as channel:
+            found = await rpc.ClusterStub(channel).MemberList(rpc.MemberListRequest(), timeout=2)
+        return [url for member in found.members for url in member.peerURLs]
 
     def status(self) -> dict[str, str]:
         """The member's ``Maintenance.Status`` (ids as strings), through the JSON gateway."""
@@ -353,11 +411,21 @@ def _kill_leftovers() -> None:
 
 
 @pytest.fixture(scope="session")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def etcd_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The URL base of an etcd for this session: ``FLOWSTATE_ETCD_URL`` or a member started here.
 
     Append a key prefix with :func:`unique_url`. A missing etcd binary fails the session.
     """
+    if request.config.getoption("--quick", default=False):
+        # --quick leaves out the tests marked etcd: this one is missing its marker.
+        pytest.fail(
+            "a test uses etcd_url in a --quick run but is not marked etcd; a fixture that "
+            "asks for etcd_url at run time marks its parameter "
+            "(pytest.param(..., marks=pytest.mark.etcd))",
+            pytrace=False,
+        )
     configured = os.environ.get(ENV_URL)
     if configured:
         yield configured

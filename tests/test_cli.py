@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -68,10 +70,14 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
+    listed = out.split("\ncommands:\n")[1].split("\nexamples:\n")[0]
+    names = re.findall(r"^    (\S+)", listed, flags=re.MULTILINE)
+    assert names == [command.name for command in COMMANDS]
+    assert "recover" in names
+    examples = out.split("\nexamples:\n")[1]
     for command in COMMANDS:
-        assert command.name in out
+        assert f"flowstate {command.name} " in examples
     assert "sqlite:///" in out
-    assert "examples:" in out
 
 
 def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,11 +99,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 # -- demo ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a worker process crashes
 def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--help"]) == 0
+    assert "Run four orders" in " ".join(capsys.readouterr().out.split())
     url = _url(tmp_path / "demo.db")
     assert main(["demo", "--url", url]) == 0
     out = capsys.readouterr().out
     assert "run 1" in out
+    assert set(re.findall(r"r1-order-\d", out)) == {f"r1-order-{n}" for n in (1, 2, 3, 4)}
+    assert f"flowstate states {url} --label demo-run=1 --latest-only" in out
     assert "paused" in out
     assert "retrying" in out
     assert "approved by the manager" in out
@@ -121,6 +132,7 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     asyncio.run(check())
 
 
+@pytest.mark.slow
 def test_demo_in_a_process_uses_the_default_store(tmp_path: Path) -> None:
     result = _run("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -129,9 +141,44 @@ def test_demo_in_a_process_uses_the_default_store(tmp_path: Path) -> None:
     assert (tmp_path / "flowstate-demo.db").is_file()
 
 
-def test_demo_on_memory(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--url", "memory://"]) == 0
-    assert capsys.readouterr().out.count(" ended ") == 3
+@pytest.mark.parametrize("url", ["memory://", "sqlite://:memory:"])
+def test_demo_on_a_store_only_this_process_reaches(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No worker process (it could not see the store), and no follow-up command that would
+    # open an empty store.
+    assert main(["demo", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ended ") == 3
+    assert "order-4" not in out
+    assert "flowstate states" not in out
+    assert "needs a store\nanother process can reach" in out
+
+
+@pytest.mark.slow
+def test_demo_on_sqlite_memory_in_a_process(tmp_path: Path) -> None:
+    result = _run("demo", "--url", "sqlite://:memory:", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.count(" ended ") == 3
+
+
+def test_unexpected_errors_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A flows module that fails on import in a way nobody translated.
+    (tmp_path / "broken_flows.py").write_text("raise RuntimeError('cannot start')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["recover", _url(tmp_path / "s.db"), "--flows", "broken_flows:FLOWS"]) == 1
+    _one_line_error(capsys, "cannot start")
+
+    # One failing inside the demo's task group.
+    async def crash(url: str, order_id: str, run: int) -> str:
+        raise RuntimeError("no worker today")
+
+    monkeypatch.setattr("flowstate.cli._crashing_worker", crash)
+    assert main(["demo", "--url", _url(tmp_path / "demo.db")]) == 1
+    _one_line_error(capsys, "unexpected RuntimeError: no worker today")
 
 
 # -- states --------------------------------------------------------------------------------------
@@ -191,6 +238,28 @@ def test_get_unknown_id(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     _one_line_error(capsys, "no version at rev 2")
 
 
+def test_a_delayed_state_shows_as_delayed_with_its_due_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _url(tmp_path / "store.db")
+    due = datetime.datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.UTC)
+
+    async def fill() -> None:
+        async with fs.Engine(url) as engine:
+            ctx = fs.StateCtx.new("job")
+            await engine.do(fs.Commit(fs.Transit(ctx, "wait"), fs.Delay(ctx, "send", until=due)))
+
+    asyncio.run(fill())
+    assert main(["states", url]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split()[:5] == ["1", "job", "delayed", "send", "(due"]
+    assert "(due 2030-01-02 03:04:05.678Z)" in row
+    assert main(["get", url, "job"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^status: +delayed$", out, flags=re.MULTILINE)
+    assert re.search(r"^next flow: +send \(due 2030-01-02 03:04:05\.678Z\)$", out, re.MULTILINE)
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 
@@ -232,6 +301,7 @@ def test_bad_command_lines_exit_2(args: list[str], capsys: pytest.CaptureFixture
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_error_in_a_process_has_no_traceback(tmp_path: Path) -> None:
     result = _run("get", _url(tmp_path / "missing.db"), "some-id")
     assert result.returncode == 1
@@ -252,6 +322,7 @@ _INTERACTIVE = (
 )
 
 
+@pytest.mark.slow
 def test_watch_streams_json_lines_until_ctrl_c(store: str, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", _INTERACTIVE, "watch", store, "--label", "kind=order"],
@@ -283,16 +354,28 @@ def test_watch_streams_json_lines_until_ctrl_c(store: str, tmp_path: Path) -> No
     assert rest == ""
 
 
+@pytest.mark.slow
 def test_demo_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "flowstate", "demo", "--url", "memory://"],
+        [sys.executable, "-m", "flowstate", "demo"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as demo:
         assert demo.stdout is not None
         assert demo.stderr is not None
-        demo.stdout.readline()
-        demo.stdout.close()  # as `| head -1` does
+        for _ in range(3):
+            demo.stdout.readline()
+        demo.stdout.close()  # as `| head -3` does
         assert demo.wait(timeout=60) == 0
         assert demo.stderr.read() == b""
+
+    # The demo went on without its reader: no order is left running in the store.
+    async def orders() -> list[fs.State]:
+        async with SQLiteDriver(tmp_path / "flowstate-demo.db") as driver:
+            query = fs.StatesQuery(labels={"kind": "order"}, latest_only=True)
+            return (await driver.get_states(query)).states
+
+    states = asyncio.run(orders())
+    assert len(states) == 4
+    assert all(state.is_ended for state in states)

@@ -26,6 +26,7 @@ async def noop(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
 def test_flow_registry() -> None:
     registry = fs.FlowRegistry({"a": noop})
     assert "a" in registry
+    assert "zzz" not in registry
     assert list(registry) == ["a"]
     assert len(registry) == 1
 
@@ -126,6 +127,34 @@ async def test_resume_continues_where_pause_left(engine: fs.Engine) -> None:
     assert len(calls) == 2
 
 
+async def test_every_transition_command_takes_annotations(engine: fs.Engine) -> None:
+    ctx = fs.StateCtx.new("s")
+    await engine.do(fs.Commit(fs.Transit(ctx, "a", annotations={"why": "start"})))
+    await engine.do(fs.Commit(fs.Pause(ctx, annotations={"why": "wait"})))
+    await engine.do(fs.Commit(fs.Resume(ctx, annotations={"why": "approved"})))
+    await engine.do(fs.Commit(fs.End(ctx, annotations={"why": "done"})))
+    versions = [state async for state in engine.iter_states(id="s")]
+    assert [v.transition.annotations.get("why") for v in versions] == [
+        "start",
+        "wait",
+        "approved",
+        "done",
+    ]
+    assert [v.status for v in versions] == ["running", "paused", "running", "ended"]
+    assert versions[1].transition.to == versions[2].transition.to == "a"
+    # The markers win over annotations of the same name.
+    paused = fs.Pause(ctx, "a", annotations={"flowstate.paused": "no"})
+    await engine.do(fs.Commit(paused))
+    assert (await engine.get_state("s")).current.is_paused
+    for make in (
+        lambda: fs.End(ctx, annotations={"n": 1}),  # type: ignore[dict-item]
+        lambda: fs.Pause(ctx, "a", annotations="text"),  # type: ignore[arg-type]
+        lambda: fs.Resume(ctx, annotations={"\udc80": "x"}),
+    ):
+        with pytest.raises(fs.InvalidCommandError):
+            make()
+
+
 async def test_delay_outside_commit_is_committed(engine: fs.Engine) -> None:
     ctx = fs.StateCtx.new("s")
     await engine.do(fs.Commit(fs.Transit(ctx, "a")))
@@ -133,6 +162,9 @@ async def test_delay_outside_commit_is_committed(engine: fs.Engine) -> None:
     stored = await engine.get_state("s")
     assert stored.current.is_delayed
     assert stored.current.delay_at is not None
+    assert stored.current.delay_to == "b"
+    assert ctx.current.delay_to == "b"
+    assert fs.State(id="s").delay_to is None
     page = await engine.driver.get_delays()
     assert [d.to for d in page.delays] == ["b"]
 

@@ -68,7 +68,7 @@ def test_entry_point_driver(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "flowstate.drivers.etcd", raising=False)
     monkeypatch.setitem(sys.modules, "aetcd", None)  # makes `import aetcd` fail
-    with pytest.raises(fs.MissingDependencyError, match=r"pip install 'flowstate\[etcd\]'"):
+    with pytest.raises(fs.MissingDependencyError, match=r"pip install 'flowstate-engine\[etcd\]'"):
         fs.open_driver("etcd://127.0.0.1:2379/flowstate")
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.DOTALL)
+from tests.doc_blocks import DOCS, ROOT, Block, blocks, python_blocks, run_python
+
+README_PATH = ROOT / "README.md"
+README = README_PATH.read_text()
+BLOCKS = [(block.lang, block.code) for block in blocks(README_PATH)]
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 
 
@@ -21,14 +23,18 @@ def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize("code", [c for c in PYTHON if "DriverTests" not in c])
-def test_python_block_runs(code: str, tmp_path: Path) -> None:
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    result = run([sys.executable, "-W", "error", str(script)], tmp_path)
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "block", [b for b in python_blocks(README_PATH) if "DriverTests" not in b.code]
+)
+def test_python_block_runs(block: Block, tmp_path: Path) -> None:
+    result = run_python(block.code, tmp_path)
     assert result.returncode == 0, result.stderr
+    if block.output is not None:
+        assert result.stdout == block.output
 
 
+@pytest.mark.slow
 def test_driver_testing_block_passes_under_pytest(tmp_path: Path) -> None:
     (code,) = [c for c in PYTHON if "DriverTests" in c]
     (tmp_path / "test_my_driver.py").write_text(code)
@@ -44,10 +50,9 @@ def test_driver_testing_block_passes_under_pytest(tmp_path: Path) -> None:
     assert re.search(r"\d+ passed", result.stdout)
 
 
+@pytest.mark.slow
 def test_first_example_prints_what_the_readme_says(tmp_path: Path) -> None:
-    script = tmp_path / "example.py"
-    script.write_text(PYTHON[0])
-    result = run([sys.executable, "-W", "error", str(script)], tmp_path)
+    result = run_python(PYTHON[0], tmp_path)
     assert result.stdout.splitlines() == ["1 running charge", "2 running ship", "3 ended -"]
     promised = "It prints `1 running charge`, `2 running ship`, `3 ended -`"
     assert promised in README
@@ -66,6 +71,7 @@ def test_the_two_commands() -> None:
     assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_demo_command_runs(tmp_path: Path) -> None:
     flowstate = Path(sys.executable).parent / "flowstate"
     result = run([str(flowstate), "demo"], tmp_path)
@@ -83,3 +89,17 @@ def test_performance_figures_come_from_the_results_table() -> None:
     assert header == results[results.index(header)]
     missing = [row for row in figures if row not in results and not row.startswith("|---")]
     assert not missing, f"README rows not in benchmarks/results/results.md: {missing}"
+
+
+def test_every_docs_page_is_linked() -> None:
+    for page in DOCS.glob("*.md"):
+        assert f"](docs/{page.name})" in README, f"the README does not link docs/{page.name}"
+
+
+def test_install_hints_name_the_distribution() -> None:
+    # "flowstate" on PyPI is another project; ours is flowstate-engine.
+    for page in [README_PATH, *DOCS.glob("*.md")]:
+        text = page.read_text()
+        assert not re.search(r"pip install '?flowstate(\[|\b(?!-))", text), page.name
+    assert "pip install 'flowstate-engine[etcd]'" in README
+    assert "pip install 'flowstate-engine[testing]'" in README

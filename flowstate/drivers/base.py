@@ -26,7 +26,11 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from flowstate._state import State
-from flowstate.errors import ClosedError, MissingDependencyError, UnknownDriverError
+from flowstate.errors import (
+    FlowstateError,
+    MissingDependencyError,
+    UnknownDriverError,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -230,7 +234,7 @@ class RevisionWaiters:
                 fut.cancel()
             self._waiters = [w for w in self._waiters if w[1] is not fut]
 
-    def close(self, error: ClosedError) -> None:
+    def close(self, error: FlowstateError) -> None:
         """Fail every waiter, now and later, with ``error``."""
         self._closed = error
         waiters, self._waiters = self._waiters, []
@@ -379,7 +383,7 @@ def _load(scheme: str) -> type[Driver]:
         if exc.name == module_name or exc.name is None:
             raise
         extra = _EXTRAS.get(scheme)
-        hint = f"; install it with: pip install 'flowstate[{extra}]'" if extra else ""
+        hint = f"; install it with: pip install 'flowstate-engine[{extra}]'" if extra else ""
         raise MissingDependencyError(
             f"the {scheme!r} driver needs the {exc.name!r} package{hint}"
         ) from exc

@@ -1,20 +1,35 @@
 """The etcd driver (``etcd://host:port[,host:port...]/key-prefix``): the cluster backend.
 
-Built on aetcd (asyncio, gRPC); install it with ``pip install 'flowstate[etcd]'``. Every
-store lives under its own key prefix, so many stores can share one etcd cluster.
+Built on etcd's gRPC API through aetcd's generated stubs (asyncio); install it with
+``pip install 'flowstate-engine[etcd]'``. Every store lives under its own key prefix, so many
+stores can share one etcd cluster.
 
 URL:
-    ``etcd://10.0.0.1:2379,10.0.0.2:2379/apps/orders?timeout=5&max_txn_ops=128``. Each
+    ``etcd://[user@]10.0.0.1:2379,10.0.0.2:2379/apps/orders?timeout=5&max_txn_ops=128``. Each
     ``host[:port]`` is one cluster member (port 2379 by default; IPv6 hosts in brackets); the
     path is the key prefix (percent-decoded; ``flowstate`` when empty). No segment of the prefix
     may start with ``~``: that character marks flowstate's own keys, which is what keeps a
     store at ``a`` from ever reading the keys of a store at ``a/b`` (every key of a store
     starts with ``<prefix>/~``). Options: ``timeout`` is the time budget of one call, retries
-    and fail-over included (seconds, default 5); ``max_txn_ops`` is the server's
-    ``--max-txn-ops`` (default 128). A commit compares one key per state, so it holds fewer
-    than ``max_txn_ops`` states (about 120 with the default); the keys it writes beyond that
-    count go into nested transactions. Credentials and TLS are not supported: aetcd opens
-    plain-text channels.
+    and fail-over included (seconds, above 0, at most 3600, default 5); ``max_txn_ops`` is the
+    server's ``--max-txn-ops`` (default 128). A commit compares one key per state, so it holds
+    fewer than ``max_txn_ops`` states (about 120 with the default); the keys it writes beyond
+    that count go into nested transactions. ``max_request_bytes`` is the server's
+    ``--max-request-bytes`` (default 1.5 MiB, etcd's own): concurrent commits are grouped
+    into requests below it, and a commit that alone writes more fails with a ``DriverError``
+    that names its size and the limit. Each state a commit writes counts twice (its latest
+    version and its log entry), plus its label postings, data and delay.
+
+Authentication and TLS:
+    ``etcd://user@host:2379/prefix`` authenticates as ``user``, with the password read from
+    the environment variable ``FLOWSTATE_ETCD_PASSWORD`` when the URL is parsed: a password
+    never goes in the URL, and it appears in no ``url``, repr, log line or error message.
+    The driver gets a token per connection and a new one when etcd forgets it (tokens expire
+    and do not survive a restart). ``?ca=/path/ca.pem`` connects over TLS, checking the
+    server's certificate against that CA; ``&cert=/path/client.pem&key=/path/client.key``
+    adds a client certificate (for ``--client-cert-auth``). The files are read by
+    ``open()``. A wrong password, a certificate the other side refuses, or plain text
+    spoken to a TLS server fail at once with a ``DriverError``: retrying cannot help.
 
 Revisions:
     etcd's ``mod_revision`` is the flowstate revision: all keys a commit writes share it, so
@@ -109,7 +124,9 @@ import enum
 import functools
 import logging
 import math
+import os
 import secrets
+import ssl
 import time
 import warnings
 from collections import deque
@@ -117,9 +134,11 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote
 
 import aetcd
+import grpc
 import msgspec
 from aetcd import rpc
 
+from flowstate._checks import describe, is_int, is_number, is_text
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -148,7 +167,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
     from typing import Self
 
-__all__ = ["LAYOUT_VERSION", "EtcdDriver"]
+__all__ = ["LAYOUT_VERSION", "PASSWORD_ENV", "EtcdDriver"]
 
 logger = logging.getLogger("flowstate.drivers.etcd")
 
@@ -163,14 +182,24 @@ DEFAULT_PORT: Final = 2379
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_MAX_TXN_OPS: Final = 128
 
+DEFAULT_MAX_REQUEST_BYTES: Final = 1536 * 1024  # etcd's own default --max-request-bytes
+
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-# Bytes of values one group commit may carry; etcd refuses requests over 1.5 MiB by default.
-_GROUP_BYTES = 1 << 20
+# Bytes kept free in every request below max_request_bytes, for what the estimate of a
+# commit's size leaves out (the request header, the raft entry around it).
+_REQUEST_MARGIN = 4096
+# Bytes of protobuf framing counted per operation of a Txn (tags, lengths, the op wrapper).
+_OP_OVERHEAD = 24
+# Bytes of a stored version beyond its state: commit time, back pointer, token (msgpack).
+_VERSION_OVERHEAD = 32
 # Retry pacing once every endpoint failed in a row: from 25 ms, doubling, up to 250 ms.
 _MIN_BACKOFF = 0.025
 _MAX_BACKOFF = 0.25
 # Failure reads kept free in every group for earlier attempts of unknown outcome.
 _AMBIGUOUS_ROOM = 8
+# Bounds of the URL options: the time budget of a call, the smallest request limit.
+_MAX_TIMEOUT = 3600.0
+_MIN_REQUEST = 64 * 1024
 # Largest range read per round trip while scanning.
 _MAX_CHUNK = 512
 # The backwards search of since_latest with labels: its first window (in revisions), and
@@ -193,8 +222,16 @@ _CHANNEL_OPTIONS: Final = {
     "grpc.max_receive_message_length": -1,
 }
 
+#: The environment variable the password of ``etcd://user@host/prefix`` is read from.
+PASSWORD_ENV: Final = "FLOWSTATE_ETCD_PASSWORD"
+# URL options naming the PEM files of a TLS connection.
+_FILE_OPTIONS: Final = ("ca", "cert", "key")
 # URL query options and how each one is parsed.
-_OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {"timeout": float, "max_txn_ops": int}
+_OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {
+    "timeout": float,
+    "max_txn_ops": int,
+    "max_request_bytes": int,
+}
 _POS_LEN = 21  # b"%016x/%04x"
 
 
@@ -400,6 +437,25 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
+def _too_large(exc: BaseException) -> bool:
+    """True when etcd refused a request for its size (the request was not applied)."""
+    if not isinstance(exc, rpc.AioRpcError):
+        return False
+    details = exc.details() or ""
+    return "request is too large" in details or "larger than max" in details
+
+
+def _tls_failed(details: str) -> bool:
+    """True when a connection failed in its TLS handshake (a wrong CA, a client certificate
+    the server refuses, TLS spoken to a plain-text server or the reverse): a retry would fail
+    the same way."""
+    lowered = details.lower()
+    return any(
+        marker in lowered
+        for marker in ("handshake", "certificate", "ssl", "tls", "wrong version number")
+    )
+
+
 def _copy_error(error: FlowstateError) -> FlowstateError:
     """A fresh instance of a group-wide error for each waiting commit, so that raising it in
     several tasks does not pile their tracebacks onto one object.
@@ -458,6 +514,65 @@ def _grpc_call_tasks(before: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
     return found
 
 
+# -- connections -------------------------------------------------------------------------------
+
+
+class _TLSFiles(NamedTuple):
+    """PEM files of a TLS connection: the CA to trust, and the client's own certificate."""
+
+    ca: str | None
+    cert: str | None
+    key: str | None
+
+
+def _read_tls(files: _TLSFiles) -> Any:
+    """gRPC channel credentials from the PEM files (read on a worker thread)."""
+    contents: dict[str, bytes | None] = {}
+    for name, path in files._asdict().items():
+        if path is None:
+            contents[name] = None
+            continue
+        try:
+            with open(path, "rb") as file:
+                contents[name] = file.read()
+        except OSError as exc:
+            raise DriverError(f"cannot read the etcd TLS {name} file {path!r}: {exc}") from exc
+    return grpc.ssl_channel_credentials(
+        root_certificates=contents["ca"],
+        private_key=contents["key"],
+        certificate_chain=contents["cert"],
+    )
+
+
+class _Connection:
+    """One gRPC channel to one member, the stubs the driver calls on it, and the auth token
+    (``metadata``) when the driver authenticates with a user and password."""
+
+    def __init__(self, target: str, credentials: Any, username: str | None) -> None:
+        options = list(_CHANNEL_OPTIONS.items())
+        if credentials is None:
+            self.channel = rpc.insecure_channel(target, options=options)
+        else:
+            self.channel = rpc.secure_channel(target, credentials, options=options)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self._username = username
+        self.metadata: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def needs_token(self) -> bool:
+        return self._username is not None and self.metadata is None
+
+    async def authenticate(self, password: str, seconds: float) -> None:
+        """Get a token for the user (etcd's simple tokens expire, and die with a restart)."""
+        request = rpc.AuthenticateRequest(name=self._username, password=password)
+        response = await rpc.AuthStub(self.channel).Authenticate(request, timeout=seconds)
+        self.metadata = (("token", response.token),)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
 # -- commits -----------------------------------------------------------------------------------
 
 
@@ -473,6 +588,7 @@ class _Write(NamedTuple):
     data: list[tuple[bytes, bytes]]
     delay_to: str
     delay_at: datetime.datetime | None
+    size: int  # bytes this write adds to a Txn, every key and value counted
 
 
 class _Pending:
@@ -487,13 +603,10 @@ class _Pending:
         self.ids = {w.id for w in writes}
         self.fut = fut
         self.deadline = deadline
-        puts = size = 0
-        for w in writes:
-            puts += 2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None)
-            size += 256 + len(w.latest_key) + sum(len(blob) for _, blob in w.data)
-            size += len(w.posting) * len(w.posting_bases)
-        self.puts = puts
-        self.size = size
+        self.puts = sum(
+            2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None) for w in writes
+        )
+        self.size = sum(w.size for w in writes)
 
 
 def _plan(limit: int, compares: int, branches: Sequence[int]) -> int | None:
@@ -583,6 +696,12 @@ class EtcdDriver(Driver):
         prefix: The key prefix of the store (see the module docstring).
         timeout: The time budget of one call in seconds, retries and fail-over included.
         max_txn_ops: The server's ``--max-txn-ops``.
+        max_request_bytes: The server's ``--max-request-bytes``.
+        username: Authenticate as this user (with ``password``).
+        password: The user's password; shown nowhere.
+        ca: PEM file of the CA that signed the server's certificate: connect over TLS.
+        cert: PEM file of a client certificate (with ``key``), for ``--client-cert-auth``.
+        key: PEM file of the client certificate's private key.
 
     Raises:
         InvalidURLError: An endpoint, the prefix or an option is invalid.
@@ -600,19 +719,59 @@ class EtcdDriver(Driver):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_txn_ops: int = DEFAULT_MAX_TXN_OPS,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        username: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         if not items:
             raise InvalidURLError("the etcd driver needs at least one endpoint")
         self.endpoints: list[tuple[str, int]] = [_parse_endpoint(item) for item in items]
         self.prefix = _check_prefix(prefix)
-        if not timeout > 0:
-            raise InvalidURLError(f"timeout must be > 0 seconds, not {timeout!r}")
-        if not 3 <= max_txn_ops <= 0xFFFF:
-            raise InvalidURLError(f"max_txn_ops must be between 3 and 65535, not {max_txn_ops!r}")
+        if not is_number(timeout, strict=True) or timeout > _MAX_TIMEOUT:
+            raise InvalidURLError(
+                f"timeout must be a number of seconds above 0 and at most {_MAX_TIMEOUT:g}, "
+                f"not {describe(timeout)}"
+            )
+        if not is_int(max_txn_ops) or not 3 <= max_txn_ops <= 0xFFFF:
+            raise InvalidURLError(
+                f"max_txn_ops must be between 3 and 65535, not {describe(max_txn_ops)}"
+            )
+        if not is_int(max_request_bytes) or not _MIN_REQUEST <= max_request_bytes <= 2**31 - 1:
+            raise InvalidURLError(
+                f"max_request_bytes must be between {_MIN_REQUEST} and {2**31 - 1}, "
+                f"not {describe(max_request_bytes)}"
+            )
+        if (username is None) != (password is None):
+            raise InvalidURLError(
+                f"a user needs a password and a password a user; set {PASSWORD_ENV} for "
+                "etcd://user@host:port/prefix"
+            )
+        if username is not None and (not username or not is_text(username)):
+            raise InvalidURLError(f"the etcd user name must be non-empty text, not {username!r}")
+        if password is not None and not is_text(password):
+            raise InvalidURLError("the etcd password must be text")
+        if (cert is None) != (key is None):
+            raise InvalidURLError("a client certificate (cert) needs its key (key), and back")
+        for name, path in (("ca", ca), ("cert", cert), ("key", key)):
+            if path is not None and (not path or not is_text(path) or "\0" in path):
+                raise InvalidURLError(f"{name} must be the path of a PEM file, not {path!r}")
         self.timeout = float(timeout)
         self.max_txn_ops = int(max_txn_ops)
+        self.max_request_bytes = int(max_request_bytes)
+        self.username = username
+        self._password = password  # never shown: not in url, repr, logs or errors
+        self._tls = None if ca is None and cert is None else _TLSFiles(ca, cert, key)
         self._keys = _Keys(self.prefix)
+        # What one group may write: the limit, less the margin and the group's own keys
+        # (the head, the time key, and the reads that settle attempts of unknown outcome).
+        fixed = 4 * (len(self._keys.head) + 64) + _AMBIGUOUS_ROOM * (
+            len(self._keys.log_base) + _POS_LEN + _OP_OVERHEAD
+        )
+        self._group_bytes = self.max_request_bytes - _REQUEST_MARGIN - fixed
         self._lifecycle = _Lifecycle.UNOPENED
         self._open_lock = asyncio.Lock()
         self._clients: list[Any] = []
@@ -648,40 +807,51 @@ class EtcdDriver(Driver):
         Raises:
             InvalidURLError: The URL is not a valid etcd driver URL.
         """
+        shown = _redact(url)
         scheme, sep, rest = url.partition("://")
         if not sep or scheme.lower() != cls.scheme:
-            raise InvalidURLError(f"{url!r} is not an etcd:// URL")
+            raise InvalidURLError(f"{shown!r} is not an etcd:// URL")
         if "#" in rest:
-            raise InvalidURLError(f"{url!r}: an etcd URL has no fragment")
+            raise InvalidURLError(f"{shown!r}: an etcd URL has no fragment")
         rest, _, query = rest.partition("?")
         netloc, _, path = rest.partition("/")
-        if "@" in netloc:
-            raise InvalidURLError(
-                f"{url!r}: credentials are not supported by the etcd driver; "
-                "use etcd://host:port[,host:port...]/key-prefix"
-            )
-        if not netloc:
-            raise InvalidURLError(f"{url!r}: expected etcd://host:port[,host:port...]/key-prefix")
         options: dict[str, Any] = {}
+        userinfo, at, netloc = netloc.rpartition("@")
+        if at:
+            if ":" in userinfo:
+                raise InvalidURLError(
+                    f"{shown!r}: a password never goes in the URL; write etcd://user@host/prefix "
+                    f"and set {PASSWORD_ENV}"
+                )
+            password = os.environ.get(PASSWORD_ENV)
+            if password is None:
+                raise InvalidURLError(
+                    f"{shown!r}: user {unquote(userinfo)!r} needs a password: set {PASSWORD_ENV}"
+                )
+            options["username"], options["password"] = unquote(userinfo), password
+        if not netloc:
+            raise InvalidURLError(f"{shown!r}: expected etcd://host:port[,host:port...]/key-prefix")
         try:
             pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
         except ValueError as exc:
-            raise InvalidURLError(f"{url!r}: malformed query string ({exc})") from None
+            raise InvalidURLError(f"{shown!r}: malformed query string ({exc})") from None
         for key, value in pairs:
+            if key in _FILE_OPTIONS:
+                options[key] = value
+                continue
             parse = _OPTIONS.get(key)
             if parse is None:
-                raise InvalidURLError(
-                    f"{url!r}: unknown option {key!r}; known options: {', '.join(_OPTIONS)}"
-                )
+                known = ", ".join([*_OPTIONS, *_FILE_OPTIONS])
+                raise InvalidURLError(f"{shown!r}: unknown option {key!r}; known options: {known}")
             try:
                 options[key] = parse(value)
             except ValueError:
-                raise InvalidURLError(f"{url!r}: {key} must be a number, not {value!r}") from None
+                raise InvalidURLError(f"{shown!r}: {key} must be a number, not {value!r}") from None
         prefix = unquote(path).removesuffix("/")
         try:
             return cls(netloc.split(","), prefix or DEFAULT_PREFIX, **options)
         except InvalidURLError as exc:
-            raise InvalidURLError(f"{url!r}: {exc}") from None
+            raise InvalidURLError(f"{shown!r}: {exc}") from None
 
     @property
     def url(self) -> str:
@@ -689,7 +859,15 @@ class EtcdDriver(Driver):
         hosts = ",".join(
             f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.endpoints
         )
-        return f"etcd://{hosts}/{quote(self.prefix, safe='/')}"
+        user = f"{quote(self.username, safe='')}@" if self.username is not None else ""
+        tls = self._tls
+        options = "&".join(
+            f"{name}={quote(path, safe='/')}"
+            for name, path in (tls._asdict().items() if tls is not None else ())
+            if path is not None
+        )
+        query = f"?{options}" if options else ""
+        return f"etcd://{user}{hosts}/{quote(self.prefix, safe='/')}{query}"
 
     def __repr__(self) -> str:
         return f"EtcdDriver({self.url!r}, {self._lifecycle.name.lower()})"
@@ -728,17 +906,18 @@ class EtcdDriver(Driver):
             deadline = self._deadline()
             self._watch_ready.clear()
             self._stopping = False
-            self._clients = [
-                aetcd.Client(
-                    host=f"[{host}]" if ":" in host else host,
-                    port=port,
-                    options=_CHANNEL_OPTIONS,
-                )
-                for host, port in self.endpoints
-            ]
             try:
-                for client in self._clients:
-                    await client.connect()  # creates the channel; connects on first use
+                credentials = None
+                if self._tls is not None:
+                    credentials = await asyncio.to_thread(_read_tls, self._tls)
+                self._clients = [
+                    _Connection(
+                        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                        credentials,
+                        self.username,
+                    )
+                    for host, port in self.endpoints
+                ]
                 header_rev, head = await self._bootstrap(deadline)
                 self._head = head
                 self._watch_from = header_rev + 1
@@ -855,8 +1034,27 @@ class EtcdDriver(Driver):
         """The error to raise for ``exc``, or None when the call may be retried."""
         if not self._clients:
             return ClosedError("the etcd driver was closed")
-        if isinstance(exc, rpc.AioRpcError) and exc.code() == rpc.StatusCode.OUT_OF_RANGE:
-            return _CompactedError(f"etcd {what}: {_describe(exc)}")
+        if isinstance(exc, rpc.AioRpcError):
+            code, details = exc.code(), exc.details() or ""
+            if code == rpc.StatusCode.OUT_OF_RANGE:
+                return _CompactedError(f"etcd {what}: {_describe(exc)}")
+            if "authentication failed" in details:
+                return DriverError(
+                    f"etcd at {self.url} refused user {self.username!r}: {details} (the "
+                    f"password comes from {PASSWORD_ENV})"
+                )
+            if self.username is not None and (
+                code == rpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in details
+            ):
+                # etcd forgets its tokens when it restarts, and they expire: get new ones.
+                for client in self._clients:
+                    client.metadata = None
+                return None
+            if _tls_failed(details):
+                return DriverError(
+                    f"no TLS connection to etcd at {self.url}: {details} (check the ca, cert "
+                    "and key options, and whether the server speaks TLS)"
+                )
         if _retryable(exc):
             return None
         return DriverError(f"etcd {what} failed: {_describe(exc)}")
@@ -896,11 +1094,18 @@ class EtcdDriver(Driver):
                 raise ClosedError("the etcd driver is closed")
             client = self._clients[index]
             try:
+                await self._authenticate(client, deadline)
                 return await fn(client, max(0.001, deadline - self._now()))
             except FlowstateError:
                 raise
             except Exception as exc:
                 error = self._failure(what, exc)
+                if error is None and what == "open" and await self._speaks_tls(index, exc):
+                    error = DriverError(
+                        f"no TLS connection to etcd at {self.url}: the server speaks TLS and "
+                        "this URL asks for plain text; give it ?ca=/path/ca.pem (and cert= and "
+                        "key= when the server wants client certificates)"
+                    )
                 if error is not None:
                     raise error from exc
                 if self._now() >= deadline:
@@ -908,6 +1113,39 @@ class EtcdDriver(Driver):
                 self._rotate(index)
                 attempt += 1
                 await self._pause(attempt, deadline)
+
+    async def _speaks_tls(self, index: int, exc: BaseException) -> bool:
+        """After a plain-text connection was closed at once: does the member speak TLS?
+
+        A TLS server drops a plain-text client without a word, which looks like a member
+        going down; one TLS handshake tells the two apart, so that the mistake fails fast.
+        """
+        if self._tls is not None or not isinstance(exc, rpc.AioRpcError):
+            return False
+        if "socket closed" not in (exc.details() or "").lower():
+            return False
+        host, port = self.endpoints[index]
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # a probe: nothing is sent but the handshake
+        try:
+            async with asyncio.timeout(1):
+                _, writer = await asyncio.open_connection(host, port, ssl=context)
+        except ssl.SSLError as probe:
+            # The server answered in TLS, even if only to refuse (e.g. no client certificate).
+            return "wrong version number" not in str(probe).lower()
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return True
+
+    async def _authenticate(self, client: _Connection, deadline: float) -> None:
+        """Get the connection a token first, when the driver has a user and has none yet."""
+        if client.needs_token:
+            assert self._password is not None  # a user always comes with a password
+            await client.authenticate(self._password, max(0.001, deadline - self._now()))
 
     async def _txn(self, request: Any, what: str, deadline: float) -> Any:
         async def call(client: Any, seconds: float) -> Any:
@@ -987,9 +1225,13 @@ class EtcdDriver(Driver):
         while not self._stopped():
             index = self._current
             client = self._clients[index]
-            before = asyncio.all_tasks()
-            call = self._watch_call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+            call = None
             try:
+                await self._authenticate(client, self._deadline())
+                before = asyncio.all_tasks()
+                call = self._watch_call = rpc.WatchStub(client.channel).Watch(
+                    metadata=client.metadata
+                )
                 if await self._watch_stream(call, before):
                     attempt = 0
             except asyncio.CancelledError:
@@ -997,13 +1239,16 @@ class EtcdDriver(Driver):
             except Exception as exc:  # noqa: BLE001 - logged; the stream is opened again
                 if self._stopped():
                     return
-                if isinstance(exc, FlowstateError) or not _retryable(exc):
-                    logger.warning("etcd watch on %s failed: %s", self.url, _describe(exc))
+                # Classified as calls are (which also drops tokens etcd no longer knows).
+                error = exc if isinstance(exc, FlowstateError) else self._failure("watch", exc)
+                if error is not None:
+                    logger.warning("etcd watch on %s failed: %s", self.url, _describe(error))
                 else:
                     logger.debug("etcd watch on %s broke: %s", self.url, _describe(exc))
                 self._rotate(index)
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
                 self._watch_call = None
             attempt += 1
             if attempt > len(self.endpoints):
@@ -1097,6 +1342,16 @@ class EtcdDriver(Driver):
                 f"a commit of {len(writes)} states writing {pending.puts} keys does not fit one "
                 f"etcd transaction (max_txn_ops={self.max_txn_ops})"
             )
+        if pending.size > self._group_bytes:
+            # Refused alone, before anything is sent: retrying cannot help, and commits
+            # made at the same time are not held up by it.
+            raise DriverError(
+                f"a commit of {len(writes)} states writes about {pending.size} bytes, over "
+                f"etcd's request limit of {self.max_request_bytes} bytes (less "
+                f"{self.max_request_bytes - self._group_bytes} bytes for the transaction "
+                "itself); store large payloads elsewhere, or raise the server's "
+                "--max-request-bytes and the URL's max_request_bytes together"
+            )
         if not self._solo or self._queue or self._sending.locked():
             self._queue.append(pending)
             self._wakeup.set()
@@ -1120,19 +1375,36 @@ class EtcdDriver(Driver):
         data = []
         if write.data:
             data = [(keys.data(state.id, alias), bytes(blob)) for alias, blob in write.data.items()]
+        # Everything the write adds to a Txn: the version twice (~s and ~log), its compare and
+        # its failure read, each label posting, each data blob and the delay (which holds the
+        # version once more), keys included.
+        sample = msgspec.structs.replace(state, rev=0, committed_at=_EPOCH)
+        version = len(self._encoder.encode(_StoredVersion(state=sample, back=0, token=0)))
+        version += _VERSION_OVERHEAD
+        latest_key = keys.latest(state.id)
+        log_key = len(keys.log_base) + _POS_LEN
+        size = 4 * (len(latest_key) + _OP_OVERHEAD) + 2 * version + log_key
+        posting_bases = [
+            keys.history(state.id),
+            *(keys.postings(k, v) for k, v in labels.items()),
+        ]
+        for base in posting_bases:
+            size += len(base) + _POS_LEN + len(posting) + _OP_OVERHEAD
+        for data_key, blob in data:
+            size += len(data_key) + 16 + len(blob) + _OP_OVERHEAD
+        if write.delay_at is not None:
+            size += len(keys.delay_base) + _POS_LEN + version + len(write.delay_to) + 32
         return _Write(
             id=state.id,
             expected_rev=write.expected_rev,
-            latest_key=keys.latest(state.id),
+            latest_key=latest_key,
             state=state,
             posting=posting,
-            posting_bases=[
-                keys.history(state.id),
-                *(keys.postings(k, v) for k, v in labels.items()),
-            ],
+            posting_bases=posting_bases,
             data=data,
             delay_to=write.delay_to,
             delay_at=write.delay_at,
+            size=size,
         )
 
     async def _run_committer(self) -> None:
@@ -1173,7 +1445,7 @@ class EtcdDriver(Driver):
                 continue  # cancelled before it was sent: never written
             if group and (
                 not ids.isdisjoint(pending.ids)
-                or size + pending.size > _GROUP_BYTES
+                or size + pending.size > self._group_bytes
                 or not self._fits(states + len(pending.writes), puts + pending.puts)
             ):
                 rest.append(pending)
@@ -1278,6 +1550,7 @@ class EtcdDriver(Driver):
             attempt += 1
             try:
                 client = self._clients[index]
+                await self._authenticate(client, deadline)
                 response = await client.kvstub.Txn(
                     request,
                     timeout=max(0.001, deadline - self._now()),
@@ -1287,6 +1560,19 @@ class EtcdDriver(Driver):
                 raise
             except Exception as exc:  # noqa: BLE001 - translated and handed to the callers
                 failure = self._failure("commit", exc)
+                if failure is not None and _too_large(exc):
+                    if len(group) > 1 and not ambiguous:
+                        # The server's limit is below max_request_bytes: nothing was written,
+                        # so each half goes on its own and an oversized commit fails alone.
+                        half = len(group) // 2
+                        await self._write_group(group[:half])
+                        await self._write_group(group[half:])
+                        return
+                    failure = DriverError(
+                        f"etcd refused a commit as too large ({_describe(exc)}); the server's "
+                        f"--max-request-bytes is below max_request_bytes="
+                        f"{self.max_request_bytes}: set the URL option to match it"
+                    )
                 if failure is not None:
                     failure.__cause__ = exc
                     self._fail(group, failure)
@@ -1908,6 +2194,17 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise InvalidURLError(f"bad etcd endpoint {text!r}: the port must be 1-65535")
     return host, int(port_text)
+
+
+def _redact(url: str) -> str:
+    """``url`` with the password of any ``user:password@`` part replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"
 
 
 def _check_prefix(prefix: str) -> str:

@@ -5,10 +5,22 @@ processes on one machine.
 
 URL options (query string): ``synchronous=normal|full`` (default ``normal``),
 ``poll_interval=SECONDS`` (how often a waiting watcher looks for commits made by other
-processes; default 0.05) and ``busy_timeout=SECONDS`` (how long a commit waits for another
-process's write lock before failing with ``DriverUnavailableError``; default 5). Example:
+processes; 0.001 to 60, default 0.05), ``busy_timeout=SECONDS`` (how long a commit waits for
+another process's write lock before failing with ``DriverUnavailableError``; 0 to 3600,
+default 5) and ``create=1`` (make an existing empty file a store). Example:
 ``sqlite:///var/flowstate.db?synchronous=full&poll_interval=0.1``. ``sqlite://:memory:`` is a
-private in-memory store that belongs to one driver object (for tests).
+private in-memory store that belongs to one driver object (for tests). The path is
+percent-decoded; a relative path (three slashes) that decodes to an absolute one is refused.
+
+Files:
+    A missing file is created as a new store, with mode 0600 whatever the umask (the ``-wal``
+    and ``-shm`` files SQLite keeps beside it get the same mode): states often hold personal
+    data, and the file's owner decides who else may read it (``chmod``). The store is built
+    in a private file in the same folder and linked into place in one step, so no process
+    ever sees a half-made store. An existing file is checked before anything is written to
+    it: a flowstate store is opened; any other SQLite database, a device or a non-database
+    file is refused with ``DriverError`` and left untouched; an empty file (which flowstate
+    did not create) is refused unless the URL says ``?create=1``.
 
 Durability:
     The database runs in WAL mode. With ``synchronous=normal`` (the default) a commit is
@@ -28,7 +40,9 @@ Threading:
     limits throughput: aiosqlite makes one per statement, and a commit here runs five to eight
     statements, so the driver talks to ``sqlite3`` directly. The thread is not a daemon; if a
     driver is dropped without ``aclose()`` it warns ``ResourceWarning`` and the thread stops by
-    itself, and it also stops within a second after the main thread exits.
+    itself, and it also stops within a second after the main thread exits. Should the thread
+    die of an unexpected error, every pending and later call fails with that ``DriverError``
+    instead of waiting for an answer that cannot come.
 
 Group commit:
     Concurrent ``commit()`` calls are queued on the event loop and, while one group is being
@@ -85,17 +99,20 @@ import functools
 import logging
 import os
 import queue
+import secrets
 import sqlite3
+import stat
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, TypeVar
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 import msgspec
 
+from flowstate._checks import describe, is_number, is_text
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -123,7 +140,7 @@ from flowstate.errors import (
 if TYPE_CHECKING:
     from typing import Self
 
-__all__ = ["SCHEMA_VERSION", "SQLiteDriver"]
+__all__ = ["FILE_MODE", "SCHEMA_VERSION", "SQLiteDriver"]
 
 logger = logging.getLogger("flowstate.drivers.sqlite")
 
@@ -136,6 +153,12 @@ APPLICATION_ID: Final = 0x464C5354
 
 _MEMORY = ":memory:"
 _SYNCHRONOUS = ("normal", "full")
+# The bounds of the numeric URL options, in seconds.
+_POLL_RANGE = (0.001, 60.0)
+_BUSY_RANGE = (0.0, 3600.0)
+# The mode of the store files flowstate creates: the owner's alone (the -wal and -shm files
+# SQLite creates beside them take the same mode).
+FILE_MODE: Final = 0o600
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 # How often an idle database thread checks whether the interpreter is shutting down.
 _IDLE_CHECK = 1.0
@@ -362,17 +385,24 @@ class _Worker:
         connect: Callable[[], sqlite3.Connection],
         loop: asyncio.AbstractEventLoop,
         on_head: Callable[[int], None],
+        on_death: Callable[[DriverError], None],
         poll_interval: float | None,
         where: str,
     ) -> None:
         self._connect = connect
         self._loop = loop
         self._on_head = on_head
+        self._on_death = on_death
         self._poll_interval = poll_interval
         self._where = where
         self._queue: queue.SimpleQueue[_Job | _Stop | _Poll] = queue.SimpleQueue()
         self._stopped: asyncio.Future[None] = loop.create_future()
         self._stopping = False
+        # Set once the thread died of an unexpected error: every request fails with it. The
+        # lock makes "not dead yet, so queue it" and "dead, so fail what is queued" exclusive.
+        self._death: DriverError | None = None
+        self._death_lock = threading.Lock()
+        self._in_hand: list[_Job] = []
         self._posted_head = 0
         self._last_poll = 0.0
         #: Set by the driver while some coroutine waits for a revision.
@@ -390,10 +420,15 @@ class _Worker:
         loop: asyncio.AbstractEventLoop,
         done: _Done,
     ) -> None:
-        if self._stopping:
-            loop.call_soon(done, None, ClosedError("the SQLite driver is closed"))
-            return
-        self._queue.put((fn, loop, done))
+        with self._death_lock:
+            death = self._death
+            if death is None and not self._stopping:
+                self._queue.put((fn, loop, done))
+                return
+        error = (
+            _copy_error(death) if death is not None else ClosedError("the SQLite driver is closed")
+        )
+        loop.call_soon(done, None, error)
 
     def poke(self) -> None:
         if not self._stopping:
@@ -428,8 +463,13 @@ class _Worker:
                 conn = self._connect()
         except FlowstateError as exc:
             failure = exc
+        except Exception as exc:  # noqa: BLE001 - handed to every request, as a DriverError
+            failure = DriverError(f"SQLite store {self._where} cannot be opened: {exc!r}")
+            failure.__cause__ = exc
         try:
             self._serve(conn, failure)
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller is told instead
+            self._die(exc)
         finally:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -458,6 +498,24 @@ class _Worker:
             ):
                 self._poll(conn)
 
+    def _die(self, exc: BaseException) -> None:
+        """The thread cannot go on: fail the requests in hand, queued and yet to come."""
+        logger.error("the SQLite database thread of %s stopped", self._where, exc_info=exc)
+        death = DriverError(f"the SQLite database thread of {self._where} stopped: {exc!r}")
+        death.__cause__ = exc
+        with self._death_lock:
+            self._death = death
+            jobs = self._in_hand
+            self._in_hand = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    job = self._queue.get_nowait()
+                    if not isinstance(job, _Stop | _Poll):
+                        jobs.append(job)
+        for _fn, loop, done in jobs:
+            self._post(loop, done, None, _copy_error(death))
+        self._post(self._loop, self._on_death, death)
+
     def _handle(
         self,
         first: _Job | _Stop | _Poll,
@@ -475,15 +533,13 @@ class _Worker:
                 items.append(self._queue.get_nowait())
         stop = False
         replies: dict[asyncio.AbstractEventLoop, list[tuple[_Done, object, Any]]] = {}
-        for job in items:
-            if isinstance(job, _Stop):
-                stop = True
-                continue
-            if isinstance(job, _Poll):
-                if conn is not None:
-                    self._poll(conn)
-                continue
-            fn, loop, done = job
+        jobs = [job for job in items if not isinstance(job, _Stop | _Poll)]
+        self._in_hand = jobs  # failed by _die() if this method does not get to answer them
+        if len(jobs) < len(items):
+            stop = any(isinstance(job, _Stop) for job in items)
+            if conn is not None and any(isinstance(job, _Poll) for job in items):
+                self._poll(conn)
+        for fn, loop, done in jobs:
             value: object = None
             error: BaseException | None = failure
             if conn is not None:
@@ -493,6 +549,7 @@ class _Worker:
                 except Exception as exc:  # noqa: BLE001 - handed back to the awaiting caller
                     error = exc
             replies.setdefault(loop, []).append((done, value, error))
+        self._in_hand = []
         for loop, calls in replies.items():
             self._post(loop, _run_callbacks, calls)
         return stop
@@ -523,9 +580,11 @@ class SQLiteDriver(Driver):
         synchronous: ``"normal"`` (default: acknowledged commits survive a process crash) or
             ``"full"`` (they also survive a power loss; one fsync per transaction).
         poll_interval: Seconds between checks for commits from other processes while a
-            watcher waits.
+            watcher waits (0.001 to 60).
         busy_timeout: Seconds a statement waits for another process's lock before failing
-            with ``DriverUnavailableError``.
+            with ``DriverUnavailableError`` (0 to 3600).
+        create: Make an existing empty file (one flowstate did not create) a store. A missing
+            file is always created, with mode 0600.
 
     Use it from the event loop that opened it. See the module docstring for the schema, the
     threading model and group commit.
@@ -540,20 +599,32 @@ class SQLiteDriver(Driver):
         synchronous: str = "normal",
         poll_interval: float = 0.05,
         busy_timeout: float = 5.0,
+        create: bool = False,
     ) -> None:
         path = os.fspath(path)
-        if not path:
-            raise InvalidURLError("the SQLite driver needs a file path or ':memory:'")
-        if synchronous.lower() not in _SYNCHRONOUS:
-            raise InvalidURLError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
-        if not poll_interval > 0:
-            raise InvalidURLError(f"poll_interval must be > 0 seconds, not {poll_interval!r}")
-        if not busy_timeout >= 0:
-            raise InvalidURLError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+        if not path or not is_text(path) or "\0" in path:
+            raise InvalidURLError(
+                f"the SQLite driver needs a file path or ':memory:', not {describe(path)}"
+            )
+        given: object = synchronous
+        if not isinstance(given, str) or given.lower() not in _SYNCHRONOUS:
+            raise InvalidURLError(
+                f"synchronous must be 'normal' or 'full', not {describe(synchronous)}"
+            )
+        for name, value, (low, high) in (
+            ("poll_interval", poll_interval, _POLL_RANGE),
+            ("busy_timeout", busy_timeout, _BUSY_RANGE),
+        ):
+            if not is_number(value, minimum=low) or value > high:
+                raise InvalidURLError(
+                    f"{name} must be a number of seconds from {low:g} to {high:g}, "
+                    f"not {describe(value)}"
+                )
         self.path = path
         self.synchronous = synchronous.lower()
         self.poll_interval = float(poll_interval)
         self.busy_timeout = float(busy_timeout)
+        self.create = bool(create)
         self._lifecycle = _Lifecycle.UNOPENED
         self._worker: _Worker | None = None
         self._open_lock = asyncio.Lock()
@@ -584,6 +655,13 @@ class SQLiteDriver(Driver):
             path = _MEMORY
         elif location.startswith("/") and len(location) > 1:
             path = unquote(location[1:])
+            if not location.startswith("//") and os.path.isabs(path):
+                # sqlite:///%2Ftmp%2Fx.db: percent-decoding must not turn a relative path
+                # into an absolute one behind the reader's back.
+                raise InvalidURLError(
+                    f"{url!r}: a relative path that decodes to the absolute path {path!r}; "
+                    "write absolute paths as sqlite:////absolute/path.db"
+                )
         else:
             raise InvalidURLError(
                 f"{url!r}: expected sqlite:///relative/path.db, sqlite:////absolute/path.db "
@@ -597,6 +675,10 @@ class SQLiteDriver(Driver):
         for key, value in pairs:
             if key == "synchronous":
                 options[key] = value
+            elif key == "create":
+                if value not in ("0", "1"):
+                    raise InvalidURLError(f"{url!r}: create must be 0 or 1, not {value!r}")
+                options[key] = value == "1"
             elif key in ("poll_interval", "busy_timeout"):
                 try:
                     options[key] = float(value)
@@ -607,9 +689,12 @@ class SQLiteDriver(Driver):
             else:
                 raise InvalidURLError(
                     f"{url!r}: unknown option {key!r}; "
-                    "known options: synchronous, poll_interval, busy_timeout"
+                    "known options: synchronous, poll_interval, busy_timeout, create"
                 )
-        return cls(path, **options)
+        try:
+            return cls(path, **options)
+        except InvalidURLError as exc:
+            raise InvalidURLError(f"{url!r}: {exc}") from None
 
     def __repr__(self) -> str:
         return (
@@ -659,10 +744,16 @@ class SQLiteDriver(Driver):
                 if driver is not None:
                     driver._waiters.advance(head)
 
+            def on_death(error: DriverError) -> None:
+                driver = ref()
+                if driver is not None:
+                    driver._waiters.close(error)
+
             worker = _Worker(
                 functools.partial(_connect, self.path, self.synchronous, self.busy_timeout),
                 loop,
                 on_head,
+                on_death,
                 None if self.is_memory else self.poll_interval,
                 self.path,
             )
@@ -671,7 +762,9 @@ class SQLiteDriver(Driver):
             try:
                 # No request may hold the driver itself: the database thread may keep a
                 # finished request a moment longer, and a dropped driver must be collectable.
-                setup = functools.partial(_setup, self.path, not self.is_memory, self.busy_timeout)
+                setup = functools.partial(
+                    _setup, self.path, self.is_memory, self.create, self.busy_timeout
+                )
                 head = await self._call(setup, worker)
             except BaseException:
                 self._worker = None
@@ -1040,26 +1133,46 @@ def _read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
     cursor.execute("COMMIT")
 
 
-def _setup(path: str, wal: bool, busy_timeout: float, conn: sqlite3.Connection) -> int:
+def _setup(
+    path: str, memory: bool, create: bool, busy_timeout: float, conn: sqlite3.Connection
+) -> int:
     """Check or create the schema of a store; return its head revision.
 
-    Processes opening a new file at the same time contend for it; switching it to WAL takes a
-    lock that SQLite's busy handler does not wait for, so a busy setup is tried again (on the
-    database thread) until ``busy_timeout`` has passed.
+    Nothing is written to a file before it is known to be a flowstate store, or an empty one
+    that ``create`` allows to become one. Processes opening a new file at the same time
+    contend for it; switching it to WAL takes a lock that SQLite's busy handler does not wait
+    for, so a busy setup is tried again (on the database thread) until ``busy_timeout`` has
+    passed. Any other failure is permanent: a ``DriverError``, never "unavailable".
     """
     deadline = time.monotonic() + busy_timeout
     while True:
         try:
-            return _setup_once(path, wal, conn)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY or time.monotonic() >= deadline:
+            return _setup_once(path, memory, create, conn)
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+                raise DriverError(f"SQLite store {path} cannot be opened: {exc} ({name})") from exc
+            if time.monotonic() >= deadline:
                 raise
         time.sleep(0.01)
 
 
-def _setup_once(path: str, wal: bool, conn: sqlite3.Connection) -> int:
+def _setup_once(path: str, memory: bool, create: bool, conn: sqlite3.Connection) -> int:
     version = _check_version(conn, path)
-    if wal:
+    if version == 0:
+        tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+        if tables:
+            raise DriverError(
+                f"{path} is not a flowstate store: it already holds tables that flowstate "
+                "did not create"
+            )
+        if not (memory or create):
+            raise DriverError(
+                f"{path} exists but is empty, and flowstate did not create it; to make it a "
+                "flowstate store, open it with ?create=1 (sqlite:///path.db?create=1)"
+            )
+    if not memory:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             logger.warning("%s: WAL mode unavailable, using journal mode %s", path, mode)
@@ -1119,12 +1232,62 @@ def _migrate(conn: sqlite3.Connection, path: str, version: int) -> None:
     )
 
 
+def _create_store_file(path: str) -> None:
+    """Create a new store at ``path`` unless something is there already.
+
+    The store is built in a private file beside ``path`` (mode :data:`FILE_MODE`) and linked
+    into place in one step, so that nobody ever sees a half-made store, and a file that
+    exists but is empty was never made by flowstate. When two processes race, one link wins
+    and the other process opens that store.
+    """
+    if os.path.lexists(path):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    draft = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.new")
+    os.close(os.open(draft, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    try:
+        conn = sqlite3.connect(draft, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous = FULL")  # on disk before it is linked
+            conn.execute("BEGIN IMMEDIATE")
+            _create_schema(conn, path)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            return  # another process made the store first: this one opens theirs
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name survives a crash too
+        finally:
+            os.close(dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(draft)
+
+
 def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    """Open the store's connection. It never creates a file: a missing store is created by
+    :func:`_create_store_file` first, and only a regular file is opened."""
+    target = _MEMORY
+    if path != _MEMORY:
+        try:
+            _create_store_file(path)
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise DriverError(f"{path} is not a regular file, so it cannot be a store")
+        except OSError as exc:
+            raise DriverError(
+                f"SQLite store {path} cannot be opened or created: {exc.strerror or exc}"
+            ) from exc
+        target = f"file:{quote(path)}?mode=rw"
     conn = sqlite3.connect(
-        path,
+        target,
         timeout=busy_timeout,
         isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
         cached_statements=256,
+        uri=target != _MEMORY,
     )
     conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     return conn

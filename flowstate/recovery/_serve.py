@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from flowstate._engine import Engine, Flow, FlowRegistry
@@ -18,7 +19,7 @@ from flowstate.recovery._services import Delayer, Recoverer
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["configure", "load_flows", "run", "serve"]
+__all__ = ["configure", "load_flows", "run", "serve", "until_signalled"]
 
 logger = logging.getLogger("flowstate.recovery")
 
@@ -27,10 +28,23 @@ class FlowsSpecError(ValueError):
     """A --flows value that does not name a flow mapping."""
 
 
+def import_from_working_directory() -> None:
+    """Put the working directory first on the import path, as ``uvicorn`` and ``celery`` do,
+    so that ``--flows shop.flows:FLOWS`` finds ``./shop/flows.py`` without ``PYTHONPATH``.
+
+    The ``flowstate`` console script starts with its own folder on the path instead; ``python
+    -m flowstate`` has the working directory there already.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_flows(spec: str) -> FlowRegistry:
     """Import ``package.module:attribute`` and return the flows it names.
 
-    The attribute may be a mapping of flow ids to flows, or a ``FlowRegistry``.
+    The attribute may be a mapping of flow ids to flows, or a ``FlowRegistry``. Importing
+    runs the module's code, with this process's rights and access to the store.
 
     Raises:
         FlowsSpecError: The spec is malformed, cannot be imported, or names something else.
@@ -87,7 +101,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--flows",
         required=True,
         metavar="MODULE:ATTR",
-        help="where the flows are: a module and a mapping (or FlowRegistry) in it",
+        help=(
+            "where the flows are: a module and a mapping (or FlowRegistry) in it, imported "
+            "from the current folder or the Python path. This imports and runs that code, "
+            "with access to the store: point it only at code you trust"
+        ),
     )
     parser.add_argument(
         "--retry-after",
@@ -112,9 +130,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def run(args: argparse.Namespace) -> int:
-    """Run the service until SIGTERM or SIGINT; exit 0 after a clean handover."""
+async def run(args: argparse.Namespace, extra_flows: Mapping[str, Flow] | None = None) -> int:
+    """Run the service until SIGTERM or SIGINT; exit 0 after a clean handover.
+
+    ``extra_flows`` are added to the ones ``--flows`` names (the command adds the flows of
+    the workflow layer there).
+    """
+    import_from_working_directory()
     flows = load_flows(args.flows)
+    for flow_id, fn in (extra_flows or {}).items():
+        if flow_id not in flows:
+            flows.register(flow_id, fn)
+
+    async def service(stop: asyncio.Event) -> None:
+        await serve(
+            args.url,
+            flows,
+            retry_after=args.retry_after,
+            max_attempts=args.max_attempts,
+            lease_ttl=args.lease_ttl,
+            stop=stop,
+        )
+
+    return await until_signalled(service)
+
+
+async def until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run a long-lived service until SIGTERM or SIGINT sets its stop event; 0 once it ended.
+
+    Logs go to stderr at INFO unless logging was configured already.
+    """
     if not any(isinstance(h, logging.StreamHandler) for h in logging.getLogger().handlers):
         logging.basicConfig(
             stream=sys.stderr,
@@ -126,14 +171,7 @@ async def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await serve(
-            args.url,
-            flows,
-            retry_after=args.retry_after,
-            max_attempts=args.max_attempts,
-            lease_ttl=args.lease_ttl,
-            stop=stop,
-        )
+        await service(stop)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define
 
-from flowstate._checks import is_int, is_number
+from flowstate._checks import RESERVED_PREFIX, is_int, is_number
 from flowstate._commands import Commit, End, Execute, Noop, Transit
-from flowstate._state import State, StateCtx
+from flowstate._state import State, StateCtx, internal_ctx
 from flowstate.drivers.base import DelayedState, Driver, SupportsLease
 from flowstate.errors import (
     ClosedError,
@@ -38,7 +38,7 @@ __all__ = ["Delayer", "Recoverer", "RecoveryStats"]
 logger = logging.getLogger("flowstate.recovery")
 
 #: Ids of the states the services keep their cursors in; flows should not use this prefix.
-INTERNAL_PREFIX = "flowstate."
+INTERNAL_PREFIX = RESERVED_PREFIX
 INTERNAL_LABEL = {"flowstate.internal": "recovery"}
 #: Transition annotation on a state a delay fired: when the delay was due.
 FIRED_ANNOTATION = "flowstate.delay.fired"
@@ -220,7 +220,7 @@ class _LeaderService:
         try:
             self._cursor_ctx = await self.engine.get_state(self.cursor_id)
         except NotFoundError:
-            self._cursor_ctx = StateCtx.new(self.cursor_id, labels=INTERNAL_LABEL)
+            self._cursor_ctx = internal_ctx(self.cursor_id, labels=INTERNAL_LABEL)
             return 0
         return int(self._cursor_ctx.current.annotations.get("cursor", "0"))
 

@@ -6,7 +6,23 @@
 * ``flowstate.testing.flows``: ``explore``, your flows run under injected faults and recovery,
   checked against your invariants (see ``docs/testing.md``).
 
-This package imports pytest and hypothesis; flowstate itself never imports it.
+The kit needs pytest, hypothesis and anyio (whose pytest plugin runs the async tests); install
+them with ``pip install 'flowstate-engine[testing]'``. Importing the kit without them raises
+``MissingDependencyError``, which names that command. flowstate itself never imports the kit.
 """
 
+import importlib.util
+
+from flowstate.errors import MissingDependencyError
+
 __all__: list[str] = []
+
+# The packages of the [testing] extra, by import name.
+_missing = [
+    name for name in ("pytest", "hypothesis", "anyio") if importlib.util.find_spec(name) is None
+]
+if _missing:
+    raise MissingDependencyError(
+        f"flowstate.testing needs pytest, hypothesis and anyio (missing: {', '.join(_missing)}); "
+        "install them with: pip install 'flowstate-engine[testing]'"
+    )

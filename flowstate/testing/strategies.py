@@ -34,6 +34,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 from hypothesis import strategies as st
 
+from flowstate._checks import RESERVED_PREFIX as _RESERVED_PREFIX
 from flowstate._query import StatesQuery
 from flowstate._state import (
     DELAY_AT_ANNOTATION,
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 #: Ids, flow ids and annotation keys with this prefix belong to flowstate itself.
-RESERVED_PREFIX = "flowstate."
+RESERVED_PREFIX = _RESERVED_PREFIX
 
 # Every character a store must keep, and none that cannot be encoded (lone surrogates) or
 # that terminals and logs mangle (control characters).

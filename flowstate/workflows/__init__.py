@@ -5,6 +5,10 @@
 audit trail that is their own committed history, cooperative cancellation and observed steps.
 Each method is one atomic commit that is also one audit event.
 
+:class:`Pipeline` is a graph of :class:`Step` s with timeouts, retries and success/failure
+branching, built in Python or from a JSON definition; each run is a managed flow, executed
+step by step with every start and end committed, so a crashed run resumes from its step.
+
 Everything here is built on the public API of :mod:`flowstate` (states, ``Commit``,
 ``Delay``, watchers, the recoverer), so it also shows how to compose an engine of your own.
 """
@@ -24,6 +28,8 @@ from flowstate.workflows._model import (
     StepObservation,
     StepStatus,
 )
+from flowstate.workflows._pipeline import Pipeline, Step, StepContext, StepFn
+from flowstate.workflows._worker import Worker, WorkerStats, workflow_flows
 
 __all__ = [
     "AlreadyTerminalError",
@@ -36,8 +42,15 @@ __all__ = [
     "FlowWatcher",
     "InvalidTransitionError",
     "ManagedFlow",
+    "Pipeline",
+    "Step",
+    "StepContext",
+    "StepFn",
     "StepObservation",
     "StepStatus",
+    "Worker",
+    "WorkerStats",
+    "workflow_flows",
 ]
 
 # Reprs and docs say flowstate.workflows.FlowManager, not its private module.

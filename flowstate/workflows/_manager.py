@@ -4,33 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import msgspec
-from attrs import define, field
 
 import flowstate as fs
 from flowstate.errors import CancelPendingError
+from flowstate.workflows._changes import (
+    Change,
+    Plan,
+    cancelled,
+    failed,
+    flow_run_flow,
+    resumed,
+    stage,
+    stage_step,
+)
 from flowstate.workflows._model import (
     CONTROLLER,
-    EVENT,
-    EVENT_PAYLOAD,
     FLOW_ID,
     KIND,
     KIND_FLOW,
     KIND_STEP,
     OWNER,
     PIPELINE,
-    RECORD,
-    REST_FLOW,
     RUNTIME,
     RUNTIMES,
     STATUS,
-    STEP,
     TIMER_FLOW,
     FlowEvent,
     FlowStatus,
@@ -42,7 +46,7 @@ from flowstate.workflows._model import (
     StepStatus,
     check_move,
     encode,
-    event_of,
+    events_of,
     flow_of,
     is_flow,
     is_step,
@@ -53,6 +57,8 @@ from flowstate.workflows._model import (
     step_id,
     step_of,
 )
+from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline
+from flowstate.workflows._runs import DEFINITION, PipelineExecutor, new_run, run_steps
 
 if TYPE_CHECKING:
     import builtins
@@ -63,33 +69,6 @@ __all__ = ["FlowManager", "FlowWatcher"]
 
 #: How many latest versions a manager keeps to commit against without reading first.
 CACHE_SIZE: Final = 4096
-
-
-@define(frozen=True)
-class Change:
-    """What one mutation commits: the flow's status and record after it, its event, and
-    anything committed with it.
-
-    Attributes:
-        status: The status after the change.
-        record: The record after the change.
-        event: The audit event's kind.
-        payload: The audit event's payload (a JSON object).
-        delay_at: For a timer wait: when the flow resumes by itself.
-        flow: For a pipeline run that goes on running: the flow it runs next.
-        also: Other states written in the same commit (their ctx, already changed).
-    """
-
-    status: FlowStatus
-    record: Record
-    event: str
-    payload: dict[str, Any] = field(factory=dict)
-    delay_at: datetime.datetime | None = None
-    flow: str | None = None
-    also: tuple[fs.StateCtx, ...] = ()
-
-
-Plan = Callable[[fs.StateCtx, ManagedFlow, Record], Awaitable[Change] | Change]
 
 
 class FlowManager:
@@ -125,7 +104,7 @@ class FlowManager:
         self.attempts = attempts
         self._locks = _KeyedLocks()
         self._latest: collections.OrderedDict[str, fs.StateCtx] = collections.OrderedDict()
-        engine.flows.register(TIMER_FLOW, _resume_on_timer)
+        engine.flows.register(TIMER_FLOW, resume_on_timer)
 
     def __repr__(self) -> str:
         return f"FlowManager({self.engine!r}, attempts={self.attempts})"
@@ -213,6 +192,7 @@ class FlowManager:
         pipeline: str | None = None,
         run: dict[str, Any] | None = None,
         flow: str | None = None,
+        data: dict[str, bytes] | None = None,
     ) -> ManagedFlow:
         _check_text(controller, "controller", empty=False)
         for value, name in ((goal, "goal"), (owner, "owner"), (origin, "origin")):
@@ -246,7 +226,14 @@ class FlowManager:
         }
         if pipeline is not None:
             payload["pipeline"] = pipeline
-        change = Change(status=status, record=record, event="created", payload=payload, flow=flow)
+        change = Change(
+            status=status,
+            record=record,
+            event="created",
+            payload=payload,
+            flow=flow,
+            data=data or {},
+        )
         async with self._locks.hold(flow_id):
             return await self._commit(ctx, change)
 
@@ -261,7 +248,7 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             return Change(
                 status=check_move(flow.id, flow.status, "start"), record=record, event="started"
@@ -294,7 +281,7 @@ class FlowManager:
         if due is not None:
             stored["at"] = due.isoformat().replace("+00:00", "Z")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             status = check_move(flow.id, flow.status, "wait")
             record.wait = stored
@@ -320,7 +307,7 @@ class FlowManager:
         """
         changes = None if patch is None else json_object(patch, "patch")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             return resumed(flow, record, changes, by="user")
 
@@ -338,7 +325,7 @@ class FlowManager:
         """
         changes = None if final is None else json_object(final, "final")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             status = check_move(flow.id, flow.status, "finish")
             if record.cancel_requested:
@@ -366,7 +353,7 @@ class FlowManager:
         """
         _check_text(reason, "reason")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             return failed(flow, record, reason)
 
@@ -384,14 +371,22 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change | None:
+        backoff = False
+
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
+            nonlocal backoff
             check_move(flow.id, flow.status, None)
             if record.cancel_requested:
                 return None
             record.cancel_requested = True
+            backoff = (record.run or {}).get("phase") == "backoff"
             return Change(status=flow.status, record=record, event="cancel_requested")
 
-        return await self._mutate(flow_id, plan, keep=flow_run_flow)
+        asked = await self._mutate(flow_id, plan, keep=flow_run_flow)
+        executor = self._executor(asked)
+        if backoff and executor is not None:
+            executor.cancel_local(asked.id)  # a run waiting to retry a step stops now
+        return asked
 
     async def cancel(self, flow_id: str) -> ManagedFlow:
         """Any non-terminal status ``→ cancelled`` (event ``cancelled``, whose payload says
@@ -404,10 +399,17 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
+            run = record.run or {}
+            if run.get("phase") == "started":
+                return cancelled(flow, record, how="cancel", step=run["step"])
             return cancelled(flow, record, how="cancel")
 
-        return await self._mutate(flow_id, plan)
+        done = await self._mutate(flow_id, plan)
+        executor = self._executor(done)
+        if executor is not None:
+            executor.cancel_local(done.id)
+        return done
 
     async def update_state(
         self, flow_id: str, patch: Mapping[str, Any], next_step: str | None = None
@@ -427,7 +429,7 @@ class FlowManager:
         if next_step is not None:
             _check_text(next_step, "next_step")
 
-        def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)
             check_move(flow.id, flow.status, None)
             if record.cancel_requested:
@@ -481,7 +483,7 @@ class FlowManager:
         sid = step_id(observation.flow_id, observation.run_id)
         staged: list[fs.StateCtx] = []
 
-        async def plan(ctx: fs.StateCtx, flow: ManagedFlow, record: Record) -> Change:
+        async def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             step_ctx = await self._step_ctx(sid)
             staged[:] = [step_ctx]
             known = read_step(step_ctx.committed) if step_ctx.committed.rev else None
@@ -527,6 +529,115 @@ class FlowManager:
             return await self.engine.get_state(sid)
         except fs.NotFoundError:
             return fs.StateCtx.new(sid)
+
+    # -- pipelines -----------------------------------------------------------------------------
+
+    def register(self, pipeline: Pipeline) -> None:
+        """Make this engine run ``pipeline``'s runs (in every process that runs its steps).
+
+        Registers the pipeline's executor as the flow :attr:`Pipeline.flow_id` of the engine,
+        replacing an earlier registration of the same id.
+
+        Raises:
+            DefinitionError: The pipeline has problems; it lists every one of them.
+        """
+        if not isinstance(pipeline, Pipeline):
+            raise fs.InvalidCommandError(f"register takes a Pipeline, not {pipeline!r}")
+        pipeline.validate()
+        self.engine.flows.register(pipeline.flow_id, PipelineExecutor(pipeline))
+
+    def pipeline(self, pipeline_id: str) -> Pipeline:
+        """The pipeline registered under ``pipeline_id``.
+
+        Raises:
+            FlowNotFoundError: None is.
+        """
+        executor = self.engine.flows.get(FLOW_PREFIX + str(pipeline_id))
+        if not isinstance(executor, PipelineExecutor):
+            raise fs.FlowNotFoundError(str(pipeline_id))
+        return executor.pipeline
+
+    async def execute(
+        self,
+        pipeline_id: str,
+        *,
+        input: Any = None,
+        owner: str = "",
+        origin: str = "",
+        id: str | None = None,
+        enqueue: bool = False,
+    ) -> ManagedFlow:
+        """Start a run of a registered pipeline and return it at once (status ``running``).
+
+        The run is a managed flow of runtime ``pipeline``, executed in the background by this
+        engine; with ``enqueue=True`` it is only committed, for workers (``flowstate worker``)
+        to run.
+
+        Args:
+            pipeline_id: The registered pipeline's id.
+            input: The run's input (JSON), ``step.input`` of every step.
+            owner: Whom the run belongs to.
+            origin: Where the request came from.
+            id: The run's id; a new unique one when None.
+            enqueue: Only commit the run; leave running it to workers.
+
+        Raises:
+            FlowNotFoundError: No pipeline is registered under ``pipeline_id``.
+            InvalidCommandError: ``input`` is not JSON, or an argument is not as documented.
+            ConflictError: A state with this id exists already.
+        """
+        pipeline = self.pipeline(pipeline_id)
+        json_bytes(input, "input")
+        data = {}
+        if pipeline.definition is not None:
+            data[DEFINITION] = encode(pipeline.definition).encode()
+        run = await self._create(
+            FlowStatus.RUNNING,
+            "pipeline",
+            controller=pipeline.id,
+            goal=pipeline.name,
+            owner=owner,
+            origin=origin,
+            current_step=pipeline.start,
+            state={"input": input, "outputs": {}},
+            flow_id=id,
+            pipeline=pipeline.id,
+            run=new_run(pipeline),
+            flow=pipeline.flow_id,
+            data=data,
+        )
+        if not enqueue:
+            await self.engine.do(fs.Execute(fs.StateCtx.of(self._latest[run.id].committed)))
+        return run
+
+    async def result(
+        self,
+        flow_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the documented name)
+    ) -> ManagedFlow:
+        """Wait until the flow is finished, failed or cancelled (through a watcher); return it.
+
+        Raises:
+            NotFoundError: No managed flow has this id.
+            TimeoutError: ``timeout`` seconds passed first.
+            ClosedError: The engine closed first.
+        """
+        async with asyncio.timeout(timeout):
+            flow = await self.get(flow_id)
+            if flow.status.is_terminal:
+                return flow
+            async with self.watch(id=flow_id, since_rev=flow.revision) as versions:
+                async for version in versions:
+                    if version.status.is_terminal:
+                        return version
+        raise fs.ClosedError("the engine closed while waiting for the result")
+
+    def _executor(self, flow: ManagedFlow) -> PipelineExecutor | None:
+        if flow.pipeline is None:
+            return None
+        executor = self.engine.flows.get(FLOW_PREFIX + flow.pipeline)
+        return executor if isinstance(executor, PipelineExecutor) else None
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -605,9 +716,7 @@ class FlowManager:
         found = []
         async for state in self.engine.iter_states(id=flow_id, limit=500):
             if is_flow(state):
-                event = event_of(state)
-                if event is not None:
-                    found.append(event)
+                found += events_of(state)
         return found
 
     async def steps(self, flow_id: str) -> builtins.list[FlowStep]:
@@ -617,7 +726,9 @@ class FlowManager:
             NotFoundError: No managed flow has this id.
             InvalidQueryError: ``flow_id`` is not a non-empty string.
         """
-        await self._read(flow_id)
+        flow = flow_of((await self._read(flow_id)).committed)
+        if flow.runtime == "pipeline":
+            return run_steps(flow_id, [s async for s in self.engine.iter_states(id=flow_id)])
         query = fs.StatesQuery(labels={KIND: KIND_STEP, FLOW_ID: flow_id}, latest_only=True)
         found = [step_of(state) async for state in self.engine.iter_states(query) if is_step(state)]
         found.sort(key=lambda step: (step.created_at, step.id))
@@ -655,9 +766,7 @@ class FlowManager:
     async def _mutate(
         self,
         flow_id: str,
-        plan: Callable[
-            [fs.StateCtx, ManagedFlow, Record], Awaitable[Change | None] | Change | None
-        ],
+        plan: Plan,
         *,
         keep: Callable[[ManagedFlow, Record], str | None] | None = None,
     ) -> ManagedFlow:
@@ -677,15 +786,20 @@ class FlowManager:
                 if ctx is None:
                     ctx = await self._read(flow_id)
                 try:
-                    flow = flow_of(ctx.committed)
                     record = read_record(ctx.committed)
-                    planned = plan(ctx, flow, record)
+                    flow = flow_of(ctx.committed, record)
+                    planned = plan(ctx.committed, flow, record)
                     change = await planned if isinstance(planned, Awaitable) else planned
-                    if change is None:
+                    if change is None and not cached:
                         self._remember(ctx)
                         return flow
+                    if change is None:
+                        # Nothing to do, decided on a version this manager committed earlier,
+                        # which may be stale: decide again on the latest one.
+                        ctx = None
+                        continue
                     if keep is not None and change.flow is None and not change.status.is_terminal:
-                        change = _with_flow(change, keep(flow, record))
+                        change = attrs.evolve(change, flow=keep(flow, record))
                     return await self._commit(ctx, change)
                 except fs.ConflictError as exc:
                     error = exc
@@ -701,7 +815,7 @@ class FlowManager:
     async def _commit(self, ctx: fs.StateCtx, change: Change) -> ManagedFlow:
         """Commit the change on ``ctx`` with every state it carries along."""
         try:
-            await self.engine.do(await stage(self.engine, ctx, change))
+            await self.engine.do(stage(ctx, change))
         except BaseException:
             for other in change.also:
                 self._latest.pop(other.id, None)
@@ -755,120 +869,7 @@ class FlowWatcher:
         await self.aclose()
 
 
-# -- changes shared by the methods and the flows that run without a manager ------------------------
-
-
-def resumed(flow: ManagedFlow, record: Record, patch: dict[str, Any] | None, *, by: str) -> Change:
-    """``waiting → running``: clear the wait, merge ``patch``."""
-    status = check_move(flow.id, flow.status, "resume")
-    record.wait = None
-    payload: dict[str, Any] = {"by": by}
-    if patch:
-        record.state.update(patch)
-        payload["patch"] = patch
-    return Change(status=status, record=record, event="resumed", payload=payload)
-
-
-def failed(flow: ManagedFlow, record: Record, reason: str, **details: Any) -> Change:
-    """``running | waiting → failed``: stamp the reason and the time into the state."""
-    status = check_move(flow.id, flow.status, "fail")
-    at = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
-    record.state["failure"] = {"reason": reason, "at": at}
-    record.wait = None
-    return Change(
-        status=status,
-        record=record,
-        event="failed",
-        payload={"reason": reason, **details},
-    )
-
-
-def cancelled(flow: ManagedFlow, record: Record, *, how: str, **details: Any) -> Change:
-    """Any non-terminal status ``→ cancelled``; ``how`` says who stopped it."""
-    status = check_move(flow.id, flow.status, "cancel")
-    record.wait = None
-    return Change(
-        status=status,
-        record=record,
-        event="cancelled",
-        payload={"how": how, "requested": record.cancel_requested, **details},
-    )
-
-
-async def stage(engine: fs.Engine, ctx: fs.StateCtx, change: Change) -> fs.Commit:
-    """Apply ``change`` to ``ctx`` in memory and return the commit that stores it.
-
-    The flow's new version gets a fresh transition carrying the change's event: it rests
-    (paused) while not terminal, ended when terminal, paused with a ``Delay`` for a timer
-    wait, or running at ``change.flow`` (a pipeline run that goes on).
-    """
-    record = change.record
-    committed = ctx.committed
-    if record.created_at is None and committed.rev:
-        record.created_at = read_record(committed).created_at or committed.committed_at
-    state = ctx.current
-    state.labels[STATUS] = str(change.status)
-    state.annotations[RECORD] = encode(record)
-    if change.status.is_terminal:
-        await engine.do(fs.End(ctx))
-    elif change.flow is not None:
-        await engine.do(fs.Transit(ctx, change.flow))
-    elif change.delay_at is not None:
-        await engine.do(fs.Pause(ctx, TIMER_FLOW))
-    else:
-        await engine.do(fs.Pause(ctx, REST_FLOW))
-    annotations = ctx.current.transition.annotations
-    if change.event:
-        annotations[EVENT] = change.event
-        if change.payload:
-            annotations[EVENT_PAYLOAD] = encode(change.payload)
-    commands: list[fs.Command] = [fs.Noop(ctx)]
-    if change.delay_at is not None:
-        commands.append(fs.Delay(ctx, TIMER_FLOW, until=change.delay_at))
-    commands += [fs.Noop(other) for other in change.also]
-    return fs.Commit(*commands)
-
-
-def flow_run_flow(flow: ManagedFlow, record: Record) -> str | None:
-    """The flow a running pipeline run goes on running at; None for other flows."""
-    if flow.runtime == "pipeline" and flow.status is FlowStatus.RUNNING:
-        return flow.pipeline
-    return None
-
-
-def stage_step(ctx: fs.StateCtx, flow_id: str, step: StepRecord, status: StepStatus) -> None:
-    """Write a step record into its (resting, ended) state's working copy."""
-    now = datetime.datetime.now(datetime.UTC)
-    if status is StepStatus.RUNNING and step.started_at is None:
-        step.started_at = now
-    if status in (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED):
-        step.ended_at = step.ended_at or now
-        if step.started_at is None:
-            step.started_at = step.ended_at
-    committed = ctx.committed
-    if step.created_at is None and committed.rev:
-        step.created_at = committed.committed_at  # a new step's is its first commit's time
-    state = ctx.current
-    state.labels.update({KIND: KIND_STEP, FLOW_ID: flow_id, STATUS: str(status)})
-    state.annotations[STEP] = encode(step)
-    state.transition = fs.Transition()
-
-
-def _with_flow(change: Change, flow: str | None) -> Change:
-    if flow is None:
-        return change
-    return Change(
-        status=change.status,
-        record=change.record,
-        event=change.event,
-        payload=change.payload,
-        delay_at=change.delay_at,
-        flow=flow,
-        also=change.also,
-    )
-
-
-async def _resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+async def resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
     """The flow a timer wait's delay fires: resume the waiting flow (event ``resumed``).
 
     The delay is bound to the version that started the wait, so this runs only when nothing
@@ -883,7 +884,7 @@ async def _resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
         change = resumed(flow, record, None, by="timer")
     else:
         change = Change(status=flow.status, record=record, event="")
-    return await stage(engine, ctx, change)
+    return stage(ctx, change)
 
 
 # -- argument checks --------------------------------------------------------------------------
@@ -949,20 +950,39 @@ class _KeyedLocks:
     """One asyncio lock per key, dropped once nobody holds or waits for it."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[str, list[Any]] = {}  # key -> [lock, users]
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
+    def hold(self, key: str) -> _Hold:
+        return _Hold(self._locks, key)
+
+
+class _Hold:
+    """``async with locks.hold(key):`` holds the key's lock."""
+
+    __slots__ = ("_entry", "_key", "_locks")
+
+    def __init__(self, locks: dict[str, list[Any]], key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._key)
+        if entry is None:
+            entry = self._locks[self._key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        self._entry = entry
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await entry[0].acquire()
+        except BaseException:
+            self._release_user()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._entry[0].release()
+        self._release_user()
+
+    def _release_user(self) -> None:
+        entry = self._entry
+        entry[1] -= 1
+        if not entry[1]:
+            del self._locks[self._key]

@@ -50,6 +50,7 @@ class FlowStatus(enum.StrEnum):
 
 
 _TERMINAL = frozenset({FlowStatus.FINISHED, FlowStatus.FAILED, FlowStatus.CANCELLED})
+_STATUSES = {status.value: status for status in FlowStatus}
 
 #: The lifecycle, one entry per move: the statuses it may start from, and where it leads.
 #: Every entry point checks its move against this table (through :func:`check_move`).
@@ -233,6 +234,7 @@ RECORD = "flow.record"
 STEP = "flow.step"
 EVENT = "flow.event"
 EVENT_PAYLOAD = "flow.event.payload"
+MORE_EVENTS = "flow.event.more"
 
 KIND_FLOW = "flow"
 KIND_STEP = "step"
@@ -277,6 +279,7 @@ _encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(Record)
 _step_decoder = msgspec.json.Decoder(StepRecord)
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
+_more_decoder = msgspec.json.Decoder(list[tuple[str, dict[str, Any]]])
 
 
 def encode(value: object) -> str:
@@ -342,7 +345,7 @@ def flow_of(state: fs.State, record: Record | None = None) -> ManagedFlow:
         current_step=record.current_step,
         state=record.state,
         wait=record.wait,
-        status=FlowStatus(labels[STATUS]),
+        status=_STATUSES[labels[STATUS]],
         cancel_requested=record.cancel_requested,
         runtime=labels.get(RUNTIME, "managed"),
         revision=state.rev,
@@ -352,20 +355,32 @@ def flow_of(state: fs.State, record: Record | None = None) -> ManagedFlow:
     )
 
 
-def event_of(state: fs.State) -> FlowEvent | None:
-    """The audit event a stored flow version records, if it records one."""
+def events_of(state: fs.State) -> list[FlowEvent]:
+    """The audit events a stored flow version records (one, or none for a version that only
+    moved the state, such as a delay firing; a pipeline run may record more)."""
     annotations = state.transition.annotations
     kind = annotations.get(EVENT)
     if kind is None:
-        return None
+        return []
     raw = annotations.get(EVENT_PAYLOAD)
-    return FlowEvent(
-        revision=state.rev,
-        kind=kind,
-        payload=_object_decoder.decode(raw) if raw else {},
-        at=state.committed_at or _EPOCH,
-        status=FlowStatus(state.labels[STATUS]),
-    )
+    at = state.committed_at or _EPOCH
+    status = _STATUSES[state.labels[STATUS]]
+    found = [
+        FlowEvent(
+            revision=state.rev,
+            kind=kind,
+            payload=_object_decoder.decode(raw) if raw else {},
+            at=at,
+            status=status,
+        )
+    ]
+    more = annotations.get(MORE_EVENTS)
+    if more:
+        for kind, payload in _more_decoder.decode(more):
+            found.append(
+                FlowEvent(revision=state.rev, kind=kind, payload=payload, at=at, status=status)
+            )
+    return found
 
 
 def read_step(state: fs.State) -> StepRecord:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["etcd_url"]
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.etcd]
 
 
 class TestEtcdDriver(DriverTests):
@@ -124,6 +124,12 @@ def test_missing_etcd_binary_fails_with_the_install_hint(monkeypatch: pytest.Mon
         ("etcd://h:1//rooted", [("h", 1)], "/rooted", {}),
         ("etcd://h:1/p?timeout=0.5", [("h", 1)], "p", {"timeout": 0.5}),
         ("etcd://h:1/p?max_txn_ops=1024", [("h", 1)], "p", {"max_txn_ops": 1024}),
+        (
+            "etcd://h:1/p?max_request_bytes=10485760",
+            [("h", 1)],
+            "p",
+            {"max_request_bytes": 10485760},
+        ),
         ("etcd://h:1?timeout=2", [("h", 1)], "flowstate", {"timeout": 2.0}),
     ],
 )
@@ -152,13 +158,16 @@ def test_url(
         ("etcd://::1/fs", "brackets"),
         ("etcd://[::1/fs", "unclosed"),
         ("etcd://[::1]x/fs", "bad etcd endpoint"),
-        ("etcd://user:secret@h:1/fs", "credentials"),
+        ("etcd://user:secret@h:1/fs", "a password never goes in the URL"),
         ("etcd://h:1/~fs", "'~'"),
         ("etcd://h:1/a/~b", "'~'"),
         ("etcd://h:1/%00", "NUL"),
         ("etcd://h:1/fs?timeout=soon", "must be a number"),
         ("etcd://h:1/fs?timeout=0", "timeout must be"),
         ("etcd://h:1/fs?max_txn_ops=2", "max_txn_ops must be"),
+        ("etcd://h:1/fs?timeout=inf", "timeout must be"),
+        ("etcd://h:1/fs?timeout=1e300", "timeout must be"),
+        ("etcd://h:1/fs?max_request_bytes=100", "max_request_bytes must be"),
         ("etcd://h:1/fs?ttl=3", "unknown option 'ttl'"),
         ("etcd://h:1/fs?timeout", "malformed"),
         ("etcd://h:1/fs#top", "fragment"),
@@ -166,8 +175,9 @@ def test_url(
     ],
 )
 def test_bad_url(url: str, problem: str) -> None:
-    with pytest.raises(fs.InvalidURLError, match=problem):
+    with pytest.raises(fs.InvalidURLError, match=problem) as info:
         EtcdDriver.from_url(url)
+    assert "secret" not in str(info.value)
 
 
 # -- layout ------------------------------------------------------------------------------------
@@ -393,10 +403,12 @@ async def test_commit_whose_answer_was_lost_is_acknowledged_once(etcd_url: str) 
 
 
 async def test_errors_are_translated_and_chained(etcd_url: str) -> None:
-    async with EtcdDriver.from_url(unique_url(etcd_url)) as driver:
+    # A URL limit above the server's own lets the server refuse the request itself.
+    url = unique_url(etcd_url) + f"?max_request_bytes={8 << 20}"
+    async with EtcdDriver.from_url(url) as driver:
         big = _write("big")
         big.data = {"blob": b"x" * (1 << 21)}
-        with pytest.raises(fs.DriverError) as info:
+        with pytest.raises(fs.DriverError, match="max_request_bytes=8388608") as info:
             await _commit(driver, big)
         assert not isinstance(info.value, fs.DriverUnavailableError)
         assert isinstance(info.value.__cause__, rpc.AioRpcError)
@@ -404,6 +416,43 @@ async def test_errors_are_translated_and_chained(etcd_url: str) -> None:
         with pytest.raises(fs.DriverError, match="max_txn_ops"):
             await _commit(driver, *too_many)
         assert await driver.head_rev() == 0
+
+
+def _annotated(state_id: str, size: int) -> StateWrite:
+    write = _write(state_id, kind="sized")
+    write.state.annotations["blob"] = "x" * size
+    return write
+
+
+async def test_an_oversized_commit_fails_alone(etcd_url: str) -> None:
+    async with EtcdDriver.from_url(unique_url(etcd_url)) as driver:
+        writes = [_annotated(f"big{i}", 400_000) for i in range(4)]
+        writes += [_annotated(f"tiny{i}", 10) for i in range(4)]
+        huge = _annotated("huge", 1_000_000)  # written twice (~s and ~log): 2 MB, over 1.5 MiB
+        outcomes = await asyncio.gather(
+            *(_commit(driver, w) for w in [*writes[:6], huge, *writes[6:]]),
+            return_exceptions=True,
+        )
+        failed = outcomes.pop(6)
+        assert isinstance(failed, fs.DriverError)
+        assert not isinstance(failed, fs.DriverUnavailableError), "retrying cannot help"
+        assert "over etcd's request limit of 1572864 bytes" in str(failed)
+        assert "writes about 200" in str(failed), "it names the commit's size"
+        assert all(isinstance(o, list) for o in outcomes), outcomes
+        stored = await _history(driver, kind="sized")
+        assert sorted(s.id for s in stored) == sorted(w.state.id for w in writes)
+        assert len({s.rev for s in stored}) > 2, "the big commits went in several requests"
+
+
+async def test_groups_split_when_the_server_limit_is_lower(etcd_url: str) -> None:
+    # The URL claims a limit the server does not have: its refusals split the groups.
+    url = unique_url(etcd_url) + f"?max_request_bytes={8 << 20}"
+    async with EtcdDriver.from_url(url) as driver:
+        writes = [_annotated(f"big{i}", 400_000) for i in range(4)]
+        writes += [_annotated(f"tiny{i}", 10) for i in range(4)]
+        outcomes = await asyncio.gather(*(_commit(driver, w) for w in writes))
+        assert len(outcomes) == 8
+        assert len(await _history(driver, kind="sized")) == 8
 
 
 async def test_big_commits_are_packed_into_nested_transactions(etcd_url: str) -> None:

@@ -31,6 +31,7 @@ def test_url() -> None:
         fs.open_driver("memory://somewhere")
 
 
+@pytest.mark.slow
 def test_memory_driver_matches_the_model() -> None:
     run_driver_machine(MemoryDriver)
 

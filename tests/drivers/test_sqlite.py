@@ -41,7 +41,7 @@ def _write(state_id: str, expected_rev: int = 0, **labels: str) -> StateWrite:
     return StateWrite(state=fs.State(id=state_id, labels=labels), expected_rev=expected_rev)
 
 
-async def _commit(driver: SQLiteDriver, *writes: StateWrite) -> list[int]:
+async def _commit(driver: fs.Driver, *writes: StateWrite) -> list[int]:
     return (await driver.commit(CommitRequest(writes=list(writes)))).revs
 
 
@@ -74,6 +74,7 @@ class TestSQLiteMemoryDriver(DriverTests):
             yield driver
 
 
+@pytest.mark.slow
 def test_sqlite_driver_matches_the_model(tmp_path: Path) -> None:
     counter = itertools.count()
     run_driver_machine(lambda: SQLiteDriver(tmp_path / f"model-{next(counter)}.db"))
@@ -98,6 +99,9 @@ def test_sqlite_driver_matches_the_model(tmp_path: Path) -> None:
             "x.db",
             {"poll_interval": 0.2, "busy_timeout": 1.0},
         ),
+        ("sqlite:///x.db?create=1", "x.db", {"create": True}),
+        ("sqlite:///..%2Fup.db", "../up.db", {"create": False}),
+        ("sqlite:////abs%2Fsub.db", "/abs/sub.db", {}),
     ],
 )
 def test_url(url: str, path: str, options: dict[str, object]) -> None:
@@ -121,11 +125,40 @@ def test_url(url: str, path: str, options: dict[str, object]) -> None:
         "sqlite:///x.db?poll_interval=0",
         "sqlite:///x.db?busy_timeout=-1",
         "sqlite:///x.db?journal=delete",
+        "sqlite:///x.db?create=yes",
+        "sqlite:///x%00y.db",
+        "sqlite:///\udcff.db",
     ],
 )
 def test_bad_url(url: str) -> None:
     with pytest.raises(fs.InvalidURLError):
         fs.open_driver(url)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "poll_interval=inf",
+        "poll_interval=1e300",
+        "poll_interval=nan",
+        "poll_interval=0.0001",
+        "poll_interval=61",
+        "busy_timeout=inf",
+        "busy_timeout=1e300",
+        "busy_timeout=nan",
+        "busy_timeout=3601",
+    ],
+)
+def test_numeric_url_options_are_bounded(option: str) -> None:
+    # poll_interval=inf used to kill the database thread (queue.get(timeout=inf) overflows).
+    name = option.partition("=")[0]
+    with pytest.raises(fs.InvalidURLError, match=f"{name} must be a number of seconds from"):
+        fs.open_driver(f"sqlite:///x.db?{option}")
+
+
+def test_percent_decoding_keeps_a_relative_path_relative() -> None:
+    with pytest.raises(fs.InvalidURLError, match=r"decodes to the absolute path '/tmp/x\.db'"):
+        fs.open_driver("sqlite:///%2Ftmp%2Fx.db")
 
 
 def test_bad_url_names_the_problem() -> None:
@@ -277,6 +310,104 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     await driver.aclose()
 
 
+def _listing(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
+def _untouched(path: Path) -> tuple[bytes, list[str]]:
+    """The file's bytes and the names of its siblings (a -wal or -journal would show)."""
+    return path.read_bytes(), sorted(p.name for p in path.parent.iterdir())
+
+
+@pytestmark_anyio
+async def test_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = _untouched(path)
+    with pytest.raises(fs.DriverError, match="did not create"):
+        await SQLiteDriver(path).open()
+    # Refused before anything was written: still in its own journal mode, not WAL.
+    assert _untouched(path) == before
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+
+
+@pytestmark_anyio
+async def test_an_existing_empty_file_is_a_store_only_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    with pytest.raises(fs.DriverError, match=r"exists but is empty.*\?create=1") as info:
+        await fs.open_driver(f"sqlite:///{path}").open()
+    assert not isinstance(info.value, fs.DriverUnavailableError)
+    assert _untouched(path) == (b"", ["empty.db"])
+    async with fs.open_driver(f"sqlite:///{path}?create=1") as driver:
+        assert await _commit(driver, _write("a")) == [1]
+    async with fs.open_driver(f"sqlite:///{path}") as driver:  # a store now
+        assert (await driver.get_state("a")).rev == 1
+
+
+@pytestmark_anyio
+async def test_a_device_is_a_permanent_error() -> None:
+    with pytest.raises(fs.DriverError, match="not a regular file") as info:
+        await fs.open_driver("sqlite:////dev/null").open()
+    assert not isinstance(info.value, fs.DriverUnavailableError)
+    assert not _driver_threads()
+
+
+@pytestmark_anyio
+async def test_new_store_files_are_the_owners_alone(tmp_path: Path) -> None:
+    old_umask = os.umask(0)  # even a permissive umask gives no one else access
+    try:
+        async with SQLiteDriver(tmp_path / "private.db") as driver:
+            await _commit(driver, _write("a"))
+            modes = {p.name: p.stat().st_mode & 0o777 for p in _listing(tmp_path)}
+    finally:
+        os.umask(old_umask)
+    assert modes == {"private.db": 0o600, "private.db-wal": 0o600, "private.db-shm": 0o600}
+    assert sqlite_driver.FILE_MODE == 0o600
+
+
+@pytestmark_anyio
+async def test_drivers_creating_one_store_at_once_share_it(tmp_path: Path) -> None:
+    path = tmp_path / "raced.db"
+    drivers = [SQLiteDriver(path) for _ in range(6)]
+    try:
+        await asyncio.gather(*(d.open() for d in drivers))
+        revs = [rev for d in drivers for rev in await _commit(d, _write(f"by-{id(d)}"))]
+        assert sorted(revs) == list(range(1, 7))
+        assert len(await _all_states(drivers[0])) == 6
+    finally:
+        for driver in drivers:
+            await driver.aclose()
+    assert [p.name for p in _listing(tmp_path) if not p.name.startswith("raced.db")] == []
+
+
+@pytestmark_anyio
+async def test_a_dead_database_thread_fails_every_call(tmp_path: Path) -> None:
+    async with SQLiteDriver(tmp_path / "dies.db") as driver:
+        head = await driver.head_rev()
+        worker = driver._worker
+        assert worker is not None
+        # The thread dies of its next idle wait, as it did with ?poll_interval=inf.
+        worker._poll_interval = float("inf")
+        waiter = asyncio.ensure_future(driver.wait_for_rev(head + 1))
+        async with asyncio.timeout(10):
+            with pytest.raises(fs.DriverError, match=r"database thread .* stopped") as info:
+                await waiter
+            assert isinstance(info.value.__cause__, OverflowError)
+            with pytest.raises(fs.DriverError, match=r"database thread .* stopped"):
+                await _commit(driver, _write("a"))
+            with pytest.raises(fs.DriverError, match=r"database thread .* stopped"):
+                await driver.get_states(fs.StatesQuery())
+            with pytest.raises(fs.DriverError, match=r"database thread .* stopped"):
+                await driver.wait_for_rev(head + 1)
+    assert not _driver_threads()
+
+
 @pytestmark_anyio
 async def test_foreign_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "foreign.db"
@@ -302,7 +433,8 @@ async def test_sqlite_errors_are_translated_and_chained(tmp_path: Path) -> None:
     assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
     with pytest.raises(fs.DriverError) as info:
         await SQLiteDriver(tmp_path / "no" / "such" / "dir.db").open()
-    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert "no/such/dir.db cannot be opened or created" in str(info.value)
     assert "cannot be opened" in str(info.value)
     assert not _driver_threads()
 
@@ -537,6 +669,7 @@ async def _line(proc: asyncio.subprocess.Process) -> str:
     return line.decode().strip()
 
 
+@pytest.mark.slow
 @pytestmark_anyio
 async def test_watch_sees_a_commit_from_another_process(tmp_path: Path) -> None:
     path = tmp_path / "process.db"
@@ -554,6 +687,7 @@ async def test_watch_sees_a_commit_from_another_process(tmp_path: Path) -> None:
         assert (state.id, state.rev) == ("from-child", 1)
 
 
+@pytest.mark.slow
 @pytestmark_anyio
 async def test_two_processes_never_lose_an_update(tmp_path: Path) -> None:
     path = tmp_path / "counter.db"
@@ -588,6 +722,7 @@ async def test_two_processes_never_lose_an_update(tmp_path: Path) -> None:
         assert len(await _all_states(driver)) == 1 + 2 * count
 
 
+@pytest.mark.slow
 def test_killed_process_loses_no_acknowledged_commit(tmp_path: Path) -> None:
     """SIGKILL a committing process at random moments; the file must stay whole."""
     path = tmp_path / "crash.db"

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import os
-import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,94 +16,19 @@ import pytest
 import flowstate as fs
 from flowstate.recovery import _settings
 from tests.etcd_server import unique_url
+from tests.processes import Process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 LEASE_TTL = 1.0
 FLOWS = "tests.recovery.process_flows:flows"
-LEADS = re.compile(r"(\S+) leads '(flowstate\.\w+)'")
 
 
-class Process:
-    """A child process whose output lines are read as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
-        self.proc = proc
-        self.name = name
-        self.lines: list[str] = []
-        self._changed = asyncio.Condition()
-        self._readers = [
-            asyncio.ensure_future(self._read(stream))
-            for stream in (proc.stdout, proc.stderr)
-            if stream is not None
-        ]
-
-    @classmethod
-    async def start(cls, name: str, *args: str, role: str = "") -> Process:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTATE_TEST_ROLE": role}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *args,
-            cwd=ROOT,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        return cls(proc, name)
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            async with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip())
-                self._changed.notify_all()
-
-    async def wait_for(self, predicate: Callable[[list[str]], bool], within: float = 30) -> None:
-        try:
-            async with asyncio.timeout(within), self._changed:
-                await self._changed.wait_for(lambda: predicate(self.lines))
-        except TimeoutError:
-            output = "\n".join(self.lines[-30:])
-            raise AssertionError(f"{self.name} never got there; its output:\n{output}") from None
-
-    def leads(self, lease: str) -> bool:
-        return any(m and m.group(2) == lease for m in map(LEADS.search, self.lines))
-
-    def kill(self) -> None:
-        """SIGKILL, by our own child's PID."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-
-    async def close(self, sig: int = signal.SIGKILL) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        try:
-            async with asyncio.timeout(15):
-                code = await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            code = await self.proc.wait()
-        for reader in self._readers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        return code
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/store.db"
     return unique_url(request.getfixturevalue("etcd_url"))
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[Process]]:
-    """Every process a test starts is killed by PID at the end, whatever happened."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        await process.close()
 
 
 async def recover(processes: list[Process], url: str, name: str, *extra: str) -> Process:
@@ -265,3 +188,49 @@ def test_flows_spec_errors() -> None:
     for spec in ["nope", "no.such.module:flows", "tests.recovery.process_flows:missing"]:
         with pytest.raises(FlowsSpecError):
             load_flows(spec)
+
+
+SHOP_FLOWS = """
+import flowstate as fs
+
+
+async def ship(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    return fs.Commit(fs.End(ctx))
+
+
+FLOWS = {"ship": ship}
+"""
+
+
+async def test_flows_are_imported_from_the_working_directory(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "flows.py").write_text(SHOP_FLOWS)
+    script = Path(sys.executable).with_name("flowstate")  # the console script, not python -m
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = await asyncio.create_subprocess_exec(
+        script,
+        "recover",
+        "sqlite:///shop.db",
+        "--flows",
+        "shop.flows:FLOWS",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    process = Process(proc, "recover from ./shop")
+    processes.append(process)
+    await process.wait_for(lambda lines: any("serves recovery" in line for line in lines))
+    assert await process.close(signal.SIGTERM) == 0
+
+
+def test_recover_help_says_flows_runs_code(capsys: pytest.CaptureFixture[str]) -> None:
+    from flowstate.cli import main
+
+    assert main(["recover", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "imports and runs that code" in text

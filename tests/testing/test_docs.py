@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = (ROOT / "docs" / "testing.md").read_text()
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", DOC, flags=re.DOTALL)
+import pytest
+
+from tests.doc_blocks import DOCS, ROOT, blocks
+
+BLOCKS = [(block.lang, block.code) for block in blocks(DOCS / "testing.md")]
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 
 
+@pytest.mark.slow
 def test_the_python_blocks_pass_under_pytest(tmp_path: Path) -> None:
     # The page reads top to bottom, later blocks using what earlier ones defined: run them
     # the same way, as one module.

@@ -38,6 +38,7 @@ class TestFaultyDriverWithoutFaults(DriverTests):
             yield driver
 
 
+@pytest.mark.slow
 def test_faulty_driver_matches_the_model() -> None:
     run_driver_machine(lambda: FaultyDriver(MemoryDriver()))
 

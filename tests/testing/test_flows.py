@@ -362,6 +362,7 @@ jobs = fst.state_ctxs(
 )
 
 
+@pytest.mark.slow
 def test_explore_finds_and_shrinks_a_repeated_side_effect() -> None:
     with pytest.raises(InvariantError, match="counted_once") as info:
         explore(

@@ -50,6 +50,7 @@ INVARIANTS = [every_state_rests, charged_at_most_once, orders_settle_up]
 SEARCH = settings(deadline=None, database=None, derandomize=True)
 
 
+@pytest.mark.slow
 def test_the_kit_finds_and_shrinks_the_double_charge() -> None:
     with pytest.raises(InvariantError) as info:
         explore(

@@ -44,6 +44,7 @@ def test_names_and_maps_are_valid(
     assert all(key and not key.startswith(fst.RESERVED_PREFIX) for key in annotations)
 
 
+@pytest.mark.slow
 @quick
 @given(data=st.data())
 def test_transitions_have_the_status_asked_for(data: st.DataObject) -> None:
@@ -62,6 +63,7 @@ def test_transitions_need_statuses() -> None:
         fst.transitions(statuses=["sleeping"])  # type: ignore[list-item]
 
 
+@pytest.mark.slow
 @quick
 @given(ctx=fst.state_ctxs())
 async def test_state_ctxs_commit_as_they_are(ctx: fs.StateCtx) -> None:
@@ -74,6 +76,7 @@ async def test_state_ctxs_commit_as_they_are(ctx: fs.StateCtx) -> None:
     assert stored.transition == ctx.current.transition
 
 
+@pytest.mark.slow
 @quick
 @given(request=fst.commit_requests(delays=True))
 async def test_a_new_store_takes_any_commit(request: CommitRequest) -> None:
@@ -110,6 +113,7 @@ stale_and_fresh = fst.commit_requests(min_writes=2).flatmap(
 )
 
 
+@pytest.mark.slow
 @quick
 @given(requests=stale_and_fresh)
 async def test_conflicting_commits_conflict_and_others_do_not(
@@ -133,6 +137,7 @@ async def test_conflicting_commits_conflict_and_others_do_not(
         await driver.commit(fresh)
 
 
+@pytest.mark.slow
 @quick
 @given(request=fst.commit_requests(conflicting=None))
 async def test_either_way_the_driver_agrees_with_expected_conflicts(
@@ -148,6 +153,7 @@ async def test_either_way_the_driver_agrees_with_expected_conflicts(
             await driver.commit(request)
 
 
+@pytest.mark.slow
 @quick
 @given(request=fst.commit_requests(max_writes=6), query=fst.queries(max_rev=8))
 async def test_queries_are_valid_and_answered(
@@ -186,6 +192,7 @@ def test_fault_schedule_arguments() -> None:
         fst.commit_requests(min_writes=0)
 
 
+@pytest.mark.slow
 def test_flowstate_does_not_import_the_test_kit() -> None:
     import subprocess
     import sys

@@ -204,10 +204,12 @@ def run_machine(url: str, examples: int) -> None:
     Machine.TestCase().runTest()
 
 
+@pytest.mark.slow
 def test_lifecycle_matches_the_model_in_memory() -> None:
     run_machine("memory://", 60)
 
 
+@pytest.mark.slow
 def test_lifecycle_matches_the_model_on_sqlite(tmp_path: Path) -> None:
     counter = iter(range(10**6))
 

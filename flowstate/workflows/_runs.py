@@ -1,0 +1,481 @@
+"""Pipeline runs: the flow that walks a run through its pipeline, one committed step at a time.
+
+A run is a managed flow of runtime ``pipeline``. Its record's ``run`` holds the progress: the
+current ``step``, its ``attempt`` and the ``phase`` (``pending``: nothing started yet;
+``started``: that attempt is running; ``backoff``: it failed and the next attempt is due at
+``retry_at``). The flowstate state is *running* at the pipeline's flow id the whole time, so
+the recoverer retries a run whose executor died.
+
+Claiming is a compare-and-set: an executor starts an attempt only by committing
+``step_started`` against the version it read, so of two executors (a worker and the
+recoverer, two workers) exactly one runs each attempt. An attempt that ends commits its
+output and, in the same commit, the start of the next step (or the run's end), so a step
+whose end was committed never runs again, and a run moves on in one commit per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+import flowstate as fs
+from flowstate.workflows._changes import Change, cancelled, failed
+from flowstate.workflows._model import (
+    FlowStatus,
+    FlowStep,
+    ManagedFlow,
+    Record,
+    StepStatus,
+    events_of,
+    is_flow,
+    json_bytes,
+    read_record,
+)
+from flowstate.workflows._pipeline import END, Pipeline, StepContext
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from flowstate.workflows._manager import FlowManager
+
+__all__ = ["PENDING", "PipelineExecutor", "new_run", "run_steps"]
+
+logger = logging.getLogger("flowstate.workflows")
+
+PENDING: Final = "pending"
+STARTED: Final = "started"
+BACKOFF: Final = "backoff"
+#: The data alias under which a run keeps the JSON definition of its pipeline, if it has one.
+DEFINITION: Final = "pipeline"
+
+
+def new_run(pipeline: Pipeline) -> dict[str, Any]:
+    """The progress a new run of ``pipeline`` starts with."""
+    return {"step": pipeline.start, "attempt": 0, "phase": PENDING}
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _iso(at: datetime.datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+@attrs.define
+class _Decision:
+    """What the executor does after a plan: run an attempt, wait, or stop."""
+
+    action: str = "stop"  # "run" | "wait" | "stop"
+    step: str = ""
+    attempt: int = 0
+    until: float = 0.0
+
+
+@attrs.frozen
+class _Outcome:
+    """How an attempt ended: ``success`` or ``failure`` with an output, or ``error``."""
+
+    kind: str
+    output: Any = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+class PipelineExecutor:
+    """The flow registered under a pipeline's :attr:`~Pipeline.flow_id`: it runs the runs.
+
+    Called with a run's ctx (by ``engine.execute``, a worker or the recoverer), it reads the
+    run, claims its next attempt with a compare-and-set, runs the step, commits the outcome,
+    and goes on until the run ends or another executor owns it. It keeps the tasks of the
+    attempts it runs, so that cancelling a run in this process cancels its running step.
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._managers: weakref.WeakKeyDictionary[fs.Engine, FlowManager] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._cancelled: set[str] = set()
+        self._hand_back: set[str] = set()
+        self._waits: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"PipelineExecutor({self.pipeline.id!r})"
+
+    async def __call__(self, ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        manager = self._managers.get(engine)
+        if manager is None:
+            # The manager module imports this one: import it when a run first needs it.
+            from flowstate.workflows._manager import FlowManager
+
+            manager = self._managers[engine] = FlowManager(engine)
+        try:
+            await self.run(manager, ctx.id)
+        except fs.ConflictError:
+            # Other writers kept moving the run: whoever moved it goes on with it, and the
+            # recoverer retries it if nobody does.
+            logger.debug("run %r: lost the run to other writers", ctx.id)
+        return fs.Noop()
+
+    @property
+    def running(self) -> frozenset[str]:
+        """The runs whose attempt (or backoff wait) runs in this process now."""
+        return frozenset(self._tasks)
+
+    def stop_after_step(self, run_id: str) -> None:
+        """Hand ``run_id`` back at its next step boundary: commit the end of the running
+        attempt without starting the next one (or stop waiting for a retry), and return."""
+        self._hand_back.add(run_id)
+        if run_id in self._waits:
+            self.cancel_local(run_id)  # a backoff wait: nothing to finish
+
+    def cancel_local(self, run_id: str) -> bool:
+        """Cancel the attempt (or backoff wait) of ``run_id`` running in this process.
+
+        Returns:
+            True when there was one.
+        """
+        task = self._tasks.get(run_id)
+        if task is None:
+            return False
+        self._cancelled.add(run_id)
+        task.cancel()
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, manager: FlowManager, run_id: str) -> None:
+        """Run ``run_id`` until it ends or another executor owns it."""
+        decision = _Decision()
+
+        def plan_next(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
+            decision.action = "stop"
+            return self._plan_next(state, flow, record, decision)
+
+        try:
+            flow = await manager._mutate(run_id, plan_next)
+            while decision.action != "stop":
+                if decision.action == "wait":
+                    await self._wait(run_id, decision.until)
+                    if run_id in self._hand_back:
+                        return
+                    flow = await manager._mutate(run_id, plan_next)
+                else:
+                    flow = await self._step(manager, flow, decision)
+        finally:
+            self._hand_back.discard(run_id)
+
+    async def _step(
+        self, manager: FlowManager, flow: ManagedFlow, decision: _Decision
+    ) -> ManagedFlow:
+        """Run the attempt ``decision`` claimed on ``flow`` and commit its outcome (with what
+        the run does next); return the run as committed."""
+        step_id, attempt = decision.step, decision.attempt
+        outcome = await self._attempt(flow, step_id, attempt)
+        if outcome is None:
+            decision.action = "stop"  # cancelled while it ran: the cancel ended the run
+            return flow
+
+        def plan_done(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
+            decision.action = "stop"
+            return self._plan_done(flow, record, step_id, attempt, outcome, decision)
+
+        return await manager._mutate(flow.id, plan_done)
+
+    async def _wait(self, run_id: str, until: float) -> None:
+        """Sleep until a retry is due; a cancel in this process ends the sleep early."""
+        task = asyncio.ensure_future(asyncio.sleep(max(0.0, until - time.time())))
+        self._tasks[run_id] = task
+        self._waits.add(run_id)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not self._cancelled_here(run_id):
+                raise
+        finally:
+            self._tasks.pop(run_id, None)
+            self._waits.discard(run_id)
+            self._cancelled.discard(run_id)
+
+    async def _attempt(self, flow: ManagedFlow, step_id: str, attempt: int) -> _Outcome | None:
+        """Run one attempt; None when a cancel in this process stopped it."""
+        step = self.pipeline.step(step_id)
+        state = flow.state
+        context = StepContext(
+            run_id=flow.id,
+            step_id=step_id,
+            attempt=attempt,
+            input=state.get("input"),
+            outputs=dict(state.get("outputs", {})),
+            state=state,
+        )
+        started = time.perf_counter()
+        task = asyncio.ensure_future(step.fn(context))
+        self._tasks[flow.id] = task
+        try:
+            async with asyncio.timeout(step.timeout):
+                output = await task
+        except TimeoutError:
+            seconds = time.perf_counter() - started
+            return _Outcome("error", error=f"timed out after {step.timeout}s", seconds=seconds)
+        except asyncio.CancelledError:
+            if not self._cancelled_here(flow.id):
+                raise
+            return None
+        except Exception as exc:  # noqa: BLE001 (any error of a step is its outcome)
+            seconds = time.perf_counter() - started
+            return _Outcome("error", error=f"{type(exc).__name__}: {exc}", seconds=seconds)
+        finally:
+            self._tasks.pop(flow.id, None)
+            self._cancelled.discard(flow.id)
+        seconds = time.perf_counter() - started
+        try:
+            json_bytes(output, f"the output of step {step_id!r}")
+        except fs.InvalidCommandError as exc:
+            return _Outcome("error", error=str(exc), seconds=seconds)
+        if isinstance(output, dict) and output.get("status") == "failure":
+            return _Outcome("failure", output=output, seconds=seconds)
+        return _Outcome("success", output=output, seconds=seconds)
+
+    def _cancelled_here(self, run_id: str) -> bool:
+        """True when :meth:`cancel_local` (not the executor's own task) was cancelled."""
+        task = asyncio.current_task()
+        return run_id in self._cancelled and (task is None or not task.cancelling())
+
+    # -- plans ---------------------------------------------------------------------------------
+
+    def _plan_next(
+        self, state: fs.State, flow: ManagedFlow, record: Record, decision: _Decision
+    ) -> Change | None:
+        """Claim the run's next attempt, or say why not."""
+        run = record.run
+        if flow.status.is_terminal or run is None:
+            return None
+        phase, step_id, attempt = run["phase"], run["step"], run["attempt"]
+        extra: list[tuple[str, dict[str, Any]]] = []
+        if phase == STARTED:
+            if fs.recovery.attempt(state) == 0:
+                return None  # a live executor runs it; the recoverer says when it is not
+            # Its executor stopped mid-attempt: that attempt failed.
+            error = f"attempt {attempt} stopped without an outcome (its process stopped)"
+            extra.append(("step_failed", {"step": step_id, "attempt": attempt, "error": error}))
+            if attempt > self.pipeline.step(step_id).retries:
+                reason = f"step {step_id!r} failed after {attempt} attempts: {error}"
+                return self._branch(flow, record, step_id, "failure", reason, extra, decision)
+        if record.cancel_requested:
+            return _first(cancelled(flow, record, how="requested"), extra)
+        if phase == BACKOFF:
+            due = datetime.datetime.fromisoformat(run["retry_at"]).timestamp()
+            if due > time.time():
+                decision.action, decision.until = "wait", due
+                return None
+        return self._claim(flow, record, step_id, attempt + 1, extra, decision)
+
+    def _plan_done(
+        self,
+        flow: ManagedFlow,
+        record: Record,
+        step_id: str,
+        attempt: int,
+        outcome: _Outcome,
+        decision: _Decision,
+    ) -> Change | None:
+        """Commit how an attempt ended and, in the same commit, what the run does next."""
+        run = record.run
+        if (
+            flow.status.is_terminal
+            or run is None
+            or (run["step"], run["attempt"], run["phase"]) != (step_id, attempt, STARTED)
+        ):
+            return None  # cancelled, or another executor took the attempt over
+        payload: dict[str, Any] = {
+            "step": step_id,
+            "attempt": attempt,
+            "duration_ms": round(outcome.seconds * 1000, 3),
+        }
+        if outcome.kind == "success":
+            record.state.setdefault("outputs", {})[step_id] = outcome.output
+            payload["output"] = outcome.output
+            first = ("step_completed", payload)
+            return self._branch(flow, record, step_id, "success", "", [first], decision)
+        if outcome.kind == "failure":
+            record.state.setdefault("outputs", {})[step_id] = outcome.output
+            payload["output"] = outcome.output
+            reason = f"step {step_id!r} returned a failure: {outcome.output}"
+            first = ("step_failed", payload)
+            return self._branch(flow, record, step_id, "failure", reason, [first], decision)
+        payload["error"] = outcome.error
+        step = self.pipeline.step(step_id)
+        if attempt <= step.retries:
+            delay = step.delay(attempt)
+            due = _now() + datetime.timedelta(seconds=delay)
+            payload["retry_in"] = delay
+            record.run = {
+                "step": step_id,
+                "attempt": attempt,
+                "phase": BACKOFF,
+                "retry_at": _iso(due),
+            }
+            decision.action, decision.until = "wait", due.timestamp()
+            return Change(
+                status=flow.status,
+                record=record,
+                event="step_failed",
+                payload=payload,
+                flow=self.pipeline.flow_id,
+            )
+        reason = f"step {step_id!r} failed after {attempt} attempts: {outcome.error}"
+        first = ("step_failed", payload)
+        return self._branch(flow, record, step_id, "failure", reason, [first], decision)
+
+    def _branch(
+        self,
+        flow: ManagedFlow,
+        record: Record,
+        step_id: str,
+        outcome: str,
+        reason: str,
+        events: list[tuple[str, dict[str, Any]]],
+        decision: _Decision,
+    ) -> Change:
+        """Where the run goes after ``step_id`` ended with ``outcome``, with ``events`` first."""
+        target = self.pipeline.next_of(step_id, outcome)
+        if target == END:
+            record.run = {"step": None, "attempt": 0, "phase": PENDING}
+            return _first(
+                Change(status=FlowStatus.FINISHED, record=record, event="finished"), events
+            )
+        if not target:
+            record.run = {"step": None, "attempt": 0, "phase": PENDING}
+            return _first(failed(flow, record, reason, step=step_id), events)
+        if record.cancel_requested:
+            return _first(cancelled(flow, record, how="requested"), events)
+        if flow.id in self._hand_back:
+            # Stopping: leave the next step for another executor to claim.
+            record.run = {"step": target, "attempt": 0, "phase": PENDING}
+            record.current_step = target
+            (kind, payload), *rest = events
+            return Change(
+                status=FlowStatus.RUNNING,
+                record=record,
+                event=kind,
+                payload=payload,
+                flow=self.pipeline.flow_id,
+                more=tuple(rest),
+            )
+        return self._claim(flow, record, target, 1, events, decision)
+
+    def _claim(
+        self,
+        flow: ManagedFlow,
+        record: Record,
+        step_id: str,
+        attempt: int,
+        events: list[tuple[str, dict[str, Any]]],
+        decision: _Decision,
+    ) -> Change:
+        """Start attempt ``attempt`` of ``step_id`` (event ``step_started``)."""
+        record.run = {"step": step_id, "attempt": attempt, "phase": STARTED}
+        record.current_step = step_id
+        decision.action, decision.step, decision.attempt = "run", step_id, attempt
+        started = Change(
+            status=FlowStatus.RUNNING,
+            record=record,
+            event="step_started",
+            payload={"step": step_id, "attempt": attempt},
+            flow=self.pipeline.flow_id,
+        )
+        return _first(started, events)
+
+
+def _first(change: Change, events: list[tuple[str, dict[str, Any]]]) -> Change:
+    """``change`` with ``events`` recorded before its own event, in the same version."""
+    if not events:
+        return change
+    (kind, payload), *rest = events
+    return attrs.evolve(
+        change,
+        event=kind,
+        payload=payload,
+        more=(*rest, (change.event, change.payload), *change.more),
+    )
+
+
+def claimable(state: fs.State) -> bool:
+    """True when an executor handed ``state`` (a run's version) might claim an attempt: the
+    run is not over, and no live executor runs an attempt of it."""
+    if not is_flow(state) or state.status != "running":
+        return False
+    run = read_record(state).run
+    if run is None:
+        return False
+    return run["phase"] != STARTED or fs.recovery.attempt(state) > 0
+
+
+def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
+    """Every attempt of a run as a step record, read from the run's history."""
+    attempts: dict[tuple[str, int], dict[str, Any]] = {}
+    for state in versions:
+        for event in events_of(state):
+            payload = event.payload
+            if event.kind == "cancelled":
+                for item in attempts.values():
+                    if item["status"] is StepStatus.RUNNING:
+                        item.update(status=StepStatus.CANCELLED, ended_at=event.at)
+                        item["updated_at"] = event.at
+                continue
+            if event.kind not in ("step_started", "step_completed", "step_failed"):
+                continue
+            key = (payload["step"], payload["attempt"])
+            item = attempts.setdefault(
+                key,
+                {
+                    "status": StepStatus.PENDING,
+                    "created_at": event.at,
+                    "started_at": None,
+                    "ended_at": None,
+                    "result": None,
+                    "error": None,
+                    "revision": 0,
+                },
+            )
+            item["updated_at"] = event.at
+            item["revision"] = event.revision
+            if event.kind == "step_started":
+                item.update(status=StepStatus.RUNNING, started_at=event.at)
+                continue
+            item["ended_at"] = event.at
+            item["result"] = payload.get("output")
+            item["error"] = payload.get("error")
+            if event.kind == "step_completed":
+                item["status"] = StepStatus.COMPLETED
+            else:
+                item["status"] = StepStatus.FAILED
+    return [
+        FlowStep(
+            id=f"{run_id}/steps/{step_id}#{attempt}",
+            flow_id=run_id,
+            run_id=f"{step_id}#{attempt}",
+            task=step_id,
+            runtime="pipeline",
+            status=item["status"],
+            attempt=attempt,
+            result=item["result"],
+            error=item["error"],
+            child_session_key=None,
+            created_at=item["created_at"],
+            updated_at=item["updated_at"],
+            started_at=item["started_at"],
+            ended_at=item["ended_at"],
+            revision=item["revision"],
+        )
+        for (step_id, attempt), item in attempts.items()
+    ]

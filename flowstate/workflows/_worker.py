@@ -1,0 +1,274 @@
+"""Workers: processes that run the pipeline runs and plain flows other processes start."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any, Final
+
+from attrs import define
+
+import flowstate as fs
+from flowstate.workflows._manager import FlowManager
+from flowstate.workflows._model import RECORD, TIMER_FLOW, read_record
+from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
+from flowstate.workflows._runs import DEFINITION, PipelineExecutor, claimable
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["CLAIM", "Worker", "WorkerStats", "workflow_flows"]
+
+logger = logging.getLogger("flowstate.workflows")
+
+#: Transition annotation of the version a worker commits to claim a plain flow's step.
+CLAIM: Final = "flowstate.worker"
+
+
+def workflow_flows(*pipelines: Pipeline) -> dict[str, fs.Flow]:
+    """The flows a process needs for managed flows and ``pipelines``: the flow that resumes
+    timer waits, and each pipeline's executor. Put them in the flows of a recoverer, a
+    worker or ``flowstate recover --flows`` so that they can run them.
+
+    Raises:
+        DefinitionError: A pipeline has problems.
+    """
+    from flowstate.workflows._manager import resume_on_timer
+
+    flows: dict[str, fs.Flow] = {TIMER_FLOW: resume_on_timer}
+    for pipeline in pipelines:
+        pipeline.validate()
+        flows[pipeline.flow_id] = PipelineExecutor(pipeline)
+    return flows
+
+
+@define
+class WorkerStats:
+    """What a worker did since it started.
+
+    Attributes:
+        runs: Pipeline runs it executed (until they ended or another executor owned them).
+        steps: Plain flow steps it claimed and ran.
+        lost: Claims another process won first.
+        handed_back: Executions it stopped at shutdown, for others to take over.
+    """
+
+    runs: int = 0
+    steps: int = 0
+    lost: int = 0
+    handed_back: int = 0
+
+
+class _Lifecycle(enum.Enum):
+    UNOPENED = 1  # created; enter it with `async with`
+    OPENED = 2  # following the store and running work
+    CLOSED = 3  # stopped; what it held is handed back
+
+
+class Worker:
+    """Runs the pipeline runs and plain flows that other processes commit.
+
+    It follows the store with a watcher from the moment it starts (and picks up the pipeline
+    runs still running at that moment), and runs at most ``concurrency`` executions at once:
+
+    * a **pipeline run** (of a pipeline registered on the engine, or one whose run carries
+      its JSON definition, when ``tasks`` has its functions) is executed step by step; every
+      attempt is claimed with a compare-and-set, so several workers share the runs and no
+      step runs twice while its executor lives;
+    * a **plain flow** step (a running state at a flow of the engine, not retried by the
+      recoverer) is claimed by committing the same transition with the annotation
+      ``flowstate.worker``, then the flow is called once and what it returns is committed;
+      its next step is claimed afresh, by whichever worker wins.
+
+    ``aclose()`` (or leaving ``async with``) stops taking work and hands back what it holds:
+    a pipeline run stops after its running step (whose end it still commits), a plain step
+    finishes; what has not ended after ``drain_timeout`` seconds is cancelled and left to
+    the recoverer.
+
+    Args:
+        engine: An open engine with the flows and pipelines to run.
+        concurrency: How many executions run at once.
+        tasks: Step functions by task name, for runs of JSON definitions.
+        drain_timeout: Seconds ``aclose`` waits for running work to reach a step boundary.
+        name: The worker's name in logs and claims (default: host and process id).
+    """
+
+    def __init__(
+        self,
+        engine: fs.Engine,
+        *,
+        concurrency: int = 8,
+        tasks: Mapping[str, StepFn] | None = None,
+        drain_timeout: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if type(concurrency) is not int or concurrency < 1:
+            raise fs.InvalidCommandError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        self.engine = engine
+        self.concurrency = concurrency
+        self.tasks = dict(tasks or {})
+        self.drain_timeout = drain_timeout
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.stats = WorkerStats()
+        self._manager = FlowManager(engine)
+        self._lifecycle = _Lifecycle.UNOPENED
+        self._slots = asyncio.Semaphore(concurrency)
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._executing: dict[str, PipelineExecutor] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name!r}, concurrency={self.concurrency})"
+
+    async def __aenter__(self) -> Self:
+        if self._lifecycle is not _Lifecycle.UNOPENED:
+            raise fs.ClosedError("a Worker can be started once")
+        group = asyncio.TaskGroup()
+        await group.__aenter__()
+        self._group = group
+        self._follow = group.create_task(self._run())
+        self._lifecycle = _Lifecycle.OPENED
+        logger.info("worker %s runs work from %r", self.name, self.engine.driver)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def started(self) -> None:
+        """Return once the worker follows the store (work committed from now on is seen)."""
+        await self._started.wait()
+
+    async def aclose(self) -> None:
+        """Stop taking work and hand back what is held. Calling it again does nothing."""
+        if self._lifecycle is not _Lifecycle.OPENED:
+            self._lifecycle = _Lifecycle.CLOSED
+            return
+        self._lifecycle = _Lifecycle.CLOSED
+        assert self._group is not None
+        assert self._follow is not None
+        self._follow.cancel()
+        for run_id, executor in self._executing.items():
+            executor.stop_after_step(run_id)
+        waiting = [task for task in self._active.values() if not task.done()]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=self.drain_timeout)
+            for task in late:
+                task.cancel()
+            self.stats.handed_back += len(late)
+        await self._group.__aexit__(None, None, None)
+        logger.info("worker %s stopped", self.name)
+
+    # -- following the store -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        engine = self.engine
+        head = await engine.driver.head_rev()
+        async with engine.watch(since_rev=head, limit=500) as watcher:
+            self._started.set()
+            query = self._manager.query(runtime="pipeline", status="running")
+            async for state in engine.iter_states(query):
+                await self._consider(state)
+            async for state in watcher:
+                await self._consider(state)
+
+    async def _consider(self, state: fs.State) -> None:
+        """Start work on a version a watcher delivered, if it is work for this worker."""
+        to = state.transition.to
+        if state.status != "running":
+            executor = self._executing.get(state.id)
+            if executor is not None and state.is_ended:
+                executor.cancel_local(state.id)  # a run cancelled elsewhere
+            return
+        if state.id in self._active:
+            return
+        if to.startswith(FLOW_PREFIX):
+            if not claimable(state):
+                return
+            executor = await self._executor_for(state)
+            if executor is not None:
+                self._start(state, self._run_pipeline(executor, state))
+        elif to != TIMER_FLOW and to in self.engine.flows:
+            annotations = state.transition.annotations
+            if CLAIM in annotations or fs.recovery.attempt(state):
+                return  # claimed by a worker, or retried by the recoverer, which runs it
+            self._start(state, self._run_plain(state))
+
+    def _start(self, state: fs.State, work: Any) -> None:
+        assert self._group is not None
+        self._active[state.id] = self._group.create_task(self._hold(state.id, work))
+
+    async def _hold(self, state_id: str, work: Any) -> None:
+        try:
+            async with self._slots:
+                await work
+        except Exception:
+            logger.exception("worker %s: work on %r failed", self.name, state_id)
+        finally:
+            work.close()  # never awaited when cancelled while waiting for a slot
+            self._active.pop(state_id, None)
+
+    async def _executor_for(self, state: fs.State) -> PipelineExecutor | None:
+        """The executor of a run's pipeline: registered, or built from its definition."""
+        flow_id = state.transition.to
+        executor = self.engine.flows.get(flow_id)
+        if isinstance(executor, PipelineExecutor):
+            return executor
+        if not self.tasks:
+            return None
+        try:
+            _, blob = await self.engine.driver.get_data(state.id, DEFINITION, state.rev)
+            pipeline = Pipeline.from_definition(blob, tasks=self.tasks)
+        except (fs.NotFoundError, fs.DefinitionError) as exc:
+            logger.warning("worker %s cannot run %r: %s", self.name, state.id, exc)
+            return None
+        if pipeline.flow_id != flow_id:
+            return None
+        self._manager.register(pipeline)
+        found = self.engine.flows[flow_id]
+        assert isinstance(found, PipelineExecutor)
+        return found
+
+    async def _run_pipeline(self, executor: PipelineExecutor, state: fs.State) -> None:
+        self._executing[state.id] = executor
+        try:
+            record = read_record(state) if RECORD in state.annotations else None
+            step = (record.run or {}).get("step") if record is not None else None
+            logger.info("worker %s runs %r (at step %r)", self.name, state.id, step)
+            await executor(fs.StateCtx.of(state), self.engine)
+            self.stats.runs += 1
+        finally:
+            del self._executing[state.id]
+
+    async def _run_plain(self, state: fs.State) -> None:
+        """Claim one step of a plain flow, run it, and commit what it returns."""
+        engine = self.engine
+        ctx = fs.StateCtx.of(state)
+        to = state.transition.to
+        try:
+            await engine.do(fs.Commit(fs.Transit(ctx, to, annotations={CLAIM: self.name})))
+        except fs.ConflictError:
+            self.stats.lost += 1
+            return
+        self.stats.steps += 1
+        command = await engine.flows[to](ctx, engine)
+        try:
+            if isinstance(command, fs.Transit | fs.Resume | fs.End | fs.Pause):
+                await engine.do(fs.Commit(command))
+            elif isinstance(command, fs.Execute):
+                await engine.do(fs.Commit(fs.Noop(command.ctx)))
+            elif not isinstance(command, fs.Noop):
+                await engine.do(command)
+        except fs.ConflictError:
+            self.stats.lost += 1

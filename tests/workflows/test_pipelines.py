@@ -1,0 +1,537 @@
+"""Pipelines on every driver: retries and backoff, timeouts, branching, outputs, cancel,
+recovery and duplicate executors, and JSON definitions."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import flowstate as fs
+from flowstate.drivers.base import Driver
+from flowstate.workflows import (
+    DefinitionError,
+    FlowManager,
+    ManagedFlow,
+    Pipeline,
+    Step,
+    StepContext,
+)
+
+pytestmark = pytest.mark.anyio
+
+Calls = collections.Counter[tuple[str, int]]
+
+
+@pytest.fixture
+async def engine(new_driver: Callable[[], Driver]) -> AsyncIterator[fs.Engine]:
+    async with fs.Engine(new_driver()) as engine:
+        yield engine
+
+
+@pytest.fixture
+def flows(engine: fs.Engine) -> FlowManager:
+    return FlowManager(engine)
+
+
+def recorder(calls: Calls, result: Any = None) -> Callable[[StepContext], Any]:
+    async def fn(step: StepContext) -> Any:
+        calls[(step.step_id, step.attempt)] += 1
+        return {"step": step.step_id} if result is None else result
+
+    return fn
+
+
+async def kinds(flows: FlowManager, run: ManagedFlow) -> list[tuple[str, Any]]:
+    return [
+        (e.kind, e.payload.get("step")) for e in await flows.events(run.id) if e.kind != "created"
+    ]
+
+
+async def test_outputs_reach_later_steps(flows: FlowManager) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def first(step: StepContext) -> Any:
+        return {"n": step.input["n"] + 1}
+
+    async def second(step: StepContext) -> Any:
+        seen.append(dict(step.outputs))
+        return step.outputs["first"]["n"] * 10
+
+    flows.register(Pipeline("math").add_step(Step("first", first)).add_step(Step("second", second)))
+    run = await flows.execute("math", input={"n": 1}, owner="tests")
+    assert (run.status, run.runtime, run.pipeline, run.owner) == (
+        "running",
+        "pipeline",
+        "math",
+        "tests",
+    )
+    done = await flows.result(run.id, timeout=20)
+    assert done.status == "finished"
+    assert done.state == {"input": {"n": 1}, "outputs": {"first": {"n": 2}, "second": 20}}
+    assert seen == [{"first": {"n": 2}}]
+    assert await kinds(flows, run) == [
+        ("step_started", "first"),
+        ("step_completed", "first"),
+        ("step_started", "second"),
+        ("step_completed", "second"),
+        ("finished", None),
+    ]
+    steps = await flows.steps(run.id)
+    assert [(s.task, s.attempt, s.status, s.result) for s in steps] == [
+        ("first", 1, "completed", {"n": 2}),
+        ("second", 1, "completed", 20),
+    ]
+    assert all(s.started_at is not None and s.ended_at is not None for s in steps)
+
+
+async def test_errors_are_retried_with_backoff(flows: FlowManager) -> None:
+    calls: Calls = collections.Counter()
+
+    async def flaky(step: StepContext) -> Any:
+        calls[(step.step_id, step.attempt)] += 1
+        if step.attempt < 3:
+            raise ConnectionError(f"try {step.attempt}")
+        return "ok"
+
+    pipeline = Pipeline("retry").add_step(Step("flaky", flaky, retries=2, backoff=0.05))
+    flows.register(pipeline)
+    done = await flows.result((await flows.execute("retry")).id, timeout=20)
+    assert done.status == "finished"
+    assert calls == {("flaky", 1): 1, ("flaky", 2): 1, ("flaky", 3): 1}
+    events = [e for e in await flows.events(done.id) if e.kind.startswith("step_")]
+    failures = [e for e in events if e.kind == "step_failed"]
+    assert [e.payload["error"] for e in failures] == [
+        "ConnectionError: try 1",
+        "ConnectionError: try 2",
+    ]
+    assert [e.payload["retry_in"] for e in failures] == [0.05, 0.1]
+    for failure in failures:
+        restart = next(
+            e for e in events if e.kind == "step_started" and e.revision > failure.revision
+        )
+        waited = (restart.at - failure.at).total_seconds()
+        assert waited >= failure.payload["retry_in"] - 0.002  # commit times are whole ms
+    steps = await flows.steps(done.id)
+    assert [(s.attempt, s.status, s.error) for s in steps] == [
+        (1, "failed", "ConnectionError: try 1"),
+        (2, "failed", "ConnectionError: try 2"),
+        (3, "completed", None),
+    ]
+
+
+async def test_backoff_doubles_up_to_its_cap() -> None:
+    step = Step("s", recorder(collections.Counter()), backoff=0.5, max_backoff=3)
+    assert [step.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+async def test_exhausted_retries_fail_the_run_naming_step_and_error(flows: FlowManager) -> None:
+    async def broken(step: StepContext) -> Any:
+        raise ValueError("bad card")
+
+    calls: Calls = collections.Counter()
+    flows.register(
+        Pipeline("card")
+        .add_step(Step("charge", broken, retries=1, backoff=0.01))
+        .add_step(Step("ship", recorder(calls)))
+    )
+    done = await flows.result((await flows.execute("card")).id, timeout=20)
+    assert done.status == "failed"
+    reason = done.state["failure"]["reason"]
+    assert "'charge'" in reason
+    assert "ValueError: bad card" in reason
+    assert "2 attempts" in reason
+    assert not calls, "no step runs after an unhandled failure"
+
+
+async def test_a_timeout_is_an_error(flows: FlowManager) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(step: StepContext) -> Any:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    flows.register(Pipeline("slow").add_step(Step("wait", slow, timeout=0.1)))
+    done = await flows.result((await flows.execute("slow")).id, timeout=20)
+    assert done.status == "failed"
+    assert "timed out after 0.1s" in done.state["failure"]["reason"]
+    assert cancelled.is_set(), "the timed-out attempt was cancelled"
+
+
+async def test_a_failure_outcome_branches_without_retry(flows: FlowManager) -> None:
+    calls: Calls = collections.Counter()
+    flows.register(
+        Pipeline("stock")
+        .add_step(
+            Step(
+                "reserve",
+                recorder(calls, {"status": "failure", "why": "none left"}),
+                retries=3,
+                on_failure="notify",
+            )
+        )
+        .add_step(Step("ship", recorder(calls)))
+        .add_step(Step("notify", recorder(calls), on_success="end"))
+    )
+    done = await flows.result((await flows.execute("stock")).id, timeout=20)
+    assert done.status == "finished"
+    assert calls == {("reserve", 1): 1, ("notify", 1): 1}
+    assert done.state["outputs"]["reserve"] == {"status": "failure", "why": "none left"}
+    assert await kinds(flows, done) == [
+        ("step_started", "reserve"),
+        ("step_failed", "reserve"),
+        ("step_started", "notify"),
+        ("step_completed", "notify"),
+        ("finished", None),
+    ]
+
+
+async def test_branches_jump_and_end(flows: FlowManager) -> None:
+    calls: Calls = collections.Counter()
+    flows.register(
+        Pipeline("jump")
+        .add_step(Step("a", recorder(calls), on_success="c"))
+        .add_step(Step("b", recorder(calls)))
+        .add_step(Step("c", recorder(calls), on_success="end"))
+        .add_step(Step("d", recorder(calls)))
+    )
+    done = await flows.result((await flows.execute("jump")).id, timeout=20)
+    assert done.status == "finished"
+    assert set(calls) == {("a", 1), ("c", 1)}
+    failing = Pipeline("fail-to-end").add_step(
+        Step("x", recorder(calls, {"status": "failure"}), on_failure="end")
+    )
+    flows.register(failing)
+    assert (await flows.result((await flows.execute("fail-to-end")).id, timeout=20)).status == (
+        "finished"
+    )
+    unhandled = Pipeline("unhandled").add_step(Step("x", recorder(calls, {"status": "failure"})))
+    flows.register(unhandled)
+    done = await flows.result((await flows.execute("unhandled")).id, timeout=20)
+    assert done.status == "failed"
+    assert "'x' returned a failure" in done.state["failure"]["reason"]
+
+
+async def test_an_output_that_is_not_json_fails_the_attempt(flows: FlowManager) -> None:
+    async def odd(step: StepContext) -> Any:
+        return object() if step.attempt == 1 else ["fine"]
+
+    flows.register(Pipeline("odd").add_step(Step("odd", odd, retries=1, backoff=0.01)))
+    done = await flows.result((await flows.execute("odd")).id, timeout=20)
+    assert done.status == "finished"
+    first, second = await flows.steps(done.id)
+    assert first.status == "failed"
+    assert first.error is not None
+    assert "not JSON-encodable" in first.error
+    assert (second.status, second.result) == ("completed", ["fine"])
+
+
+async def test_request_cancel_stops_before_the_next_step(flows: FlowManager) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    calls: Calls = collections.Counter()
+
+    async def first(step: StepContext) -> Any:
+        started.set()
+        await release.wait()
+        return "first done"
+
+    flows.register(
+        Pipeline("stoppable")
+        .add_step(Step("first", first))
+        .add_step(Step("second", recorder(calls)))
+    )
+    run = await flows.execute("stoppable")
+    await started.wait()
+    asked = await flows.request_cancel(run.id)
+    assert (asked.status, asked.cancel_requested) == ("running", True)
+    release.set()
+    done = await flows.result(run.id, timeout=20)
+    assert done.status == "cancelled"
+    assert not calls, "the next step never started"
+    assert done.state["outputs"] == {"first": "first done"}, "the running step completed"
+    events = await flows.events(run.id)
+    assert [e.kind for e in events][-3:] == ["cancel_requested", "step_completed", "cancelled"]
+    assert events[-1].payload["how"] == "requested"
+
+
+async def test_request_cancel_ends_a_backoff_wait(flows: FlowManager) -> None:
+    failed = asyncio.Event()
+
+    async def flaky(step: StepContext) -> Any:
+        failed.set()
+        raise RuntimeError("down")
+
+    flows.register(Pipeline("waits").add_step(Step("s", flaky, retries=5, backoff=30)))
+    run = await flows.execute("waits")
+    await failed.wait()
+    async with flows.watch(id=run.id) as versions:
+        async for _ in versions:
+            if "step_failed" in [e.kind for e in await flows.events(run.id)]:
+                break  # the run waits 30 s before its next attempt
+    await flows.request_cancel(run.id)
+    done = await flows.result(run.id, timeout=10)
+    assert done.status == "cancelled"
+    assert [s.attempt for s in await flows.steps(run.id)] == [1]
+
+
+async def test_cancel_cancels_the_running_step(flows: FlowManager) -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def forever(step: StepContext) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    flows.register(Pipeline("forever").add_step(Step("wait", forever)))
+    run = await flows.execute("forever")
+    await started.wait()
+    done = await flows.cancel(run.id)
+    assert done.status == "cancelled"
+    await asyncio.wait_for(stopped.wait(), 10)
+    (step,) = await flows.steps(run.id)
+    assert step.status == "cancelled"
+    events = await flows.events(run.id)
+    assert events[-1].kind == "cancelled"
+    assert events[-1].payload == {"how": "cancel", "requested": False, "step": "wait"}
+
+
+async def test_a_crashed_run_is_retried_from_its_step(new_driver: Callable[[], Driver]) -> None:
+    calls: Calls = collections.Counter()
+    started = asyncio.Event()
+
+    async def charge(step: StepContext) -> Any:
+        calls[("charge", step.attempt)] += 1
+        if step.attempt == 1:
+            started.set()
+            await asyncio.sleep(60)  # the process dies in here
+        return "charged"
+
+    def pipeline() -> Pipeline:
+        return (
+            Pipeline("crash")
+            .add_step(Step("reserve", recorder(calls)))
+            .add_step(Step("charge", charge, retries=1))
+            .add_step(Step("ship", recorder(calls)))
+        )
+
+    async with fs.Engine(new_driver()) as engine:
+        flows = FlowManager(engine)
+        flows.register(pipeline())
+        run = await flows.execute("crash")
+        await started.wait()
+    # The engine closed mid-step, as a crash would leave it: charge attempt 1 started.
+    async with fs.Engine(new_driver()) as engine:
+        flows = FlowManager(engine)
+        flows.register(pipeline())
+        async with fs.Recoverer(engine, retry_after=0.2, tick=0.05):
+            done = await flows.result(run.id, timeout=20)
+    assert done.status == "finished"
+    assert calls == {("reserve", 1): 1, ("charge", 1): 1, ("charge", 2): 1, ("ship", 1): 1}
+    steps = [(s.task, s.attempt, s.status) for s in await flows_steps(new_driver, run)]
+    assert steps == [
+        ("reserve", 1, "completed"),
+        ("charge", 1, "failed"),
+        ("charge", 2, "completed"),
+        ("ship", 1, "completed"),
+    ]
+
+
+async def flows_steps(new_driver: Callable[[], Driver], run: ManagedFlow) -> list[Any]:
+    async with fs.Engine(new_driver()) as engine:
+        return await FlowManager(engine).steps(run.id)
+
+
+async def test_duplicate_executors_run_each_step_once(engine: fs.Engine) -> None:
+    calls: Calls = collections.Counter()
+
+    async def slow(step: StepContext) -> Any:
+        calls[(step.step_id, step.attempt)] += 1
+        await asyncio.sleep(0.01)
+        return step.step_id
+
+    pipeline = Pipeline("dup")
+    for name in "abcde":
+        pipeline.add_step(Step(name, slow))
+    flows = FlowManager(engine)
+    flows.register(pipeline)
+    runs = [await flows.execute("dup", enqueue=True) for _ in range(5)]
+    executor = engine.flows[pipeline.flow_id]
+    # Three executors race for every run, as workers and the recoverer may.
+    ctxs = [await engine.get_state(run.id) for run in runs for _ in range(3)]
+    await asyncio.gather(*(executor(ctx, engine) for ctx in ctxs))
+    for run in runs:
+        assert (await flows.get(run.id)).status == "finished"
+    assert calls == {(name, 1): 5 for name in "abcde"}
+
+
+async def test_bad_requests(engine: fs.Engine, flows: FlowManager) -> None:
+    flows.register(Pipeline("p").add_step(Step("s", recorder(collections.Counter()))))
+    head = await engine.driver.head_rev()
+    with pytest.raises(fs.FlowNotFoundError, match="nope"):
+        await flows.execute("nope")
+    with pytest.raises(fs.InvalidCommandError):
+        await flows.execute("p", input={"x": object()})
+    assert await engine.driver.head_rev() == head
+    run = await flows.execute("p", enqueue=True)
+    calls: list[Callable[[], Awaitable[ManagedFlow]]] = [
+        lambda: flows.start(run.id),
+        lambda: flows.finish(run.id),
+        lambda: flows.fail(run.id, "no"),
+        lambda: flows.update_state(run.id, {"x": 1}),
+        lambda: flows.wait(run.id, {"kind": "approval"}),
+    ]
+    for call in calls:
+        with pytest.raises(fs.InvalidCommandError, match="pipeline"):
+            await call()
+    with pytest.raises(TimeoutError):
+        await flows.result(run.id, timeout=0.05)
+    with pytest.raises(fs.InvalidCommandError):
+        flows.register("not a pipeline")  # type: ignore[arg-type]
+
+
+# -- definitions -------------------------------------------------------------------------------
+
+
+DATA_FLOW = {
+    "flow": {
+        "id": "flow123",
+        "name": "Data processing flow",
+        "start_task": "task1",
+        "tasks": [
+            {"name": "task1", "description": "Fetch data"},
+            {"name": "task2", "description": "Process data", "retries": 1, "timeout": 5},
+            {"name": "task3", "description": "Store data"},
+        ],
+        "conditions": [
+            {
+                "name": "condition_task1_result",
+                "description": "Evaluate the result of task1.",
+                "source_task": "task1",
+                "outcome": "success",
+                "target_task_success": "task2",
+                "target_task_failure": "end",
+            },
+            {
+                "name": "condition_task2_result",
+                "description": "Evaluate the result of task2.",
+                "source_task": "task2",
+                "outcome": "success",
+                "target_task_success": "task3",
+                "target_task_failure": "end",
+            },
+        ],
+    }
+}
+
+
+async def test_a_json_definition_runs(flows: FlowManager) -> None:
+    calls: Calls = collections.Counter()
+    tasks = {
+        "task1": recorder(calls, {"status": "success", "rows": 3}),
+        "task2": recorder(calls, {"status": "success"}),
+        "task3": recorder(calls, {"status": "success"}),
+    }
+    pipeline = Pipeline.from_definition(DATA_FLOW, tasks=tasks)
+    assert (pipeline.id, pipeline.name, pipeline.start) == (
+        "flow123",
+        "Data processing flow",
+        "task1",
+    )
+    step = pipeline.step("task2")
+    assert (step.retries, step.timeout, step.on_success, step.on_failure) == (
+        1,
+        5,
+        "task3",
+        "end",
+    )
+    assert pipeline.step("task3").on_success == "end"
+    assert pipeline.step("task3").on_failure is None
+    flows.register(pipeline)
+    done = await flows.result((await flows.execute("flow123")).id, timeout=20)
+    assert done.status == "finished"
+    assert set(calls) == {("task1", 1), ("task2", 1), ("task3", 1)}
+    failing = {**tasks, "task1": recorder(calls, {"status": "failure"})}
+    flows.register(Pipeline.from_definition(DATA_FLOW, tasks=failing))
+    done = await flows.result((await flows.execute("flow123")).id, timeout=20)
+    assert done.status == "finished", "task1's failure branch is 'end'"
+    assert [s.task for s in await flows.steps(done.id)] == ["task1"]
+
+
+def test_a_definition_reports_every_problem_at_once() -> None:
+    bad = {
+        "flow": {
+            "id": "broken",
+            "start_task": "missing",
+            "tasks": [
+                {"name": "a", "timeout": -1},
+                {"name": "a"},
+                {"name": "b", "retries": -2},
+                {"name": "c"},
+            ],
+            "conditions": [
+                {
+                    "source_task": "a",
+                    "target_task_success": "nowhere",
+                    "target_task_failure": "end",
+                },
+                {"source_task": "ghost", "target_task_success": "b", "target_task_failure": "b"},
+            ],
+        }
+    }
+    with pytest.raises(DefinitionError) as info:
+        Pipeline.from_definition(bad, tasks={"a": recorder(collections.Counter())})
+    problems = info.value.problems
+    assert len(problems) == 7, problems
+    text = "\n".join(problems)
+    for fragment in [
+        "start_task\" 'missing' is not a task",
+        "two tasks are called 'a'",
+        "'nowhere' is neither a task nor 'end'",
+        "source_task 'ghost'",
+        "no function for task 'b'",
+        "no function for task 'c'",
+        "timeout must be a number of seconds > 0, not -1",
+    ]:
+        assert fragment in text, f"{fragment!r} missing from {problems}"
+    assert isinstance(info.value, ValueError)
+    for definition in ["{not json", "[]", {"flow": []}, {"flow": {"tasks": []}}]:
+        with pytest.raises(DefinitionError):
+            Pipeline.from_definition(definition, tasks={})  # type: ignore[arg-type]
+
+
+def test_builder_problems_are_reported_at_registration() -> None:
+    calls: Calls = collections.Counter()
+    pipeline = (
+        Pipeline("p")
+        .add_step(Step("a", recorder(calls), on_success="zzz"))
+        .add_step(Step("a", recorder(calls)))
+        .add_step(Step("end", recorder(calls)))
+        .add_step(Step("b", recorder(calls), retries=-1, timeout=0, on_failure=""))
+    )
+    with pytest.raises(DefinitionError) as info:
+        pipeline.validate()
+    assert len(info.value.problems) == 6, info.value.problems
+    with pytest.raises(DefinitionError, match="no steps"):
+        Pipeline("empty").validate()
+
+
+async def test_step_times_are_commit_times(flows: FlowManager) -> None:
+    flows.register(Pipeline("t").add_step(Step("s", recorder(collections.Counter()))))
+    done = await flows.result((await flows.execute("t")).id, timeout=20)
+    (step,) = await flows.steps(done.id)
+    events = {e.kind: e for e in await flows.events(done.id)}
+    assert step.started_at == events["step_started"].at
+    assert step.ended_at == events["step_completed"].at
+    assert step.ended_at is not None
+    assert step.started_at is not None
+    assert step.ended_at - step.started_at < datetime.timedelta(seconds=5)

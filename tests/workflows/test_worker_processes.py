@@ -1,0 +1,224 @@
+"""Workers, the recoverer and `flowstate run` as real processes, really killed."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+import flowstate as fs
+from flowstate.workflows import FlowManager, ManagedFlow
+from tests.etcd_server import unique_url
+from tests.processes import Process
+from tests.workflows.pipeline_app import CRASHY, SHARED, SLOW
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+APP = "tests.workflows.pipeline_app"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return unique_url(request.getfixturevalue("etcd_url"))
+
+
+def executions(log: Path) -> collections.Counter[tuple[str, str, int]]:
+    """How often each (run, step, attempt) ran, from the steps' own log."""
+    counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
+    if log.exists():
+        for line in log.read_text().splitlines():
+            _, run, step, attempt = line.split()
+            counts[(run, step, int(attempt))] += 1
+    return counts
+
+
+async def logged(log: Path, execution: tuple[str, str, int]) -> None:
+    """Wait until a step's execution in another process shows in its log (a file, which
+    nothing can wait on: read it again every few milliseconds)."""
+    async with asyncio.timeout(30):
+        while execution not in executions(log):  # noqa: ASYNC110 (a file, not an event)
+            await asyncio.sleep(0.01)
+
+
+def pids(log: Path) -> set[str]:
+    return {line.split()[0] for line in log.read_text().splitlines()}
+
+
+async def worker(processes: list[Process], url: str, name: str, log: Path, *extra: str) -> Process:
+    process = await Process.start(
+        name,
+        "-m",
+        "flowstate",
+        "worker",
+        url,
+        "--flows",
+        f"{APP}:FLOWS",
+        *extra,
+        env={"FLOWSTATE_TEST_LOG": str(log)},
+    )
+    processes.append(process)
+    await process.wait_for(lambda lines: any("runs work from" in line for line in lines))
+    return process
+
+
+async def step_started(flows: FlowManager, run: ManagedFlow, step: str) -> None:
+    """Wait until the run's ``step`` started (a watcher on the run)."""
+    async with flows.watch(id=run.id) as versions:
+        async for _ in versions:
+            events = await flows.events(run.id)
+            if any(e.kind == "step_started" and e.payload["step"] == step for e in events):
+                return
+
+
+async def test_two_workers_share_runs_and_run_no_step_twice(
+    url: str, tmp_path: Path, processes: list[Process]
+) -> None:
+    log = tmp_path / "steps.log"
+    await worker(processes, url, "worker-1", log)
+    await worker(processes, url, "worker-2", log)
+    async with fs.Engine(url) as engine:
+        flows = FlowManager(engine)
+        flows.register(SHARED)
+        runs = [await flows.execute("shared", enqueue=True, owner="tests") for _ in range(200)]
+        for run in runs:
+            assert (await flows.result(run.id, timeout=120)).status == "finished"
+        completed: collections.Counter[tuple[str, str]] = collections.Counter()
+        for run in runs:
+            for event in await flows.events(run.id):
+                if event.kind == "step_completed":
+                    completed[(run.id, event.payload["step"])] += 1
+    assert completed == {(run.id, step): 1 for run in runs for step in "abc"}
+    ran = executions(log)
+    assert ran == {(run.id, step, 1): 1 for run in runs for step in "abc"}
+    assert len(pids(log)) == 2, "both workers ran steps"
+
+
+async def test_a_worker_killed_mid_step_is_replaced(
+    url: str, tmp_path: Path, processes: list[Process]
+) -> None:
+    log = tmp_path / "steps.log"
+    first = await worker(processes, url, "worker-1", log)
+    async with fs.Engine(url) as engine:
+        flows = FlowManager(engine)
+        flows.register(CRASHY)
+        run = await flows.execute("crashy", enqueue=True)
+        await step_started(flows, run, "two")
+        await logged(log, (run.id, "two", 1))  # the attempt is under way in the worker
+        first.kill()
+        assert await first.close() == -signal.SIGKILL
+        recover = await Process.start(
+            "recover",
+            "-m",
+            "flowstate",
+            "recover",
+            url,
+            "--flows",
+            f"{APP}:FLOWS",
+            "--retry-after",
+            "1",
+            "--lease-ttl",
+            "1",
+            env={"FLOWSTATE_TEST_LOG": str(log)},
+        )
+        processes.append(recover)
+        await worker(processes, url, "worker-2", log)
+        done = await flows.result(run.id, timeout=60)
+        events = await flows.events(run.id)
+    assert done.status == "finished"
+    assert executions(log) == {
+        (run.id, "one", 1): 1,
+        (run.id, "two", 1): 1,
+        (run.id, "two", 2): 1,
+        (run.id, "three", 1): 1,
+    }
+    lost = [e for e in events if e.kind == "step_failed"]
+    assert [(e.payload["step"], e.payload["attempt"]) for e in lost] == [("two", 1)]
+    assert "stopped without an outcome" in lost[0].payload["error"]
+    assert done.state["outputs"]["two"] == "second time lucky"
+
+
+async def test_sigterm_hands_back_at_the_next_step(
+    url: str, tmp_path: Path, processes: list[Process]
+) -> None:
+    log = tmp_path / "steps.log"
+    first = await worker(processes, url, "worker-1", log)
+    async with fs.Engine(url) as engine:
+        flows = FlowManager(engine)
+        flows.register(SLOW)
+        run = await flows.execute("slow", input={"seconds": 1.0}, enqueue=True)
+        await step_started(flows, run, "first")
+        assert await first.close(signal.SIGTERM) == 0
+        held = await flows.get(run.id)
+        assert held.status == "running"
+        assert held.state["outputs"] == {"first": {"slept": "first"}}, "its running step ended"
+        await worker(processes, url, "worker-2", log)
+        done = await flows.result(run.id, timeout=60)
+    assert done.status == "finished"
+    ran = executions(log)
+    assert ran == {(run.id, "first", 1): 1, (run.id, "second", 1): 1}
+    assert any("stopped" in line for line in first.lines)
+
+
+async def test_flowstate_run_follows_a_json_definition(
+    tmp_path: Path, processes: list[Process]
+) -> None:
+    definition = tmp_path / "flow.json"
+    definition.write_text(
+        json.dumps(
+            {
+                "flow": {
+                    "id": "flow123",
+                    "name": "Data processing flow",
+                    "start_task": "task1",
+                    "tasks": [{"name": "task1"}, {"name": "task2"}, {"name": "task3"}],
+                    "conditions": [
+                        {
+                            "source_task": "task1",
+                            "outcome": "success",
+                            "target_task_success": "task2",
+                            "target_task_failure": "end",
+                        },
+                        {
+                            "source_task": "task2",
+                            "outcome": "success",
+                            "target_task_success": "task3",
+                            "target_task_failure": "end",
+                        },
+                    ],
+                }
+            }
+        )
+    )
+    url = f"sqlite:///{tmp_path}/store.db"
+    run = await Process.start(
+        "run", "-m", "flowstate", "run", str(definition), url, "--tasks", f"{APP}:TASKS"
+    )
+    processes.append(run)
+    assert await run.proc.wait() == 0
+    await run.close()
+    started = [line for line in run.lines if "step_started" in line]
+    assert [line.split()[3] for line in started] == ["task1", "task2", "task3"]
+    assert run.lines[-1].split()[2] == "finished"
+    assert run.lines[0].startswith("run ")
+    broken = await Process.start(
+        "run",
+        "-m",
+        "flowstate",
+        "run",
+        str(tmp_path / "missing.json"),
+        url,
+        "--tasks",
+        f"{APP}:TASKS",
+    )
+    processes.append(broken)
+    assert await broken.proc.wait() == 1
+    await broken.close()
+    assert broken.lines == [
+        f"flowstate: error: cannot read {tmp_path / 'missing.json'}: No such file or directory"
+    ]
