@@ -6,7 +6,7 @@ Usage::
     python -m benchmarks --quick          # a smoke run: one round, tiny sizes (CI)
     python -m benchmarks --only sqlite --only memory --rounds 3
 
-A benchmark module is any ``benchmarks/bench_<name>.py`` with a ``measure(settings)``
+A benchmark module is any ``benchmarks/bench_<name>.py`` with a ``suite(settings)``
 function (see ``benchmarks/_suite.py``); it is found by name, nothing to register. The
 results go to ``benchmarks/results/`` (``--out``): ``results.md`` (the table the README
 quotes), ``results.json`` and ``results.png``; a quick run writes ``quick.*`` instead, so it
@@ -31,11 +31,11 @@ from benchmarks._suite import ROOT, Row, Settings
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: Modules in this order first; any other bench_*.py module after them, by name.
-ORDER = ("memory", "sqlite", "etcd", "scaling", "recovery", "workflows")
+ORDER = ("memory", "sqlite", "etcd", "postgres", "http", "scaling", "recovery", "workflows")
 
 
 def modules() -> list[str]:
-    """The names of the benchmark modules (``bench_<name>`` with a ``measure`` function)."""
+    """The names of the benchmark modules (``bench_<name>`` with a ``suite`` function)."""
     found = [
         info.name.removeprefix("bench_")
         for info in pkgutil.iter_modules([str(ROOT / "benchmarks")])
@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in args.only or modules():
         module = importlib.import_module(f"benchmarks.bench_{name}")
-        measure = getattr(module, "measure", None)
-        if measure is None:
+        suite = getattr(module, "suite", None)
+        if suite is None:
             continue
         settings.say(f"{name}:")
-        rows += measure(settings)
+        rows += suite(settings)
     took = time.perf_counter() - started
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

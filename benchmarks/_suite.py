@@ -2,7 +2,7 @@
 
 A benchmark module (``benchmarks/bench_*.py``) exposes::
 
-    def measure(settings: Settings) -> list[Row]: ...
+    def suite(settings: Settings) -> list[Row]: ...
 
 It describes what it measures as :class:`Case` objects (a contender doing some work, in a
 comparison group, with the contender its ratio is taken against) and hands them to

@@ -225,7 +225,7 @@ def etcd_server() -> Iterator[str]:
             server.close()
 
 
-def measure(settings: Settings) -> list[Row]:
+def suite(settings: Settings) -> list[Row]:
     with etcd_server() as url:
         return settings.run(cases(url))
 

@@ -211,13 +211,13 @@ def cases() -> list[Case]:
     ]
 
 
-def measure(settings: Settings) -> list[Row]:
+def suite(settings: Settings) -> list[Row]:
     return settings.run(cases())
 
 
 def test_memory_benchmark_runs() -> None:
     """Smoke test: every contender runs (tiny sizes, one round); no timing is asserted."""
-    rows = measure(Settings.smoke())
+    rows = suite(Settings.smoke())
     assert [row.contender for row in rows] == [case.contender for case in cases()]
     assert all(row.value > 0 for row in rows)
 

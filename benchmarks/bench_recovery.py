@@ -164,6 +164,10 @@ def _in_store(driver: str, url: str, fn: Callable[[str], Coroutine[None, None, f
             return asyncio.run(fn(f"sqlite:///{tmp}/recovery.db"))
     if driver == "etcd":
         return asyncio.run(fn(f"{url.rstrip('/')}/{uuid.uuid4().hex}"))
+    if driver == "postgres":
+        from tests.postgres_server import unique_url
+
+        return asyncio.run(fn(unique_url(url)))
     return asyncio.run(fn("memory://"))
 
 
@@ -211,10 +215,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def cases(etcd: str | None, *, slow: bool = True, count: int = 10_000) -> list[Case]:
+def cases(
+    etcd: str | None, postgres: str | None = None, *, slow: bool = True, count: int = 10_000
+) -> list[Case]:
     """The recovery cases; ``slow=False`` leaves out the p99 (a second delay run per driver)
     and the failovers (two processes and a lease expiry each)."""
-    drivers = {"memory": "", "sqlite": ""} | ({"etcd": etcd} if etcd else {})
+    drivers = {"memory": "", "sqlite": ""}
+    drivers |= ({"etcd": etcd} if etcd else {}) | ({"postgres": postgres} if postgres else {})
     found = []
     for name, url in drivers.items():
         kw = {"driver": name, "url": url}
@@ -265,12 +272,13 @@ def cases(etcd: str | None, *, slow: bool = True, count: int = 10_000) -> list[C
     return found
 
 
-def measure(settings: Settings) -> list[Row]:
+def suite(settings: Settings) -> list[Row]:
     from benchmarks.bench_etcd import etcd_server
+    from benchmarks.bench_postgres import postgres_server
 
-    with etcd_server() as url:
-        count = 500 if settings.quick else 10_000
-        return settings.run(cases(url, slow=not settings.quick, count=count))
+    count = 500 if settings.quick else 10_000
+    with etcd_server() as etcd, postgres_server() as postgres:
+        return settings.run(cases(etcd, postgres, slow=not settings.quick, count=count))
 
 
 def test_recovery_benchmark_runs() -> None:

@@ -112,7 +112,7 @@ def cases(stores: dict[int, Path]) -> list[Case]:
     return found
 
 
-def measure(settings: Settings) -> list[Row]:
+def suite(settings: Settings) -> list[Row]:
     sizes = SIZES[:1] if settings.quick else SIZES
     with tempfile.TemporaryDirectory(prefix="flowstate-bench-scaling-") as tmp:
         stores = {}

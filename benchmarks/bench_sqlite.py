@@ -310,13 +310,13 @@ def cases() -> list[Case]:
     return found
 
 
-def measure(settings: Settings) -> list[Row]:
+def suite(settings: Settings) -> list[Row]:
     return settings.run(cases())
 
 
 def test_bench_sqlite_smoke() -> None:
     """Every contender runs (tiny sizes, one round); no timing is asserted."""
-    rows = measure(Settings.smoke())
+    rows = suite(Settings.smoke())
     assert len(rows) == len(cases())
     assert all(row.value > 0 for row in rows)
 

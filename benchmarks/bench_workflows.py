@@ -11,10 +11,17 @@ Rows of the rate table, each measured for ``--seconds`` per round, rounds interl
 * managed update: ``FlowManager.update_state`` (check the lifecycle, merge the patch, encode
   the record and the audit event, one compare-and-set commit), one flow or 64 at a time.
 
+The pipeline table runs a pipeline of ``STEPS`` no-op steps, ``CONCURRENCY`` runs at a time
+(``FlowManager.execute`` then ``result``; each step claimed and ended in committed
+versions), next to the engine's own transition rate (``CONCURRENCY`` flows of ``STEPS``
+``Commit(Transit)`` steps through ``engine.execute``) and next to DBOS (``dbos`` from
+PyPI, its system database on a SQLite file, ``CONCURRENCY`` workflows of ``STEPS``
+``@DBOS.step`` no-op steps, in a process of its own), all on the same synchronous setting.
+
 The scaling table fills a store with ``--flows`` managed flows (each created, started, and
 all but one in a hundred finished) and times ``FlowManager.list`` by status and by owner.
 
-``python -m benchmarks`` runs the rate table (``measure``, at ``synchronous=normal``); the
+``python -m benchmarks`` runs the rate table (``suite``, at ``synchronous=normal``); the
 scaling table stays with this script. Under pytest (``--benchmark-disable`` in the normal
 run) a tiny version runs as a smoke test.
 """
@@ -24,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +41,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import flowstate as fs
-from flowstate.workflows import FlowManager
+from benchmarks._engine_rate import engine_rate
+from flowstate.workflows import FlowManager, Pipeline, Step, StepContext
 
 try:
     from benchmarks._suite import Case, Row, Settings
@@ -41,6 +51,7 @@ except ImportError:  # run as a script: the repository root is not on sys.path
     from benchmarks._suite import Case, Row, Settings
 
 CONCURRENCY = 64
+STEPS = 10
 
 
 async def _timed(seconds: float, loops: list[Callable[[], Awaitable[None]]]) -> float:
@@ -121,6 +132,111 @@ async def managed_updates(url: str, *, width: int, seconds: float) -> float:
             flow = await manager.create_mirrored(controller="bench", state={"n": 0})
             loops.append(update(flow.id))
         return await _timed(seconds, loops)
+
+
+async def _noop(step: StepContext) -> None:
+    return None
+
+
+NOOP = Pipeline("noop")
+for _n in range(STEPS):
+    NOOP.add_step(Step(f"step-{_n}", _noop))
+
+
+async def pipeline_steps(url: str, seconds: float) -> float:
+    """Pipeline steps per second: batches of CONCURRENCY runs of NOOP, until ``seconds``."""
+    async with fs.Engine(url) as engine:
+        manager = FlowManager(engine)
+        manager.register(NOOP)
+        done = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            # One watcher for the batch: a result() per run would be one watcher each.
+            since = await engine.driver.head_rev()
+            finished = manager.watch(runtime="pipeline", status="finished", since_rev=since)
+            async with finished as versions:
+                runs = {(await manager.execute("noop")).id for _ in range(CONCURRENCY)}
+                async for version in versions:
+                    runs.discard(version.id)
+                    if not runs:
+                        break
+            done += CONCURRENCY * STEPS
+        return done / (time.perf_counter() - start)
+
+
+async def engine_transitions(url: str, seconds: float) -> float:
+    """The engine's transition rate: CONCURRENCY flows of STEPS transitions (a fresh store
+    file for each batch, ``url`` with a number added), until ``seconds``."""
+    path, _, options = url.partition("?")
+    rates: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = f"{path}-{len(rates)}.db?{options}"
+        rates.append(await engine_rate(batch, CONCURRENCY, STEPS - 1))
+    return statistics.median(rates)
+
+
+def dbos_steps(url: str) -> float:
+    """Steps per second of DBOS: CONCURRENCY workflows of STEPS no-op steps on SQLite."""
+    path = url.removeprefix("sqlite:///").partition("?")[0]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks._dbos_steps",
+            f"sqlite:///{path}",
+            str(CONCURRENCY),
+            str(STEPS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"the DBOS run failed: {done.stderr[-2000:]}")
+    rate: float = json.loads(done.stdout.splitlines()[-1])["rate"]
+    return rate
+
+
+async def pipelines(
+    folder: Path, seconds: float, rounds: int, synchronous: str = "normal", dbos: bool = True
+) -> dict[str, list[float]]:
+    """Pipeline steps, engine transitions and DBOS steps per second, rounds interleaved."""
+    found: dict[str, list[float]] = {ENGINE_ROW: [], PIPELINE_ROW: []}
+    if dbos:
+        found[DBOS_ROW] = []
+    for n in range(rounds):
+        url = f"sqlite:///{folder}/pipe-engine-{n}.db?synchronous={synchronous}"
+        found[ENGINE_ROW].append(await engine_transitions(url, seconds))
+        url = f"sqlite:///{folder}/pipe-{n}.db?synchronous={synchronous}"
+        found[PIPELINE_ROW].append(await pipeline_steps(url, seconds))
+        if dbos:
+            url = f"sqlite:///{folder}/dbos-{n}.db"
+            found[DBOS_ROW].append(await asyncio.to_thread(dbos_steps, url))
+    return found
+
+
+ENGINE_ROW = f"engine transitions ({CONCURRENCY} flows of {STEPS} steps)"
+PIPELINE_ROW = f"pipeline steps ({CONCURRENCY} runs of {STEPS} no-op steps)"
+DBOS_ROW = f"DBOS steps ({CONCURRENCY} workflows of {STEPS} no-op steps)"
+
+
+def _pipeline_table(found: dict[str, list[float]]) -> str:
+    lines = ["| measurement | per second (median) | spread | ratio |", "|---|---:|---:|---:|"]
+    pipeline = statistics.median(found[PIPELINE_ROW])
+    for name, values in found.items():
+        median = statistics.median(values)
+        spread = (max(values) - min(values)) / median if median else 0.0
+        ratio = (
+            f"pipeline / engine = {pipeline / median:.2f}x"
+            if name == ENGINE_ROW
+            else f"pipeline / DBOS = {pipeline / median:.0f}x"
+            if name == DBOS_ROW
+            else "1.00x"
+        )
+        lines.append(f"| {name} | {median:,.0f} | ±{spread / 2:.0%} | {ratio} |")
+    return "\n".join(lines)
 
 
 async def rates(
@@ -206,11 +322,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flows", type=int, default=100_000)
     parser.add_argument("--synchronous", choices=["normal", "full"], default="normal")
+    parser.add_argument("--no-dbos", action="store_true", help="leave DBOS out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         found = asyncio.run(rates(Path(folder), args.seconds, args.rounds, args.synchronous))
         print(f"SQLite, WAL, synchronous={args.synchronous}, {args.rounds} interleaved rounds")
         print(_table(found))
+        found = asyncio.run(
+            pipelines(Path(folder), args.seconds, args.rounds, args.synchronous, not args.no_dbos)
+        )
+        print(f"\nPipelines, same store settings, {args.rounds} interleaved rounds")
+        print(_pipeline_table(found))
         if args.flows:
             latency = asyncio.run(list_latency(Path(folder), args.flows, 7))
             print(f"\nFlowManager.list on a store of {args.flows:,} managed flows (median of 7)")
@@ -256,7 +378,7 @@ def cases(milliseconds: int) -> list[Case]:
     return found
 
 
-def measure(settings: Settings) -> list[Row]:
+def suite(settings: Settings) -> list[Row]:
     """The rate table as rows of the suite (each rate measured over ``settings.seconds``)."""
     milliseconds = 100 if settings.quick else max(50, round(settings.seconds * 1000))
     return settings.run(cases(milliseconds))
@@ -268,6 +390,9 @@ def test_smoke(tmp_path: Path) -> None:
     assert "managed update" in _table(found)
     rows = Settings.smoke().run(cases(50))
     assert all(row.value > 0 for row in rows)
+    steps = asyncio.run(pipelines(tmp_path, 0.05, 1, dbos=False))
+    assert all(values[0] > 0 for values in steps.values())
+    assert "pipeline / engine" in _pipeline_table(steps)
     latency = asyncio.run(list_latency(tmp_path, 200, 1))
     assert set(latency) == {
         "list(status='running')",

@@ -23,9 +23,11 @@ import msgspec
 from attrs import frozen
 
 import flowstate as fs
+from flowstate.drivers.base import hide_password
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.recovery import _serve as recover_service
+from flowstate.server import _cli as serve_command
 from flowstate.workflows import (
     FlowEvent,
     FlowManager,
@@ -63,6 +65,8 @@ A store is named by a driver URL:
   sqlite:////absolute/path.db   a SQLite file, absolute path
   memory://                     an empty in-memory store (gone when the command ends)
   etcd://host:2379/prefix       an etcd cluster (needs: pip install 'flowstate-engine[etcd]')
+  http://host:8080              a store served by `flowstate serve` (token: $FLOWSTATE_TOKEN;
+                                needs: pip install 'flowstate-engine[http]')
 """
 
 EPILOG = f"""\
@@ -77,6 +81,7 @@ examples:
   {PROG} recover sqlite:///app.db --flows myapp.flows:FLOWS
   {PROG} worker sqlite:///app.db --flows myapp.flows:FLOWS --concurrency 16
   {PROG} run flow.json sqlite:///app.db --tasks myapp.tasks:TASKS
+  {PROG} serve sqlite:///app.db --port 8080       then: {PROG} states http://127.0.0.1:8080
 
 Run '{PROG} COMMAND --help' for the options of one command.
 """
@@ -166,7 +171,7 @@ def _query(args: argparse.Namespace, limit: int = 50) -> fs.StatesQuery:
 
 
 def _open_existing(url: str) -> Driver:
-    """The driver of a store that must exist already: reading never creates a file."""
+    """The driver of a store that must exist already: reading never creates a store."""
     driver = fs.open_driver(url)
     if (
         isinstance(driver, SQLiteDriver)
@@ -174,6 +179,11 @@ def _open_existing(url: str) -> Driver:
         and not Path(driver.path).is_file()
     ):
         raise CommandError(f"no flowstate store at {driver.path!r} (from {url!r})")
+    if driver.scheme == "postgresql":
+        from flowstate.drivers.postgres import PostgresDriver  # loaded by open_driver already
+
+        if isinstance(driver, PostgresDriver):
+            driver.create = False  # open() fails on a missing schema instead of creating it
     return driver
 
 
@@ -608,7 +618,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
         # Another process cannot reach a store that lives in this one, so it is left out there.
         crash_order = f"r{run}-order-4"
         shared = not _in_this_process_only(driver)
-        out.say(f"flowstate demo, run {run}, on {args.url}")
+        out.say(f"flowstate demo, run {run}, on {hide_password(args.url)}")
         out.say("Three orders: a small one, a large one a manager must approve, and one whose")
         out.say("card is declined once.", end=" ")
         if shared:
@@ -669,7 +679,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     out.say(f"All {len(all_orders)} orders finished in {elapsed:.1f} s.", end="")
     if shared:
         out.say(" Look at them again with:")
-        out.say(f"  {PROG} states {args.url} --label demo-run={run} --latest-only")
+        out.say(f"  {PROG} states {hide_password(args.url)} --label demo-run={run} --latest-only")
     else:
         out.say(" They were kept in this process's memory only, and are gone now.")
     return 0
@@ -684,6 +694,13 @@ async def _run_recover(args: argparse.Namespace) -> int:
     try:
         return await recover_service.run(args, extra_flows=workflow_flows())
     except recover_service.FlowsSpecError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+async def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        return await serve_command.run(args)
+    except (serve_command.ServeError, recover_service.FlowsSpecError) as exc:
         raise CommandError(str(exc)) from exc
 
 
@@ -906,6 +923,18 @@ COMMANDS: tuple[Command, ...] = (
         run=_run_run,
     ),
     Command(
+        name="serve",
+        help="serve a store over HTTP: states, a watch stream, and the remote driver's routes",
+        description=(
+            "Run the HTTP API of a store until SIGTERM: read states and their history, watch "
+            "versions as Server-Sent Events, and let engines elsewhere use the store through "
+            "http:// URLs. Without a token (--token-file or $FLOWSTATE_TOKEN) it listens on "
+            "loopback only. The start line names the address (--port 0 picks a free port)."
+        ),
+        configure=serve_command.configure,
+        run=_run_serve,
+    ),
+    Command(
         name="watch",
         help="print state versions as JSON lines as they are committed, until Ctrl-C",
         description=(
@@ -969,7 +998,8 @@ def main(argv: list[str] | None = None) -> int:
     except (fs.FlowstateError, CommandError) as exc:
         return _error(exc)
     except ImportError as exc:  # a driver module that cannot be imported
-        return _error(f"cannot load the driver for {getattr(args, 'url', '?')!r}: {exc}")
+        url = hide_password(getattr(args, "url", "?"))
+        return _error(f"cannot load the driver for {url!r}: {exc}")
     except BaseExceptionGroup as group:
         if group.subgroup(KeyboardInterrupt) is not None:
             return EXIT_INTERRUPTED

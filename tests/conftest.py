@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +11,14 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
-from tests.etcd_server import etcd_url, unique_url
+from tests import etcd_server, postgres_server
+from tests.etcd_server import etcd_url
+from tests.postgres_server import postgres_url
 from tests.processes import Process
+from tests.serve_process import ServerPool
 
-__all__ = ["etcd_url"]  # the session's etcd server, started once for every test that needs it
+# The session's etcd and PostgreSQL servers, each started once for every test that needs it.
+__all__ = ["etcd_url", "postgres_url"]
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +55,7 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
 # here, and a fixture that asks for a server at run time marks its parameter instead
 # (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table, and its
 # fixture fails in a --quick run, which names the test that lacks the marker.
-SERVER_FIXTURES = {"etcd_url": "etcd"}
+SERVER_FIXTURES = {"etcd_url": "etcd", "postgres_url": "postgres", "serve_pool": "slow"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,7 +78,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = quick
 
 
-STORES = ["memory", "sqlite", pytest.param("etcd", marks=pytest.mark.etcd)]
+@pytest.fixture(scope="session")
+def serve_pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerPool]:
+    """``flowstate serve`` processes on fresh SQLite stores, for tests that need an empty store
+    behind the remote driver. Take one with ``serve_pool.take()`` and close it after the test."""
+    if request.config.getoption("--quick", default=False):
+        pytest.fail(
+            "a test uses serve_pool in a --quick run but is not marked slow; a fixture that "
+            "asks for serve_pool at run time marks its parameter "
+            "(pytest.param(..., marks=pytest.mark.slow))",
+            pytrace=False,
+        )
+    pool = ServerPool(tmp_path_factory.mktemp("served"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+# "http" is the remote driver through a `flowstate serve` process (on SQLite) of its own.
+STORES = [
+    "memory",
+    "sqlite",
+    pytest.param("etcd", marks=pytest.mark.etcd),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("http", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(params=STORES)
@@ -86,6 +117,7 @@ async def new_driver(
     Memory stores live in one object, so the memory factory hands out that object each time.
     """
     created: list[Driver] = []
+    server = None
     if request.param == "memory":
         shared = MemoryDriver()
 
@@ -97,17 +129,26 @@ async def new_driver(
     else:
         if request.param == "sqlite":
             url = f"sqlite:///{tmp_path}/store.db"
+        elif request.param == "etcd":
+            url = etcd_server.unique_url(request.getfixturevalue("etcd_url"))
+        elif request.param == "http":
+            server = request.getfixturevalue("serve_pool").take()
+            url = server.url
         else:
-            url = unique_url(request.getfixturevalue("etcd_url"))
+            url = postgres_server.unique_url(request.getfixturevalue("postgres_url"))
 
         def make() -> Driver:
             driver = fs.open_driver(url)
             created.append(driver)
             return driver
 
-    yield make
-    for driver in created:
-        await driver.aclose()
+    try:
+        yield make
+    finally:
+        for driver in created:
+            await driver.aclose()
+        if server is not None:
+            server.close()
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import flowstate as fs
 from flowstate._state import internal_ctx
-from tests.etcd_server import etcd_url, unique_url
+from tests import etcd_server, postgres_server
+from tests.etcd_server import etcd_url
 
 __all__ = ["etcd_url"]
 
@@ -218,7 +219,14 @@ async def _run(engine: fs.Engine, calls: list[Call]) -> None:
         assert state.rev > 0
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("etcd", marks=pytest.mark.etcd),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def new_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], fs.Engine]:
     """A factory of engines, each on a fresh store."""
     counter = itertools.count()
@@ -226,8 +234,11 @@ def new_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], f
         return lambda: fs.Engine("memory://")
     if request.param == "sqlite":
         return lambda: fs.Engine(f"sqlite:///{tmp_path}/store-{next(counter)}.db")
-    base = request.getfixturevalue("etcd_url")
-    return lambda: fs.Engine(unique_url(base))
+    if request.param == "etcd":
+        base = request.getfixturevalue("etcd_url")
+        return lambda: fs.Engine(etcd_server.unique_url(base))
+    base = request.getfixturevalue("postgres_url")
+    return lambda: fs.Engine(postgres_server.unique_url(base))
 
 
 @settings(

@@ -38,8 +38,8 @@ def test_not_a_string() -> None:
 
 
 def test_unknown_scheme_lists_the_known_ones() -> None:
-    with pytest.raises(fs.UnknownDriverError, match=r"known schemes: .*memory") as info:
-        fs.open_driver("postgres://localhost/db")
+    with pytest.raises(fs.UnknownDriverError, match=r"known schemes: .*memory.*postgresql") as info:
+        fs.open_driver("mongodb://localhost/db")
     assert isinstance(info.value, LookupError)
 
 
@@ -70,6 +70,18 @@ def test_missing_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "aetcd", None)  # makes `import aetcd` fail
     with pytest.raises(fs.MissingDependencyError, match=r"pip install 'flowstate-engine\[etcd\]'"):
         fs.open_driver("etcd://127.0.0.1:2379/flowstate")
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_missing_postgres_extra_names_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    monkeypatch.delitem(sys.modules, "flowstate.drivers.postgres", raising=False)
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # makes `import asyncpg` fail
+    with pytest.raises(
+        fs.MissingDependencyError, match=r"pip install 'flowstate-engine\[postgres\]'"
+    ):
+        fs.open_driver(f"{scheme}://localhost/db")
 
 
 def test_hide_password() -> None:

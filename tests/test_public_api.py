@@ -9,6 +9,7 @@ import typing
 import pytest
 
 import flowstate as fs
+from flowstate import workflows
 
 PUBLIC_MODULES = [
     "flowstate",
@@ -16,8 +17,10 @@ PUBLIC_MODULES = [
     "flowstate.drivers",
     "flowstate.drivers.base",
     "flowstate.drivers.faulty",
+    "flowstate.drivers.http",
     "flowstate.drivers.memory",
     "flowstate.recovery",
+    "flowstate.server",
     "flowstate.testing.conformance",
     "flowstate.testing.flows",
     "flowstate.testing.stateful",
@@ -88,9 +91,22 @@ def test_errors_pickle_and_say_what_happened() -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [fs.State, fs.Transition, fs.StateCtx, fs.Data, fs.StatesQuery, fs.StatesPage]
+    "cls",
+    [
+        fs.State,
+        fs.Transition,
+        fs.StateCtx,
+        fs.Data,
+        fs.StatesQuery,
+        fs.StatesPage,
+        workflows.ManagedFlow,
+        workflows.FlowEvent,
+        workflows.FlowStep,
+        workflows.StepObservation,
+    ],
 )
 def test_type_hints_resolve_from_the_public_module(cls: type) -> None:
-    # The classes say they live in `flowstate`; their annotations must still resolve there,
-    # or typing.get_type_hints and hypothesis's st.builds fail for users.
+    # The classes say they live in `flowstate` (or `flowstate.workflows`); their annotations
+    # must still resolve there, or typing.get_type_hints, hypothesis's st.builds, msgspec's
+    # converters and the server's OpenAPI schema fail.
     assert typing.get_type_hints(cls)

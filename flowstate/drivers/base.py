@@ -252,7 +252,8 @@ class Driver(abc.ABC):
     cannot be reached); backend exceptions never escape.
     """
 
-    #: The URL scheme the driver is registered under (``memory``, ``sqlite``, ``etcd``).
+    #: The URL scheme the driver is registered under (``memory``, ``sqlite``, ``etcd``,
+    #: ``postgresql``).
     scheme: ClassVar[str]
 
     @classmethod
@@ -347,8 +348,18 @@ _BUILTIN: dict[str, str] = {
     "memory": "flowstate.drivers.memory:MemoryDriver",
     "sqlite": "flowstate.drivers.sqlite:SQLiteDriver",
     "etcd": "flowstate.drivers.etcd:EtcdDriver",
+    "postgresql": "flowstate.drivers.postgres:PostgresDriver",
+    "postgres": "flowstate.drivers.postgres:PostgresDriver",
+    "http": "flowstate.drivers.http:HTTPDriver",
+    "https": "flowstate.drivers.http:HTTPDriver",
 }
-_EXTRAS: dict[str, str] = {"etcd": "etcd"}
+_EXTRAS: dict[str, str] = {
+    "etcd": "etcd",
+    "postgresql": "postgres",
+    "postgres": "postgres",
+    "http": "http",
+    "https": "http",
+}
 _REGISTERED: dict[str, type[Driver]] = {}
 ENTRY_POINT_GROUP = "flowstate.drivers"
 
@@ -398,9 +409,11 @@ def _entry_point_names() -> list[str]:
 def open_driver(url: str) -> Driver:
     """Create the (unopened) driver a URL names.
 
-    ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite://:memory:``
-    and ``etcd://host:port[,host:port...]/key-prefix`` are built in; other schemes come from
-    the ``flowstate.drivers`` entry-point group.
+    ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite://:memory:``,
+    ``etcd://host:port[,host:port...]/key-prefix``,
+    ``postgresql://user@host:port/database?schema=name`` and ``http://host:port`` (a store
+    served by ``flowstate serve``) are built in; other schemes come from the
+    ``flowstate.drivers`` entry-point group.
 
     Raises:
         InvalidURLError: The URL has no scheme, or the driver cannot parse it.

@@ -19,7 +19,7 @@ from flowstate.recovery._services import Delayer, Recoverer
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["configure", "load_flows", "run", "serve", "until_signalled"]
+__all__ = ["add_service_arguments", "configure", "load_flows", "run", "serve", "until_signalled"]
 
 logger = logging.getLogger("flowstate.recovery")
 
@@ -107,6 +107,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
             "with access to the store: point it only at code you trust"
         ),
     )
+    add_service_arguments(parser)
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the recoverer's and delayer's settings (``--retry-after`` ...) to ``parser``."""
     parser.add_argument(
         "--retry-after",
         type=float,

@@ -19,9 +19,10 @@ from flowstate.errors import (
     DefinitionError,
     InvalidTransitionError,
 )
-from flowstate.workflows._manager import FlowManager, FlowWatcher
+from flowstate.workflows._manager import FlowManager, FlowWatcher, new_run
 from flowstate.workflows._model import (
     FlowEvent,
+    FlowsPage,
     FlowStatus,
     FlowStep,
     ManagedFlow,
@@ -40,6 +41,7 @@ __all__ = [
     "FlowStatus",
     "FlowStep",
     "FlowWatcher",
+    "FlowsPage",
     "InvalidTransitionError",
     "ManagedFlow",
     "Pipeline",
@@ -50,6 +52,7 @@ __all__ = [
     "StepStatus",
     "Worker",
     "WorkerStats",
+    "new_run",
     "workflow_flows",
 ]
 

@@ -37,6 +37,7 @@ from flowstate.workflows._model import (
     STATUS,
     TIMER_FLOW,
     FlowEvent,
+    FlowsPage,
     FlowStatus,
     FlowStep,
     ManagedFlow,
@@ -58,7 +59,7 @@ from flowstate.workflows._model import (
     step_of,
 )
 from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline
-from flowstate.workflows._runs import DEFINITION, PipelineExecutor, new_run, run_steps
+from flowstate.workflows._runs import DEFINITION, PipelineExecutor, new_progress, run_steps
 
 if TYPE_CHECKING:
     import builtins
@@ -69,6 +70,8 @@ __all__ = ["FlowManager", "FlowWatcher"]
 
 #: How many latest versions a manager keeps to commit against without reading first.
 CACHE_SIZE: Final = 4096
+#: The recoverer's retry limit of pipeline runs (see new_flow).
+RUN_RECOVERY_ATTEMPTS: Final = 100
 
 
 class FlowManager:
@@ -177,64 +180,9 @@ class FlowManager:
             flow_id=id,
         )
 
-    async def _create(
-        self,
-        status: FlowStatus,
-        runtime: str,
-        *,
-        controller: str,
-        goal: str,
-        owner: str,
-        origin: str,
-        current_step: str,
-        state: Mapping[str, Any] | None,
-        flow_id: str | None,
-        pipeline: str | None = None,
-        run: dict[str, Any] | None = None,
-        flow: str | None = None,
-        data: dict[str, bytes] | None = None,
-    ) -> ManagedFlow:
-        _check_text(controller, "controller", empty=False)
-        for value, name in ((goal, "goal"), (owner, "owner"), (origin, "origin")):
-            _check_text(value, name)
-        _check_text(current_step, "current_step")
-        if runtime not in RUNTIMES:
-            raise fs.InvalidCommandError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-        if flow_id is None:
-            flow_id = uuid.uuid4().hex
-        _check_id(flow_id)
-        record = Record(
-            controller=controller,
-            goal=goal,
-            origin=origin,
-            current_step=current_step,
-            state={} if state is None else json_object(state, "state"),
-            run=run,
-        )
-        labels = {KIND: KIND_FLOW, OWNER: owner, CONTROLLER: controller, RUNTIME: runtime}
-        if pipeline is not None:
-            labels[PIPELINE] = pipeline
-        ctx = fs.StateCtx.new(flow_id, labels=labels)
-        payload = {
-            "status": str(status),
-            "controller": controller,
-            "goal": goal,
-            "owner": owner,
-            "origin": origin,
-            "current_step": current_step,
-            "runtime": runtime,
-        }
-        if pipeline is not None:
-            payload["pipeline"] = pipeline
-        change = Change(
-            status=status,
-            record=record,
-            event="created",
-            payload=payload,
-            flow=flow,
-            data=data or {},
-        )
-        async with self._locks.hold(flow_id):
+    async def _create(self, status: FlowStatus, runtime: str, **fields: Any) -> ManagedFlow:
+        ctx, change = new_flow(status, runtime, **fields)
+        async with self._locks.hold(ctx.id):
             return await self._commit(ctx, change)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -587,25 +535,9 @@ class FlowManager:
             ConflictError: A state with this id exists already.
         """
         pipeline = self.pipeline(pipeline_id)
-        json_bytes(input, "input")
-        data = {}
-        if pipeline.definition is not None:
-            data[DEFINITION] = encode(pipeline.definition).encode()
-        run = await self._create(
-            FlowStatus.RUNNING,
-            "pipeline",
-            controller=pipeline.id,
-            goal=pipeline.name,
-            owner=owner,
-            origin=origin,
-            current_step=pipeline.start,
-            state={"input": input, "outputs": {}},
-            flow_id=id,
-            pipeline=pipeline.id,
-            run=new_run(pipeline),
-            flow=pipeline.flow_id,
-            data=data,
-        )
+        ctx, change = _new_run(pipeline, input=input, owner=owner, origin=origin, run_id=id)
+        async with self._locks.hold(ctx.id):
+            run = await self._commit(ctx, change)
         if not enqueue:
             await self.engine.do(fs.Execute(fs.StateCtx.of(self._latest[run.id].committed)))
         return run
@@ -669,6 +601,37 @@ class FlowManager:
             owner=owner, status=status, controller=controller, runtime=runtime, pipeline=pipeline
         )
         return [flow_of(state) async for state in self.engine.iter_states(query)]
+
+    async def page(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | str | None = None,
+        controller: str | None = None,
+        runtime: str | None = None,
+        pipeline: str | None = None,
+        since_rev: int = 0,
+        limit: int = 100,
+    ) -> FlowsPage:
+        """One page of :meth:`list`: the flows whose latest version comes after
+        ``since_rev``; ask for the next page with ``since_rev=page.last_rev``.
+
+        Raises:
+            InvalidQueryError: A filter is not a string, or not a known status.
+        """
+        query = self.query(
+            owner=owner,
+            status=status,
+            controller=controller,
+            runtime=runtime,
+            pipeline=pipeline,
+            since_rev=since_rev,
+            limit=limit,
+        )
+        found = await self.engine.get_states(query)
+        flows = [flow_of(state) for state in found.states if is_flow(state)]
+        last = found.states[-1].rev if found.states else since_rev
+        return FlowsPage(flows=flows, more=found.more, last_rev=last)
 
     def query(
         self,
@@ -830,6 +793,124 @@ class FlowManager:
         latest.move_to_end(ctx.id)
         while len(latest) > CACHE_SIZE:
             latest.popitem(last=False)
+
+
+def new_flow(
+    status: FlowStatus,
+    runtime: str,
+    *,
+    controller: str,
+    goal: str,
+    owner: str,
+    origin: str,
+    current_step: str,
+    state: Mapping[str, Any] | None,
+    flow_id: str | None,
+    pipeline: str | None = None,
+    run: dict[str, Any] | None = None,
+    flow: str | None = None,
+    data: dict[str, bytes] | None = None,
+) -> tuple[fs.StateCtx, Change]:
+    """The ctx of a new flow and the change that creates it (event ``created``).
+
+    Raises:
+        InvalidCommandError: An argument is not as documented.
+    """
+    _check_text(controller, "controller", empty=False)
+    for value, name in ((goal, "goal"), (owner, "owner"), (origin, "origin")):
+        _check_text(value, name)
+    _check_text(current_step, "current_step")
+    if runtime not in RUNTIMES:
+        raise fs.InvalidCommandError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    if flow_id is None:
+        flow_id = uuid.uuid4().hex
+    _check_id(flow_id)
+    record = Record(
+        controller=controller,
+        goal=goal,
+        origin=origin,
+        current_step=current_step,
+        state={} if state is None else json_object(state, "state"),
+        run=run,
+    )
+    labels = {KIND: KIND_FLOW, OWNER: owner, CONTROLLER: controller, RUNTIME: runtime}
+    if pipeline is not None:
+        labels[PIPELINE] = pipeline
+    ctx = fs.StateCtx.new(flow_id, labels=labels)
+    if runtime == "pipeline":
+        # A run bounds its own retries (each step's attempts, crashed ones included); the
+        # recoverer's limit is a backstop for a run no process can execute.
+        fs.recovery.set_max_attempts(ctx, RUN_RECOVERY_ATTEMPTS)
+    payload = {
+        "status": str(status),
+        "controller": controller,
+        "goal": goal,
+        "owner": owner,
+        "origin": origin,
+        "current_step": current_step,
+        "runtime": runtime,
+    }
+    if pipeline is not None:
+        payload["pipeline"] = pipeline
+    change = Change(
+        status=status,
+        record=record,
+        event="created",
+        payload=payload,
+        flow=flow,
+        data=data or {},
+    )
+    return ctx, change
+
+
+def _new_run(
+    pipeline: Pipeline, *, input: Any, owner: str, origin: str, run_id: str | None
+) -> tuple[fs.StateCtx, Change]:
+    """The ctx of a new run of ``pipeline`` and the change that creates it."""
+    json_bytes(input, "input")
+    data = {}
+    if pipeline.definition is not None:
+        data[DEFINITION] = encode(pipeline.definition).encode()
+    return new_flow(
+        FlowStatus.RUNNING,
+        "pipeline",
+        controller=pipeline.id,
+        goal=pipeline.name,
+        owner=owner,
+        origin=origin,
+        current_step=pipeline.start,
+        state={"input": input, "outputs": {}},
+        flow_id=run_id,
+        pipeline=pipeline.id,
+        run=new_progress(pipeline),
+        flow=pipeline.flow_id,
+        data=data,
+    )
+
+
+def new_run(
+    pipeline: Pipeline,
+    *,
+    input: Any = None,
+    id: str | None = None,
+    owner: str = "",
+    origin: str = "",
+) -> fs.StateCtx:
+    """The ctx of a new run of ``pipeline``, not committed yet.
+
+    Commit it as it is (``Commit(Noop(ctx))``) and any engine that has the pipeline's flows
+    (:func:`workflow_flows`) runs it, like a run :meth:`FlowManager.execute` starts with
+    ``enqueue=True`` (minus the stored JSON definition). It gives tests and tools, such as
+    :func:`flowstate.testing.flows.explore`, runs to start their own way.
+
+    Raises:
+        InvalidCommandError: ``input`` is not JSON, or an argument is not as documented.
+    """
+    ctx, change = _new_run(pipeline, input=input, owner=owner, origin=origin, run_id=id)
+    move = stage(ctx, change).commands[0]
+    assert isinstance(move, fs.Transit)
+    ctx.current.transition = fs.Transition(to=move.to, annotations=dict(move.annotations or {}))
+    return ctx
 
 
 class FlowWatcher:

@@ -8,8 +8,6 @@ same atomic commit as its flow's ``step_observed`` event. The audit trail of a f
 history: the events are read back from the versions that carry them, so the two cannot disagree.
 """
 
-from __future__ import annotations
-
 import datetime
 import enum
 from typing import Any, Final, Literal, TypeAlias
@@ -23,6 +21,7 @@ __all__ = [
     "FlowEvent",
     "FlowStatus",
     "FlowStep",
+    "FlowsPage",
     "ManagedFlow",
     "Runtime",
     "StepObservation",
@@ -136,6 +135,21 @@ class ManagedFlow(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime.datetime
     updated_at: datetime.datetime
     pipeline: str | None = None
+
+
+class FlowsPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of managed flows at their latest versions, oldest change first.
+
+    Attributes:
+        flows: The flows.
+        more: True when a next page exists: ask again with ``since_rev=last_rev``.
+        last_rev: The revision the page ends at (the last flow's, or the ``since_rev`` asked
+            for when the page is empty).
+    """
+
+    flows: list[ManagedFlow]
+    more: bool
+    last_rev: int
 
 
 class FlowEvent(msgspec.Struct, frozen=True, kw_only=True):

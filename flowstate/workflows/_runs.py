@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from flowstate.workflows._manager import FlowManager
 
-__all__ = ["PENDING", "PipelineExecutor", "new_run", "run_steps"]
+__all__ = ["PENDING", "PipelineExecutor", "claimable", "new_progress", "run_steps"]
 
 logger = logging.getLogger("flowstate.workflows")
 
@@ -55,7 +55,7 @@ BACKOFF: Final = "backoff"
 DEFINITION: Final = "pipeline"
 
 
-def new_run(pipeline: Pipeline) -> dict[str, Any]:
+def new_progress(pipeline: Pipeline) -> dict[str, Any]:
     """The progress a new run of ``pipeline`` starts with."""
     return {"step": pipeline.start, "attempt": 0, "phase": PENDING}
 
@@ -102,6 +102,7 @@ class PipelineExecutor:
         self._managers: weakref.WeakKeyDictionary[fs.Engine, FlowManager] = (
             weakref.WeakKeyDictionary()
         )
+        # The task running each run's attempt (or backoff wait) in this process.
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._cancelled: set[str] = set()
         self._hand_back: set[str] = set()
@@ -192,18 +193,16 @@ class PipelineExecutor:
 
     async def _wait(self, run_id: str, until: float) -> None:
         """Sleep until a retry is due; a cancel in this process ends the sleep early."""
-        task = asyncio.ensure_future(asyncio.sleep(max(0.0, until - time.time())))
-        self._tasks[run_id] = task
+        self._hold(run_id)
         self._waits.add(run_id)
         try:
-            await task
+            await asyncio.sleep(max(0.0, until - time.time()))
         except asyncio.CancelledError:
             if not self._cancelled_here(run_id):
                 raise
         finally:
-            self._tasks.pop(run_id, None)
             self._waits.discard(run_id)
-            self._cancelled.discard(run_id)
+            self._release(run_id)
 
     async def _attempt(self, flow: ManagedFlow, step_id: str, attempt: int) -> _Outcome | None:
         """Run one attempt; None when a cancel in this process stopped it."""
@@ -218,11 +217,13 @@ class PipelineExecutor:
             state=state,
         )
         started = time.perf_counter()
-        task = asyncio.ensure_future(step.fn(context))
-        self._tasks[flow.id] = task
+        self._hold(flow.id)
         try:
-            async with asyncio.timeout(step.timeout):
-                output = await task
+            if step.timeout is None:
+                output = await step.fn(context)
+            else:
+                async with asyncio.timeout(step.timeout):
+                    output = await step.fn(context)
         except TimeoutError:
             seconds = time.perf_counter() - started
             return _Outcome("error", error=f"timed out after {step.timeout}s", seconds=seconds)
@@ -234,8 +235,7 @@ class PipelineExecutor:
             seconds = time.perf_counter() - started
             return _Outcome("error", error=f"{type(exc).__name__}: {exc}", seconds=seconds)
         finally:
-            self._tasks.pop(flow.id, None)
-            self._cancelled.discard(flow.id)
+            self._release(flow.id)
         seconds = time.perf_counter() - started
         try:
             json_bytes(output, f"the output of step {step_id!r}")
@@ -245,10 +245,24 @@ class PipelineExecutor:
             return _Outcome("failure", output=output, seconds=seconds)
         return _Outcome("success", output=output, seconds=seconds)
 
-    def _cancelled_here(self, run_id: str) -> bool:
-        """True when :meth:`cancel_local` (not the executor's own task) was cancelled."""
+    def _hold(self, run_id: str) -> None:
+        """Note that this task now runs ``run_id``'s attempt (or waits to retry it)."""
         task = asyncio.current_task()
-        return run_id in self._cancelled and (task is None or not task.cancelling())
+        assert task is not None
+        self._tasks[run_id] = task
+
+    def _release(self, run_id: str) -> None:
+        self._tasks.pop(run_id, None)
+        self._cancelled.discard(run_id)
+
+    def _cancelled_here(self, run_id: str) -> bool:
+        """True when the cancellation came from :meth:`cancel_local` alone (then it is
+        taken back, and the executor goes on); False when something else cancels the task
+        too, such as the engine closing."""
+        if run_id not in self._cancelled:
+            return False
+        task = asyncio.current_task()
+        return task is not None and task.uncancel() == 0
 
     # -- plans ---------------------------------------------------------------------------------
 
@@ -318,6 +332,7 @@ class PipelineExecutor:
             delay = step.delay(attempt)
             due = _now() + datetime.timedelta(seconds=delay)
             payload["retry_in"] = delay
+            payload["retry_at"] = _iso(due)
             record.run = {
                 "step": step_id,
                 "attempt": attempt,
@@ -401,10 +416,12 @@ def _first(change: Change, events: list[tuple[str, dict[str, Any]]]) -> Change:
     if not events:
         return change
     (kind, payload), *rest = events
-    return attrs.evolve(
-        change,
+    return Change(
+        status=change.status,
+        record=change.record,
         event=kind,
         payload=payload,
+        flow=change.flow,
         more=(*rest, (change.event, change.payload), *change.more),
     )
 

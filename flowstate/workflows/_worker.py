@@ -119,6 +119,7 @@ class Worker:
         self._lifecycle = _Lifecycle.UNOPENED
         self._slots = asyncio.Semaphore(concurrency)
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._again: dict[str, fs.State] = {}
         self._executing: dict[str, PipelineExecutor] = {}
         self._group: asyncio.TaskGroup | None = None
         self._follow: asyncio.Task[None] | None = None
@@ -192,6 +193,9 @@ class Worker:
                 executor.cancel_local(state.id)  # a run cancelled elsewhere
             return
         if state.id in self._active:
+            # Held here already (running, or waiting for a slot): look at the newest
+            # version again once that work is done.
+            self._again[state.id] = state
             return
         if to.startswith(FLOW_PREFIX):
             if not claimable(state):
@@ -218,6 +222,9 @@ class Worker:
         finally:
             work.close()  # never awaited when cancelled while waiting for a slot
             self._active.pop(state_id, None)
+        again = self._again.pop(state_id, None)
+        if again is not None and self._lifecycle is _Lifecycle.OPENED:
+            await self._consider(again)
 
     async def _executor_for(self, state: fs.State) -> PipelineExecutor | None:
         """The executor of a run's pipeline: registered, or built from its definition."""

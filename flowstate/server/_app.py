@@ -1,0 +1,199 @@
+"""The application: routes, auth, limits and error handling, put together."""
+
+import hmac
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+from attrs import asdict
+from litestar import Litestar, Router, get
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.types import Receive, Scope, Send
+
+import flowstate
+from flowstate._engine import Engine
+from flowstate._wire import Health
+from flowstate.drivers.base import SupportsLease
+from flowstate.errors import DriverError, DriverUnavailableError
+from flowstate.recovery import Delayer, Recoverer
+from flowstate.server import _flows, _states, _store
+from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, ServerContext
+from flowstate.server._errors import EXCEPTION_HANDLERS
+from flowstate.server._escape import route_path
+from flowstate.workflows import StepFn
+
+__all__ = ["FlowstateApp", "RecoveryInfo", "ServiceInfo", "create_app"]
+
+#: Adds routes to an application: called with its context, returns a router.
+RouterFactory = Callable[[ServerContext], Router]
+
+
+class ServiceInfo(msgspec.Struct, kw_only=True):
+    """A recovery service running in the server process.
+
+    Attributes:
+        holder: This process's name in the service's leader lease.
+        is_leader: True while this process leads the service.
+        leader: The holder of the live lease (maybe another process), or None.
+        stats: The service's counters (``added``, ``completed``, ``retried``, ...).
+    """
+
+    holder: str
+    is_leader: bool
+    leader: str | None
+    stats: dict[str, int]
+
+
+class RecoveryInfo(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/recovery``: the recoverer and delayer of ``flowstate serve --recover``."""
+
+    enabled: bool
+    recoverer: ServiceInfo | None = None
+    delayer: ServiceInfo | None = None
+
+
+class FlowstateApp:
+    """The ASGI application ``flowstate serve`` runs: Litestar, routed on raw paths.
+
+    Attributes:
+        context: What the routes share (the engine, limits, the stop signal).
+        litestar: The Litestar application.
+    """
+
+    def __init__(self, context: ServerContext, litestar: Litestar) -> None:
+        self.context = context
+        self.litestar = litestar
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            raw = scope.get("raw_path")
+            if raw:
+                scope["path"] = route_path(raw)
+        await self.litestar(scope, receive, send)
+
+
+def create_app(
+    engine: Engine,
+    *,
+    token: str | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    keepalive: float = DEFAULT_KEEPALIVE,
+    recoverer: Recoverer | None = None,
+    delayer: Delayer | None = None,
+    tasks: Mapping[str, StepFn] | None = None,
+    routers: Sequence[RouterFactory] = (),
+) -> FlowstateApp:
+    """Build the HTTP application on an open engine.
+
+    Args:
+        engine: The open engine; its driver stores everything the routes read and write.
+        token: When set, every route but ``/health`` needs ``Authorization: Bearer <token>``.
+        max_body_size: The largest request body accepted, in bytes (413 above it).
+        keepalive: Seconds without versions after which a watch stream sends a comment.
+        recoverer: A recoverer running on ``engine``, shown by ``GET /api/v1/recovery``.
+        delayer: A delayer running on ``engine``, shown by ``GET /api/v1/recovery``.
+        tasks: Step functions by task name, for the pipelines that ``POST
+            /api/v1/flows/execute`` defines.
+        routers: More routes, each built from the context (as the built-in ones are).
+    """
+    context = ServerContext(
+        engine=engine,
+        max_body_size=max_body_size,
+        keepalive=keepalive,
+        recoverer=recoverer,
+        delayer=delayer,
+        tasks=dict(tasks or {}),
+    )
+    handlers: list[object] = [
+        _health(context),
+        _recovery(context),
+        _states.router(context),
+        _store.router(context),
+        _flows.router(context),
+        *(factory(context) for factory in routers),
+    ]
+    litestar = Litestar(
+        route_handlers=handlers,  # type: ignore[arg-type]
+        guards=[_bearer(token)] if token else [],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=max_body_size,
+        openapi_config=OpenAPIConfig(
+            title="flowstate",
+            version=flowstate.__version__,
+            path="/schema",
+            render_plugins=[JsonRenderPlugin()],
+            use_handler_docstrings=True,
+        ),
+        logging_config=None,
+    )
+    return FlowstateApp(context, litestar)
+
+
+def _bearer(
+    token: str,
+) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
+    expected = token.encode()  # the client sends the token's UTF-8 bytes
+
+    def check(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        if handler.opt.get("public"):
+            return
+        scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+        # Header values arrive decoded as latin-1: encoding them back gives the raw bytes.
+        presented = given.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
+            raise NotAuthorizedException(
+                "this server needs 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": 'Bearer realm="flowstate"'},
+            )
+
+    return check
+
+
+def _health(context: ServerContext) -> object:
+    driver = context.engine.driver
+
+    @get("/health", opt={"public": True}, summary="Is the store reachable", tags=["server"])
+    async def health() -> Health:
+        """200 with the store's latest revision, or 503 when the store cannot be reached.
+        Needs no token."""
+        try:
+            rev = await driver.head_rev()
+        except DriverError as exc:
+            raise DriverUnavailableError(f"the store is unavailable: {exc}") from exc
+        return Health(status="ok", rev=rev)
+
+    return health
+
+
+def _recovery(context: ServerContext) -> object:
+    driver = context.engine.driver
+
+    async def describe(service: Recoverer | Delayer | None) -> ServiceInfo | None:
+        if service is None:
+            return None
+        lease = None
+        if isinstance(driver, SupportsLease):
+            lease = await driver.get_lease(service.lease_name)
+        return ServiceInfo(
+            holder=service.holder,
+            is_leader=service.is_leader,
+            leader=lease.holder if lease is not None else None,
+            stats=asdict(service.stats),
+        )
+
+    @get("/api/v1/recovery", summary="The recovery services of this server", tags=["server"])
+    async def recovery() -> RecoveryInfo:
+        """The recoverer and delayer ``flowstate serve --recover`` runs: who leads them in
+        the cluster, whether this server does, and their counters since it started."""
+        return RecoveryInfo(
+            enabled=context.recoverer is not None or context.delayer is not None,
+            recoverer=await describe(context.recoverer),
+            delayer=await describe(context.delayer),
+        )
+
+    return recovery

@@ -1,0 +1,77 @@
+"""Errors to responses, in one place: JSON ``{"error": {"type", "message"}}``, never a trace.
+
+flowstate errors take the status code :data:`flowstate._wire.ERRORS` gives them; Litestar's
+own HTTP errors (bad parameters, unknown routes, bodies over the limit) keep their status
+code; anything unexpected is a 500 whose details go to the server's log only.
+"""
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from flowstate._wire import ErrorBody, ErrorInfo, error_info, error_status
+from flowstate.errors import FlowstateError
+
+__all__ = ["EXCEPTION_HANDLERS", "error_response"]
+
+logger = logging.getLogger("flowstate.server")
+
+# Litestar's HTTP errors by status code: the error type clients see.
+_HTTP_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "no_route",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+
+
+def error_response(
+    status: int, info: ErrorInfo, headers: dict[str, str] | None = None
+) -> Response[ErrorBody]:
+    """The response for an error."""
+    return Response(ErrorBody(error=info), status_code=status, headers=headers)
+
+
+def _flowstate_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    known = error_status(exc)
+    if known is None:
+        return _unexpected(request, exc)
+    status, type_ = known
+    if status >= 500:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(status, error_info(exc, type_))
+
+
+def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    assert isinstance(exc, HTTPException)
+    message = exc.detail
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
+        details = [
+            f"{item.get('key', '?')}: {item.get('message', 'invalid')}"
+            for item in exc.extra
+            if isinstance(item, dict)
+        ]
+        if details:
+            message = f"{message}: {'; '.join(details)}"
+    type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, ErrorInfo(type=type_, message=message), exc.headers)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    # The trace is for the operator's log; the client learns only that it was not its fault.
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        500, ErrorInfo(type="internal", message="internal server error; see the server's log")
+    )
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    FlowstateError: _flowstate_error,
+    HTTPException: _http_error,
+    Exception: _flowstate_error,
+}

@@ -1,0 +1,151 @@
+"""The server process: SIGTERM drains and exits 0, a store that cannot be reached is a 503 (on
+etcd, behind a proxy the test cuts), and ``--recover`` runs the recovery services in it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+import flowstate as fs
+from tests.drivers.etcd_proxy import TcpProxy
+from tests.etcd_server import unique_url
+from tests.serve_process import ServeProcess
+from tests.server.sse import events
+
+# Each module starts `flowstate serve` processes of its own.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+FLOWS = "tests.recovery.process_flows:flows"
+
+
+async def test_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
+    server = ServeProcess(f"sqlite:///{tmp_path}/store.db")
+    server.start()
+    try:
+        url = server.wait_ready()
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            head = (await client.get("/api/v1/head")).json()["rev"]
+            poll = asyncio.ensure_future(
+                client.get("/api/v1/head", params={"wait_for": head + 1, "timeout": 60})
+            )
+            async with client.stream("GET", "/api/v1/watch") as stream:
+                assert stream.status_code == 200
+                server_stopped = asyncio.ensure_future(asyncio.to_thread(server.stop))
+                async with asyncio.timeout(20):
+                    # The stream ends (no event, no error) instead of holding the server up.
+                    received = [event async for event in events(stream) if event.comment is None]
+                assert received == []
+            answered = await poll
+            assert answered.status_code == 200, "an in-flight long poll is answered"
+            assert answered.json() == {"rev": head}
+            assert await server_stopped == 0
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/health")
+    finally:
+        server.close()
+    starts = [line for line in server.lines if "flowstate.server: listening on" in line]
+    stops = [line for line in server.lines if "stopped listening on" in line]
+    assert len(starts) == 1
+    assert len(stops) == 1
+    assert "after 3 requests" in stops[0]
+    assert len(server.lines) == 2, server.output
+
+
+async def test_a_store_out_of_reach_is_503(etcd_url: str) -> None:
+    """Once over etcd: the server works on it, answers 503 while etcd is cut off, and works
+    again once it is back."""
+    prefix = unique_url(etcd_url).split("/", 3)[3]
+    upstream = int(etcd_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    async with TcpProxy(upstream) as proxy:
+        server = ServeProcess(f"etcd://{proxy.endpoint}/{prefix}?timeout=1")
+        await asyncio.to_thread(server.start)
+        try:
+            url = await asyncio.to_thread(server.wait_ready)
+            async with fs.Engine(url) as engine, httpx.AsyncClient(base_url=url) as client:
+                together = [fs.StateCtx.new(f"t{i}") for i in range(3)]
+                await engine.do(fs.Commit(*(fs.Transit(c, "x") for c in together)))
+                shared = {c.committed.rev for c in together}
+                async with client.stream("GET", "/api/v1/watch") as stream:
+                    got = []
+                    async for event in events(stream):
+                        got.append(event)
+                        if len(got) == 3:
+                            break
+                # etcd gives the three one revision; only the last event carries the id, so
+                # that a client resuming from it misses none of them.
+                assert len(shared) == 1
+                assert [e.has_id for e in got] == [False, False, True]
+                assert got[-1].last_id == str(shared.pop())
+
+                await proxy.cut()
+                health = await client.get("/health")
+                assert health.status_code == 503
+                assert health.json()["error"]["type"] == "unavailable"
+                states = await client.get("/api/v1/states")
+                assert states.status_code == 503
+                assert states.json()["error"]["type"] == "unavailable"
+                with pytest.raises(fs.DriverUnavailableError):
+                    await engine.get_state("t0")
+
+                await proxy.restore()
+                async with asyncio.timeout(30):
+                    # etcd's client reconnects with a backoff: poll the health route until then.
+                    while (await client.get("/health")).status_code != 200:  # noqa: ASYNC110
+                        await asyncio.sleep(0.2)
+                assert (await engine.get_state("t0")).current.transition.to == "x"
+        finally:
+            await asyncio.to_thread(server.close)
+
+
+async def test_recover_runs_the_services_in_the_server(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    args = ("--recover", "--flows", FLOWS, "--retry-after", "0.3", "--lease-ttl", "1")
+    server = ServeProcess(url, *args)
+    await asyncio.to_thread(server.start)
+    try:
+        base = await asyncio.to_thread(server.wait_ready)
+        assert "recovery on" in server.wait_line("listening on")
+        async with fs.Engine(base) as engine, httpx.AsyncClient(base_url=base) as client:
+            # A state left running, as a crashed worker leaves it: the server's recoverer
+            # retries it and the flow ("slow" finishes it outside a worker) ends it.
+            ctx = fs.StateCtx.new("stalled")
+            await engine.do(fs.Commit(fs.Transit(ctx, "slow")))
+            async with asyncio.timeout(30), engine.watch(id="stalled") as watcher:
+                async for state in watcher:
+                    if state.is_ended:
+                        break
+            assert fs.recovery.attempt(await _version(engine, "stalled", -2)) == 1
+            info = (await client.get("/api/v1/recovery")).json()
+        assert info["enabled"] is True
+        recoverer = info["recoverer"]
+        assert recoverer["is_leader"] is True
+        assert recoverer["leader"] == recoverer["holder"]
+        assert recoverer["stats"]["retried"] == 1
+        assert info["delayer"]["leader"] == info["delayer"]["holder"]
+        assert await asyncio.to_thread(server.stop, signal.SIGTERM) == 0
+    finally:
+        await asyncio.to_thread(server.close)
+
+
+async def _version(engine: fs.Engine, state_id: str, index: int) -> fs.State:
+    versions = [s async for s in engine.iter_states(id=state_id)]
+    return versions[index]
+
+
+def test_recover_needs_flows(tmp_path: Path) -> None:
+    server = ServeProcess(f"sqlite:///{tmp_path}/store.db", "--recover")
+    server.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            server.wait_ready()
+        assert server.process is not None
+        assert server.process.wait(30) == 1
+        assert server.lines == [
+            "flowstate: error: --recover needs --flows: recovered states run the server's flows"
+        ]
+    finally:
+        server.close()

@@ -1,0 +1,155 @@
+"""The Worker service in one process, on every driver: plain flows, JSON runs, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+import flowstate as fs
+from flowstate.drivers.base import Driver
+from flowstate.workflows import FlowManager, Pipeline, Step, StepContext, Worker, workflow_flows
+from flowstate.workflows._worker import CLAIM
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def engine(new_driver: Callable[[], Driver]) -> AsyncIterator[fs.Engine]:
+    async with fs.Engine(new_driver()) as engine:
+        yield engine
+
+
+async def test_workers_run_each_plain_step_once(new_driver: Callable[[], Driver]) -> None:
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    async def pick(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        calls[(ctx.id, "pick")] += 1
+        return fs.Transit(ctx, "pack")  # a bare move: the worker commits it
+
+    async def pack(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        calls[(ctx.id, "pack")] += 1
+        return fs.Commit(fs.End(ctx))
+
+    flows = {"pick": pick, "pack": pack}
+    async with (
+        fs.Engine(new_driver(), flows=flows) as one,
+        fs.Engine(new_driver(), flows=flows) as two,
+        fs.Engine(new_driver()) as producer,
+        Worker(one, name="one") as first,
+        Worker(two, name="two") as second,
+    ):
+        await first.started()
+        await second.started()
+        ids = [f"order-{i}" for i in range(20)]
+        async with producer.watch(labels={"kind": "order"}) as watcher:
+            for state_id in ids:
+                ctx = fs.StateCtx.new(state_id, labels={"kind": "order"})
+                await producer.do(fs.Commit(fs.Transit(ctx, "pick")))
+            ended: set[str] = set()
+            async with asyncio.timeout(30):
+                async for state in watcher:
+                    if state.is_ended:
+                        ended.add(state.id)
+                        if ended == set(ids):
+                            break
+        assert calls == {(i, step): 1 for i in ids for step in ("pick", "pack")}
+        assert first.stats.steps + second.stats.steps == 40
+        versions = [v async for v in producer.iter_states(id="order-0")]
+        claims = [v.transition.annotations.get(CLAIM) for v in versions]
+        assert claims[1] in ("one", "two"), "each step is claimed before it runs"
+
+
+async def test_a_worker_runs_json_runs_from_their_stored_definition(engine: fs.Engine) -> None:
+    calls: collections.Counter[str] = collections.Counter()
+
+    async def task(step: StepContext) -> Any:
+        calls[step.step_id] += 1
+        return {"status": "success"}
+
+    definition = {
+        "flow": {
+            "id": "etl",
+            "start_task": "extract",
+            "tasks": [{"name": "extract"}, {"name": "load"}],
+            "conditions": [
+                {
+                    "source_task": "extract",
+                    "target_task_success": "load",
+                    "target_task_failure": "end",
+                }
+            ],
+        }
+    }
+    tasks = {"extract": task, "load": task}
+    async with fs.Engine(engine.driver) as bare, Worker(bare, tasks=tasks) as worker:
+        await worker.started()
+        submitter = FlowManager(engine)
+        submitter.register(Pipeline.from_definition(definition, tasks=tasks))
+        run = await submitter.execute("etl", enqueue=True)
+        done = await submitter.result(run.id, timeout=30)
+    assert done.status == "finished"
+    assert calls == {"extract": 1, "load": 1}
+    assert worker.stats.runs >= 1
+
+
+async def test_a_worker_picks_up_runs_waiting_when_it_starts(engine: fs.Engine) -> None:
+    calls: collections.Counter[str] = collections.Counter()
+
+    async def step(ctx: StepContext) -> Any:
+        calls[ctx.run_id] += 1
+        return None
+
+    pipeline = Pipeline("queued").add_step(Step("only", step))
+    manager = FlowManager(engine)
+    manager.register(pipeline)
+    runs = [await manager.execute("queued", enqueue=True) for _ in range(3)]
+    async with (
+        fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as other,
+        Worker(other, concurrency=1) as worker,
+    ):
+        for run in runs:
+            assert (await manager.result(run.id, timeout=30)).status == "finished"
+    assert calls == {run.id: 1 for run in runs}
+    assert worker.stats.runs == 3
+
+
+async def test_a_cancel_elsewhere_stops_the_step_a_worker_runs(engine: fs.Engine) -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def forever(step: StepContext) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    pipeline = Pipeline("forever").add_step(Step("wait", forever))
+    async with (
+        fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as other,
+        Worker(other) as worker,
+    ):
+        await worker.started()
+        # This manager has no executor of its own: the worker's is in another engine.
+        submitter = FlowManager(engine)
+        submitter.register(pipeline)
+        run = await submitter.execute("forever", enqueue=True)
+        await started.wait()
+        engine.flows.unregister(pipeline.flow_id)
+        await submitter.cancel(run.id)
+        await asyncio.wait_for(stopped.wait(), 10)
+    assert (await submitter.get(run.id)).status == "cancelled"
+
+
+async def test_worker_arguments(engine: fs.Engine) -> None:
+    with pytest.raises(fs.InvalidCommandError):
+        Worker(engine, concurrency=0)
+    worker = Worker(engine)
+    async with worker:
+        with pytest.raises(fs.ClosedError):
+            await worker.__aenter__()
+    await worker.aclose()
