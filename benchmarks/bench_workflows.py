@@ -155,7 +155,10 @@ async def pipeline_steps(url: str, seconds: float) -> float:
             since = await engine.driver.head_rev()
             finished = manager.watch(runtime="pipeline", status="finished", since_rev=since)
             async with finished as versions:
-                runs = {(await manager.execute("noop")).id for _ in range(CONCURRENCY)}
+                started = await asyncio.gather(
+                    *(manager.execute("noop") for _ in range(CONCURRENCY))
+                )
+                runs = {run.id for run in started}
                 async for version in versions:
                     runs.discard(version.id)
                     if not runs:
