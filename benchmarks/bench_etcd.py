@@ -1,108 +1,134 @@
-"""etcd driver throughput against raw aetcd compare-and-set transactions, and watch latency.
+"""etcd: the engine against raw etcd transactions that write the same keys, and watch latency.
 
-Run it as a script for the table (medians over a few repetitions); it starts its own etcd
-member (through ``tests/etcd_server.py``) unless ``FLOWSTATE_ETCD_URL`` names one::
+The module starts its own etcd member (``tests/etcd_server.py``) unless
+``FLOWSTATE_ETCD_URL`` names one. One step is one commit of one state (one label). The
+same-work baselines send, on aetcd's gRPC stub, the ``Txn`` the driver sends for it: compare
+the head key's and the state key's ``mod_revision``; put the head, the time index entry, the
+state's latest version, its log entry, its history posting and its label posting:
 
-    python benchmarks/bench_etcd.py [--repeat 5] [--base 1000]
+* sequential: one such ``Txn`` per step, one after another; the engine runs one flow. ``raw
+  aetcd CAS, one key`` (``client.transaction`` comparing and putting one key, less work than
+  a commit) shows what aetcd's own API costs;
+* 64 at a time: one ``Txn`` carrying 64 states' commits (nested ``Txn`` ops where the
+  server's ``--max-txn-ops`` requires it, as the driver packs them); the engine runs 64
+  flows at once, and group commit sends their commits together;
+* watch delivery: the median time from sending a commit until a waiter on another driver
+  object (woken by its etcd watch) runs.
 
-Rows:
-
-* raw aetcd CAS: ``client.transaction`` comparing one key's ``mod_revision`` and putting it
-  (aetcd's own API), sequential and 32 concurrent (one key per worker);
-* raw gRPC stub CAS: the same ``Txn`` built from protobuf messages and sent on the stub (what
-  aetcd does underneath, without its per-call Python work), for reference;
-* raw gRPC stub, a commit's shape: the ``Txn`` a one-state commit sends (2 compares: the
-  state and the head; 5 puts: state, log, label posting, head, time index), built by hand:
-  the floor of the engine, which must write those keys;
-* engine: flows looping ``Commit(Transit(...))`` through ``engine.execute``, sequential and
-  32 concurrent (each flow on its own state, as each raw worker owns its key);
-* wait_for_rev latency: a waiter on a second driver (so woken by its etcd watch), timed from
-  the moment the commit is sent until the waiting task runs again.
-
-Under pytest (``--benchmark-disable`` in the normal run) a tiny version runs as a smoke test.
+Run ``python -m benchmarks --only etcd`` for the table; pytest runs a tiny smoke version.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import msgspec
 from aetcd import rpc
 
 import flowstate as fs
-from benchmarks._engine_rate import engine_rate
 from flowstate.drivers.base import CommitRequest, StateWrite
 from flowstate.drivers.etcd import EtcdDriver
 
 try:
+    from benchmarks._engine_rate import LABELS, engine_seconds
+    from benchmarks._suite import Case, Row, Settings
     from tests.etcd_server import ENV_URL, EtcdServer, etcd_url, raw_client, unique_url
 except ImportError:  # run as a script: the repository root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._engine_rate import LABELS, engine_seconds
+    from benchmarks._suite import Case, Row, Settings
     from tests.etcd_server import ENV_URL, EtcdServer, etcd_url, raw_client, unique_url
 
 __all__ = ["etcd_url"]
 
-CONCURRENCY = 32
+CONCURRENCY = 64
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops, which the driver assumes too
+SHAPED = "raw Txn, a commit's keys"
+BATCHED = f"raw Txn, {CONCURRENCY} commits' keys per Txn"
 
 
-async def _raw_cas(
-    url: str, workers: int, per_worker: int, *, stub: bool, shaped: bool = False
-) -> float:
-    """Compare-and-set transactions per second, ``workers`` keys in parallel."""
+def _mod_is(key: bytes, rev: int) -> Any:
+    return rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=rev)
+
+
+def _put(key: bytes, value: bytes) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
+
+
+async def _raw_txns(url: str, states: int, n: int) -> float:
+    """Seconds for ``n`` steps sent as ``Txn`` requests of ``states`` commits each."""
     client = await raw_client(url)
-    prefix = unique_url(url).rsplit("/", 1)[1].encode()
-    value = b"x" * 64
-
-    async def worker(i: int) -> None:
-        key = prefix + b"/cas-%d" % i
-        head = prefix + b"/head-%d" % i
-        mod = 0
-        for n in range(per_worker):
-            if shaped:
-                compares = [
-                    rpc.Compare(
-                        key=k, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=mod
-                    )
-                    for k in (key, head)
-                ]
-                puts = [
-                    (key, b"x" * 120),
-                    (prefix + b"/log/%d/%d" % (i, n), b"x" * 120),
-                    (prefix + b"/label/%d/%d" % (i, n), b"x" * 24),
-                    (head, b"x" * 12),
-                    (prefix + b"/time/%d/%d" % (i, n), b""),
-                ]
-                ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in puts]
-                response = await client.kvstub.Txn(rpc.TxnRequest(compare=compares, success=ops))
-                ok, mod = response.succeeded, response.header.revision
-            elif stub:
-                compare = rpc.Compare(
-                    key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=mod
-                )
-                put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
-                request = rpc.TxnRequest(compare=[compare], success=[put])
-                response = await client.kvstub.Txn(request)
-                ok, mod = response.succeeded, response.header.revision
-            else:
-                ops = client.transactions
-                ok, responses = await client.transaction(
-                    compare=[ops.mod(key) == mod], success=[ops.put(key, value)], failure=[]
-                )
-                mod = responses[0].response_put.header.revision
-            if not ok:
-                raise RuntimeError("compare-and-set failed")
-
+    prefix = unique_url(url).rsplit("/", 1)[1].encode() + b"/~"
+    head_key = prefix + b"head"
+    state = fs.State(id="bench-0", labels=dict(LABELS), transition=fs.Transition(to="step"))
+    state.annotations["left"] = "100000"
+    blob = msgspec.msgpack.encode([state, 0, 0])  # a version: [state, back, token]
+    posting = msgspec.msgpack.encode(["bench-0", LABELS])
+    keys = [prefix + b"s/bench-%d" % i for i in range(states)]
+    revs = [0] * states
+    head = 0
+    txns = max(1, n // states)
     try:
         start = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(workers)))
-        return workers * per_worker / (time.perf_counter() - start)
+        for _ in range(txns):
+            compares = [_mod_is(head_key, head)] + [
+                _mod_is(k, r) for k, r in zip(keys, revs, strict=True)
+            ]
+            ops = []
+            for i, key in enumerate(keys):
+                pos = b"%016x/%04x" % (head, i)
+                ops += [
+                    _put(key, blob),
+                    _put(prefix + b"log/" + pos, blob),
+                    _put(prefix + b"id/bench-%d/" % i + pos, posting),
+                    _put(prefix + b"lbl/bench/yes/" + pos, posting),
+                ]
+            top = [_put(head_key, b"x" * 12), _put(prefix + b"t/%012x/%016x" % (0, head), b"")]
+            room = MAX_TXN_OPS - max(len(compares), 2)
+            if len(ops) + len(top) <= MAX_TXN_OPS:
+                top += ops
+            else:  # nested condition-less Txn ops, as the driver packs a large group
+                top += [
+                    rpc.RequestOp(request_txn=rpc.TxnRequest(success=ops[i : i + room]))
+                    for i in range(0, len(ops), room)
+                ]
+            response = await client.kvstub.Txn(rpc.TxnRequest(compare=compares, success=top))
+            if not response.succeeded:
+                raise RuntimeError("compare-and-set failed")
+            head = int(response.header.revision)
+            revs = [head] * states
+        elapsed = time.perf_counter() - start
+    finally:
+        await client.close()
+    return elapsed * n / (txns * states)
+
+
+async def _aetcd_cas(url: str, n: int) -> float:
+    """Seconds for ``n`` compare-and-set transactions on one key through aetcd's API."""
+    client = await raw_client(url)
+    key = unique_url(url).rsplit("/", 1)[1].encode() + b"/cas"
+    value = b"x" * 120
+    mod = 0
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            ops = client.transactions
+            ok, responses = await client.transaction(
+                compare=[ops.mod(key) == mod], success=[ops.put(key, value)], failure=[]
+            )
+            if not ok:
+                raise RuntimeError("compare-and-set failed")
+            mod = responses[0].response_put.header.revision
+        return time.perf_counter() - start
     finally:
         await client.close()
 
@@ -123,130 +149,95 @@ async def _wake_latencies(url: str, samples: int) -> list[float]:
             await asyncio.sleep(0)  # the waiter is registered
             state = fs.State(id="s", transition=fs.Transition(to="a"))
             start = time.perf_counter()
-            write = StateWrite(state=state, expected_rev=rev)
-            result = await writer.commit(CommitRequest(writes=[write]))
+            result = await writer.commit(
+                CommitRequest(writes=[StateWrite(state=state, expected_rev=rev)])
+            )
             rev = result.revs[0]
             latencies.append(await waiter - start)
     return latencies
 
 
-def raw_sequential(url: str, n: int) -> float:
-    return asyncio.run(_raw_cas(url, 1, n, stub=False))
+# -- the contenders: fn(n, **kwargs) -> seconds for n steps ---------------------------------
 
 
-def raw_concurrent(url: str, n: int) -> float:
-    return asyncio.run(_raw_cas(url, CONCURRENCY, max(1, n // CONCURRENCY), stub=False))
+def raw_txn(n: int, url: str, states: int = 1) -> float:
+    return asyncio.run(_raw_txns(url, states, n))
 
 
-def stub_sequential(url: str, n: int) -> float:
-    return asyncio.run(_raw_cas(url, 1, n, stub=True))
+def aetcd_cas(n: int, url: str) -> float:
+    return asyncio.run(_aetcd_cas(url, n))
 
 
-def stub_concurrent(url: str, n: int) -> float:
-    return asyncio.run(_raw_cas(url, CONCURRENCY, max(1, n // CONCURRENCY), stub=True))
+def engine(n: int, url: str, flows: int = 1) -> float:
+    return asyncio.run(engine_seconds(unique_url(url), flows, n))
 
 
-def shaped_sequential(url: str, n: int) -> float:
-    return asyncio.run(_raw_cas(url, 1, n, stub=True, shaped=True))
+def wake_latency(n: int, url: str) -> float:
+    """``n`` times the median delivery latency of ``n`` commits (so that the row, seconds per
+    unit, reads as the median)."""
+    return statistics.median(asyncio.run(_wake_latencies(url, n))) * n
 
 
-def engine_sequential(url: str, n: int) -> float:
-    return asyncio.run(engine_rate(unique_url(url), 1, n))
+def cases(url: str) -> list[Case]:
+    kw = {"url": url}
+    sequential = "etcd, sequential"
+    batched = f"etcd, {CONCURRENCY} at a time"
+    return [
+        Case(sequential, SHAPED, raw_txn, kw, note="the keys one commit writes, one Txn each"),
+        Case(sequential, "flowstate engine, 1 flow", engine, kw, baseline=SHAPED),
+        Case(sequential, "raw aetcd CAS, one key", aetcd_cas, kw, baseline=SHAPED),
+        Case(batched, BATCHED, raw_txn, {**kw, "states": CONCURRENCY}, pilot=1024, step=64),
+        Case(
+            batched,
+            f"flowstate engine, {CONCURRENCY} flows",
+            engine,
+            {**kw, "flows": CONCURRENCY},
+            baseline=BATCHED,
+            target=0.8,
+            pilot=1024,
+            step=CONCURRENCY,
+        ),
+        Case(
+            "etcd, watch delivery",
+            "commit sent -> waiter on another driver runs (median)",
+            wake_latency,
+            kw,
+            unit="ms",
+            pilot=100,
+        ),
+    ]
 
 
-def engine_concurrent(url: str, n: int) -> float:
-    return asyncio.run(engine_rate(unique_url(url), CONCURRENCY, max(1, n // CONCURRENCY)))
-
-
-Measure = Callable[[str, int], float]
-
-MEASURES: list[tuple[str, Measure, int]] = [
-    ("raw aetcd CAS, sequential", raw_sequential, 1),
-    ("raw gRPC stub CAS, sequential", stub_sequential, 1),
-    ("raw gRPC stub, a commit's shape, sequential", shaped_sequential, 1),
-    ("engine Commit(Transit), sequential", engine_sequential, 1),
-    (f"raw aetcd CAS, {CONCURRENCY} concurrent", raw_concurrent, 4),
-    (f"raw gRPC stub CAS, {CONCURRENCY} concurrent", stub_concurrent, 4),
-    (f"engine Commit(Transit), {CONCURRENCY} concurrent", engine_concurrent, 4),
-]
-
-
-def run_table(url: str, repeat: int, base: int) -> dict[str, float]:
-    """Median rate of each measurement. Repetitions interleave the measurements, so that a
-    change in the machine's load affects all of them alike and the ratios stay fair.
-    """
-    runs: dict[str, list[float]] = {name: [] for name, _, _ in MEASURES}
-    for _ in range(repeat):
-        for name, fn, scale in MEASURES:
-            runs[name].append(fn(url, base * scale))
-    return {name: statistics.median(rates) for name, rates in runs.items()}
-
-
-def run_latency(url: str, repeat: int, samples: int) -> tuple[float, float]:
-    """Median over repetitions of the p50 and p99 wake latency, in milliseconds."""
-    p50s, p99s = [], []
-    for _ in range(repeat):
-        latencies = sorted(asyncio.run(_wake_latencies(url, samples)))
-        p50s.append(statistics.median(latencies) * 1000)
-        p99s.append(latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1000)
-    return statistics.median(p50s), statistics.median(p99s)
-
-
-def print_table(medians: dict[str, float], latency: tuple[float, float], repeat: int) -> None:
-    print(f"etcd driver benchmark, median of {repeat}, {os.cpu_count()} CPUs")
-    print(f"{'measurement':<44} {'transitions/s':>14}")
-    for name, rate in medians.items():
-        print(f"{name:<44} {rate:>14,.0f}")
-    print()
-    for kind in ("sequential", f"{CONCURRENCY} concurrent"):
-        engine = medians[f"engine Commit(Transit), {kind}"]
-        raw = medians[f"raw aetcd CAS, {kind}"]
-        stub = medians[f"raw gRPC stub CAS, {kind}"]
-        print(
-            f"engine/raw aetcd, {kind}: {engine / raw:.2f} (target >= 0.80); "
-            f"engine/raw stub: {engine / stub:.2f}"
-        )
-    floor = medians["raw gRPC stub, a commit's shape, sequential"]
-    sequential = medians["engine Commit(Transit), sequential"]
-    print(f"engine/commit-shaped stub Txn (the floor), sequential: {sequential / floor:.2f}")
-    p50, p99 = latency
-    print("wait_for_rev delivery (commit sent -> waiter on another driver runs): ", end="")
-    print(f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=5, help="repetitions (median reported)")
-    parser.add_argument("--base", type=int, default=1000, help="transitions per sequential run")
-    parser.add_argument("--samples", type=int, default=300, help="latency samples per run")
-    args = parser.parse_args(argv)
+@contextmanager
+def etcd_server() -> Iterator[str]:
+    """The URL of the etcd to measure: ``FLOWSTATE_ETCD_URL``, or a member started here."""
     configured = os.environ.get(ENV_URL)
     if configured:
-        return _report(configured, args)
+        yield configured
+        return
     with tempfile.TemporaryDirectory(prefix="flowstate-bench-etcd-") as tmp:
         server = EtcdServer(Path(tmp) / "data")
         try:
             server.start()
             server.wait_ready()
-            return _report(server.url, args)
+            yield server.url
         finally:
             server.close()
 
 
-def _report(url: str, args: argparse.Namespace) -> int:
-    medians = run_table(url, args.repeat, args.base)
-    latency = run_latency(url, args.repeat, args.samples)
-    print_table(medians, latency, args.repeat)
-    return 0
+def suite(settings: Settings) -> list[Row]:
+    with etcd_server() as url:
+        return settings.run(cases(url))
 
 
 def test_bench_etcd_smoke(etcd_url: str) -> None:
-    """A tiny run of every measurement (no timing is asserted)."""
-    for _, fn, _scale in MEASURES:
-        assert fn(etcd_url, 64) > 0
-    p50, p99 = run_latency(etcd_url, 1, 5)
-    assert 0 < p50 <= p99
+    """Every contender runs (tiny sizes, one round); no timing is asserted."""
+    rows = Settings.smoke().run(cases(etcd_url))
+    assert len(rows) == len(cases(etcd_url))
+    assert all(row.value > 0 for row in rows)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.__main__ import main
+
+    raise SystemExit(main(["--only", "etcd", *sys.argv[1:]]))

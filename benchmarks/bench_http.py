@@ -15,8 +15,9 @@ Run it for the tables (medians over interleaved rounds, same-run ratios)::
   watcher parsed a version minus the version's ``committed_at`` (the server's clock, which is
   this machine's; millisecond precision). Reported: p50, p99, and versions delivered per second.
 
-:func:`measure_rates` and :func:`measure_fanout` return the figures for other runners; pytest
-runs a tiny version of both as a smoke test.
+:func:`measure_rates` and :func:`measure_fanout` return the figures for other runners;
+:func:`suite` runs both as rows of ``python -m benchmarks``. pytest runs a tiny version of both
+as a smoke test.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import msgspec
 
 import flowstate as fs
 from benchmarks._engine_rate import step
+from benchmarks._suite import Case, Row, Settings
 
 FLOWS = 64
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -265,6 +267,76 @@ def print_tables(rates: dict[str, Any], fanout: dict[str, float], args: argparse
         f"| {fanout['p50_ms']:.0f} ms | {fanout['p99_ms']:.0f} ms "
         f"| {fanout['versions_per_s']:,.0f} | {fanout['commit_s']:.1f} s |"
     )
+
+
+# -- rows of python -m benchmarks ------------------------------------------------------------
+
+DIRECT = "flowstate engine, SQLite directly (in process)"
+REMOTE = "the same engine through http:// and flowstate serve (same SQLite driver)"
+
+
+def rate_seconds(n: int, url: str = "") -> float:
+    """Seconds for ``n`` transitions of FLOWS flows: through the server at ``url``, or, with
+    no ``url``, on a SQLite file of this process's own."""
+    per_flow = max(1, n // FLOWS - 1)  # each flow commits per_flow transits and an End
+    if url:
+        rate = asyncio.run(transition_rate(url, FLOWS, per_flow))
+    else:
+        with tempfile.TemporaryDirectory(prefix="flowstate-bench-http-") as tmp:
+            rate = asyncio.run(transition_rate(f"sqlite:///{tmp}/direct.db", FLOWS, per_flow))
+    return n / rate
+
+
+def fanout_value(n: int, watchers: int, commits: int, figure: str) -> float:
+    """One figure of :func:`measure_fanout` (a ``direct`` case: ``n`` is not used)."""
+    return measure_fanout(watchers, commits)[figure]
+
+
+def cases(url: str, *, watchers: int = 100, commits: int = 10_000) -> list[Case]:
+    group = f"remote driver, {FLOWS} at a time"
+    fan = {"watchers": watchers, "commits": commits}
+    sse = f"SSE fan-out: {watchers} watchers, a burst of {commits:,} commits"
+    return [
+        Case(group, DIRECT, rate_seconds, {}, pilot=2048, step=FLOWS),
+        Case(
+            group,
+            REMOTE,
+            rate_seconds,
+            {"url": url},
+            baseline=DIRECT,
+            target=0.3,
+            pilot=2048,
+            step=FLOWS,
+        ),
+        Case(
+            sse,
+            "delivery p50",
+            fanout_value,
+            {**fan, "figure": "p50_ms"},
+            unit="ms",
+            direct=True,
+            pilot=1,
+        ),
+        Case(
+            sse,
+            "versions delivered",
+            fanout_value,
+            {**fan, "figure": "versions_per_s"},
+            unit="versions/s",
+            direct=True,
+            pilot=1,
+        ),
+    ]
+
+
+def suite(settings: Settings) -> list[Row]:
+    """The remote driver's rate next to the direct one, and SSE fan-out, as suite rows."""
+    size = {"watchers": 10, "commits": 500} if settings.quick else {}
+    with (
+        tempfile.TemporaryDirectory(prefix="flowstate-bench-http-") as tmp,
+        served(Path(tmp) / "served.db") as url,
+    ):
+        return settings.run(cases(url, **size))
 
 
 def main(argv: list[str] | None = None) -> int:

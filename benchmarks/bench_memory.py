@@ -3,27 +3,30 @@
 Each measured unit is a 10-step chain over many states: flowstate runs flows ``s0`` .. ``s9``
 through ``engine.execute``, each step returning ``Commit(Transit(ctx, next))`` (the last one
 ``Commit(End(ctx))``), so every step is a committed, revision-checked, watchable version.
-The baselines move plain Python objects through the same 10 steps, in memory only, with
+The contenders move plain Python objects through the same 10 steps, in memory only, with
 ``transitions`` (one shared machine, one model per state, the way it serves many objects) and
-``python-statemachine`` (one machine per state). flowstate flows are async functions, so the
-like-for-like baselines are the libraries' asyncio forms (``AsyncMachine``, and
-python-statemachine with an async callback); their synchronous forms are listed too.
+``python-statemachine`` (one machine per state), in their synchronous and asyncio forms. The
+baseline is the fastest of them, ``transitions``' synchronous ``Machine``: an asyncio form
+costs mostly asyncio itself, so a ratio to it would flatter flowstate.
 
-Run ``python benchmarks/bench_memory.py`` for the table; pytest runs a small smoke version.
+Run ``python -m benchmarks --only memory`` for the table; pytest runs a tiny smoke version.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import flowstate as fs
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+try:
+    from benchmarks._suite import Case, Row, Settings
+except ImportError:  # run as a script: the repository root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._suite import Case, Row, Settings
 
 STEPS = 10
 
@@ -61,8 +64,13 @@ async def _flowstate_run(n_states: int) -> float:
         return elapsed
 
 
-def flowstate_rate(n_states: int) -> float:
-    return n_states * STEPS / asyncio.run(_flowstate_run(n_states))
+def _states(n: int) -> int:
+    return max(1, n // STEPS)
+
+
+def flowstate_seconds(n: int) -> float:
+    """Seconds for ``n`` steps: ``n // STEPS`` chains through ``engine.execute``."""
+    return asyncio.run(_flowstate_run(_states(n)))
 
 
 _NAMES = [f"s{i}" for i in range(STEPS + 1)]
@@ -73,13 +81,13 @@ class _Order:
     """A plain object the ``transitions`` machines move."""
 
 
-def transitions_async_rate(n_states: int) -> float:
+def transitions_async_seconds(n: int) -> float:
     """``transitions``' AsyncMachine: its asyncio form, what an asyncio application uses."""
     from transitions.extensions.asyncio import AsyncMachine
 
     async def run() -> float:
         machine = AsyncMachine(model=None, states=_NAMES, transitions=_STEPS, initial="s0")
-        models = [_Order() for _ in range(n_states)]
+        models = [_Order() for _ in range(_states(n))]
         for model in models:
             machine.add_model(model)
         start = time.perf_counter()
@@ -90,15 +98,15 @@ def transitions_async_rate(n_states: int) -> float:
         assert all(model.state == _NAMES[-1] for model in models)  # type: ignore[attr-defined]
         return elapsed
 
-    return n_states * STEPS / asyncio.run(run())
+    return asyncio.run(run())
 
 
-def transitions_sync_rate(n_states: int) -> float:
+def transitions_sync_seconds(n: int) -> float:
     """``transitions``' plain Machine: synchronous, so no event loop in the way."""
     from transitions import Machine
 
     machine = Machine(model=None, states=_NAMES, transitions=_STEPS, initial="s0")
-    models = [_Order() for _ in range(n_states)]
+    models = [_Order() for _ in range(_states(n))]
     for model in models:
         machine.add_model(model)
     start = time.perf_counter()
@@ -107,7 +115,7 @@ def transitions_sync_rate(n_states: int) -> float:
             model.next()  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - start
     assert all(model.state == _NAMES[-1] for model in models)  # type: ignore[attr-defined]
-    return n_states * STEPS / elapsed
+    return elapsed
 
 
 def _statemachine_class(with_async_callback: bool) -> type[Any]:
@@ -127,12 +135,12 @@ def _statemachine_class(with_async_callback: bool) -> type[Any]:
     return type("OrderMachine", (StateMachine,), namespace)
 
 
-def statemachine_async_rate(n_states: int) -> float:
+def statemachine_async_seconds(n: int) -> float:
     """``python-statemachine`` in its asyncio mode (an async callback, awaited events)."""
     machine_cls = _statemachine_class(with_async_callback=True)
 
     async def run() -> float:
-        machines = [machine_cls() for _ in range(n_states)]
+        machines = [machine_cls() for _ in range(_states(n))]
         for machine in machines:
             await machine.activate_initial_state()
         start = time.perf_counter()
@@ -143,59 +151,78 @@ def statemachine_async_rate(n_states: int) -> float:
         assert all(m.current_state_value == _NAMES[-1] for m in machines)
         return elapsed
 
-    return n_states * STEPS / asyncio.run(run())
+    return asyncio.run(run())
 
 
-def statemachine_sync_rate(n_states: int) -> float:
+def statemachine_sync_seconds(n: int) -> float:
     """``python-statemachine`` without callbacks, synchronous."""
     machine_cls = _statemachine_class(with_async_callback=False)
-    machines = [machine_cls() for _ in range(n_states)]
+    machines = [machine_cls() for _ in range(_states(n))]
     start = time.perf_counter()
     for machine in machines:
         for _ in range(STEPS):
             machine.send("next")
     elapsed = time.perf_counter() - start
     assert all(m.current_state_value == _NAMES[-1] for m in machines)
-    return n_states * STEPS / elapsed
+    return elapsed
 
 
-BASELINE = "transitions AsyncMachine"
-CONTENDERS: dict[str, Callable[[int], float]] = {
-    "flowstate, memory driver": flowstate_rate,
-    BASELINE: transitions_async_rate,
-    "python-statemachine, async": statemachine_async_rate,
-    "transitions Machine (sync)": transitions_sync_rate,
-    "python-statemachine (sync)": statemachine_sync_rate,
-}
+GROUP = f"memory, {STEPS}-step chains, sequential"
+BASELINE = "transitions Machine (sync)"
 
 
-def measure(n_states: int, rounds: int) -> dict[str, float]:
-    """Median rates over ``rounds``, the contenders interleaved so noise hits them alike."""
-    samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    for _ in range(rounds):
-        for name, rate in CONTENDERS.items():
-            samples[name].append(rate(n_states))
-    return {name: statistics.median(values) for name, values in samples.items()}
+def cases() -> list[Case]:
+    return [
+        Case(GROUP, BASELINE, transitions_sync_seconds, pilot=2000, step=STEPS),
+        Case(
+            GROUP,
+            "flowstate, memory driver",
+            flowstate_seconds,
+            baseline=BASELINE,
+            target=2.0,
+            pilot=2000,
+            step=STEPS,
+            note="every step committed, revision-checked, watchable",
+        ),
+        Case(
+            GROUP,
+            "transitions AsyncMachine",
+            transitions_async_seconds,
+            baseline=BASELINE,
+            pilot=2000,
+            step=STEPS,
+        ),
+        Case(
+            GROUP,
+            "python-statemachine (sync)",
+            statemachine_sync_seconds,
+            baseline=BASELINE,
+            pilot=500,
+            step=STEPS,
+        ),
+        Case(
+            GROUP,
+            "python-statemachine, async",
+            statemachine_async_seconds,
+            baseline=BASELINE,
+            pilot=500,
+            step=STEPS,
+        ),
+    ]
 
 
-def report(rates: dict[str, float]) -> str:
-    baseline = rates[BASELINE]
-    lines = [f"{'contender':<30}{'transitions/s':>15}{'ratio':>10}"]
-    for name, rate in rates.items():
-        lines.append(f"{name:<30}{rate:>15,.0f}{rate / baseline:>9.2f}x")
-    lines.append(f"(ratio: to {BASELINE}; only flowstate stores, revision-checks and notifies)")
-    return "\n".join(lines)
+def suite(settings: Settings) -> list[Row]:
+    return settings.run(cases())
 
 
 def test_memory_benchmark_runs() -> None:
-    """Smoke test: the benchmark's code paths work; no timing is asserted."""
-    rates = measure(n_states=20, rounds=1)
-    assert set(rates) == set(CONTENDERS)
-    assert all(rate > 0 for rate in rates.values())
-    assert BASELINE in report(rates)
+    """Smoke test: every contender runs (tiny sizes, one round); no timing is asserted."""
+    rows = suite(Settings.smoke())
+    assert [row.contender for row in rows] == [case.contender for case in cases()]
+    assert all(row.value > 0 for row in rows)
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    print(f"{n} states x {STEPS} steps, median of 7 rounds\n")
-    print(report(measure(n_states=n, rounds=7)))
+    from benchmarks.__main__ import main
+
+    raise SystemExit(main(["--only", "memory", *sys.argv[1:]]))

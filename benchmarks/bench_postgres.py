@@ -27,21 +27,23 @@ DBOS runs in a process of its own (it is a process-wide singleton with threads);
 and a warm-up workflow are not timed. Ratios are taken within each repetition (the rows ran
 moments apart) and their median reported: on a shared machine the disk's fsync time and the
 load move between repetitions, and move both rows of a ratio alike. :func:`measure` returns
-the rates and ratios, so that a larger suite can run this benchmark as one part. Under pytest (``--benchmark-disable`` in the normal
-run) a tiny version runs as a smoke test.
+the rates and ratios; :func:`suite` runs the same contenders as rows of ``python -m
+benchmarks`` (see ``benchmarks/_suite.py``). Under pytest (``--benchmark-disable`` in the
+normal run) a tiny version runs as a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -52,12 +54,23 @@ from benchmarks._engine_rate import engine_rate
 from flowstate.drivers import postgres as postgres_driver
 
 try:
+    from benchmarks._suite import Case, Row, Settings
     from tests.postgres_server import ENV_URL, PostgresServer, postgres_url, unique_url
 except ImportError:  # run as a script: the repository root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._suite import Case, Row, Settings
     from tests.postgres_server import ENV_URL, PostgresServer, postgres_url, unique_url
 
-__all__ = ["MEASURES", "RATIOS", "Measurements", "measure", "postgres_url", "print_table"]
+__all__ = [
+    "MEASURES",
+    "RATIOS",
+    "Measurements",
+    "measure",
+    "postgres_server",
+    "postgres_url",
+    "print_table",
+    "suite",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
@@ -271,6 +284,89 @@ def measure(
         return run_table(url, repeat, base, dbos=dbos)
     with PostgresServer(settings=DURABLE) as server:
         return run_table(server.url, repeat, base, dbos=dbos)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """The URL to measure on: ``FLOWSTATE_POSTGRES_URL``, or a cluster started here with
+    PostgreSQL's durable defaults."""
+    configured = os.environ.get(ENV_URL)
+    if configured:
+        yield configured
+        return
+    with PostgresServer(settings=DURABLE) as server:
+        yield server.url
+
+
+_BY_NAME: dict[str, Measure] = {name: fn for name, fn, _, _ in MEASURES}
+
+
+def seconds(n: int, url: str, row: str) -> float:
+    """Seconds for ``n`` transitions of one row of :data:`MEASURES` (a case of the suite)."""
+    return n / _BY_NAME[row](url, n)
+
+
+def cases(url: str) -> list[Case]:
+    kw = {"url": url}
+    sequential = "PostgreSQL (fsync on), sequential"
+    batched = f"PostgreSQL (fsync on), {CONCURRENCY} at a time"
+    return [
+        Case(sequential, RAW_SEQUENTIAL, seconds, {**kw, "row": RAW_SEQUENTIAL}),
+        Case(
+            sequential,
+            ENGINE_SEQUENTIAL,
+            seconds,
+            {**kw, "row": ENGINE_SEQUENTIAL},
+            baseline=RAW_SEQUENTIAL,
+        ),
+        Case(
+            sequential,
+            DBOS_SEQUENTIAL,
+            seconds,
+            {**kw, "row": DBOS_SEQUENTIAL},
+            baseline=RAW_SEQUENTIAL,
+            pilot=100,
+        ),
+        Case(batched, RAW_BATCHED, seconds, {**kw, "row": RAW_BATCHED}, pilot=2048, step=64),
+        Case(
+            batched,
+            ENGINE_CONCURRENT,
+            seconds,
+            {**kw, "row": ENGINE_CONCURRENT},
+            baseline=RAW_BATCHED,
+            target=0.5,
+            pilot=2048,
+            step=CONCURRENCY,
+        ),
+        Case(
+            batched,
+            RAW_CONNECTIONS,
+            seconds,
+            {**kw, "row": RAW_CONNECTIONS},
+            baseline=RAW_BATCHED,
+            pilot=256,
+            step=CONCURRENCY,
+        ),
+        Case(
+            batched,
+            DBOS_CONCURRENT,
+            seconds,
+            {**kw, "row": DBOS_CONCURRENT},
+            baseline=RAW_BATCHED,
+            pilot=256,
+            step=CONCURRENCY,
+        ),
+    ]
+
+
+def suite(settings: Settings) -> list[Row]:
+    """The contenders of :data:`MEASURES` as rows of ``python -m benchmarks`` (a quick run
+    leaves DBOS out: its start-up alone would double the run; pytest's smoke test runs it)."""
+    with postgres_server() as url:
+        chosen = cases(url)
+        if settings.quick:
+            chosen = [case for case in chosen if "DBOS" not in case.contender]
+        return settings.run(chosen)
 
 
 def print_table(measured: Measurements) -> None:

@@ -8,8 +8,9 @@
 * failover: two ``flowstate recover`` processes on one store; the leader is SIGKILLed and the
   time until the standby logs that it leads is measured (bounded below by the lease TTL).
 
-Run ``python benchmarks/bench_recovery.py [N]``; it starts its own etcd for the etcd rows.
-pytest runs a small smoke version.
+Each figure is the median over the suite's interleaved rounds (a failover is one kill per
+round). Run ``python -m benchmarks --only recovery``; it starts its own etcd for the etcd
+rows. pytest runs a small smoke version.
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ import asyncio
 import datetime
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import flowstate as fs
+
+try:
+    from benchmarks._suite import Case, Row, Settings
+except ImportError:  # run as a script: the repository root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._suite import Case, Row, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_TTL = 2.0
@@ -149,57 +156,139 @@ async def _first_leader(procs: list[asyncio.subprocess.Process]) -> asyncio.subp
         await asyncio.gather(*waits, return_exceptions=True)
 
 
+def _in_store(driver: str, url: str, fn: Callable[[str], Coroutine[None, None, float]]) -> float:
+    """Run ``fn(url of a fresh store)``: ``driver`` is memory, sqlite (a file in a fresh
+    directory) or etcd (a fresh key prefix under ``url``)."""
+    if driver == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="flowstate-bench-") as tmp:
+            return asyncio.run(fn(f"sqlite:///{tmp}/recovery.db"))
+    if driver == "etcd":
+        return asyncio.run(fn(f"{url.rstrip('/')}/{uuid.uuid4().hex}"))
+    if driver == "postgres":
+        from tests.postgres_server import unique_url
+
+        return asyncio.run(fn(unique_url(url)))
+    return asyncio.run(fn("memory://"))
+
+
+def recovery(n: int, driver: str, url: str = "") -> float:
+    """Seconds for a Recoverer to retry ``n`` stalled states and run them to their end."""
+
+    async def run(store: str) -> float:
+        return n / await recovery_rate(store, n)
+
+    return _in_store(driver, url, run)
+
+
+def delay_p50(n: int, driver: str, url: str = "") -> float:
+    """``n`` times the median lateness of ``n`` fired delays (the row reads as the median)."""
+
+    async def run(store: str) -> float:
+        return percentile(await delay_latencies(store, n), 0.5) / 1000 * n
+
+    return _in_store(driver, url, run)
+
+
+def delay_p99(n: int, driver: str, url: str = "") -> float:
+    """``n`` times the 99th percentile lateness of ``n`` fired delays."""
+
+    async def run(store: str) -> float:
+        return percentile(await delay_latencies(store, n), 0.99) / 1000 * n
+
+    return _in_store(driver, url, run)
+
+
+def failover(n: int, driver: str, url: str = "") -> float:
+    """Seconds for ``n`` failovers of ``flowstate recover`` processes (one store each)."""
+
+    async def run(store: str) -> float:
+        total = await failover_seconds(store)
+        for _ in range(n - 1):
+            total += await failover_seconds(store)
+        return total
+
+    return _in_store(driver, url, run)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure(stores: dict[str, str], count: int, delays: int, failovers: int) -> list[str]:
-    rows = [
-        f"{'driver':<8}{'retried/s':>12}{'delay p50 ms':>14}{'delay p99 ms':>14}{'failover s':>12}"
-    ]
-    for name, make_url in stores.items():
-        rate = await recovery_rate(make_url.format(uuid.uuid4().hex), count)
-        lat = await delay_latencies(make_url.format(uuid.uuid4().hex), delays)
-        fail = "n/a"
-        if failovers and name != "memory":
-            took = [
-                await failover_seconds(make_url.format(uuid.uuid4().hex)) for _ in range(failovers)
-            ]
-            fail = f"{statistics.median(took):.2f}"
-        rows.append(
-            f"{name:<8}{rate:>12,.0f}{percentile(lat, 0.5):>14.1f}{percentile(lat, 0.99):>14.1f}{fail:>12}"
-        )
-    return rows
+def cases(
+    etcd: str | None, postgres: str | None = None, *, slow: bool = True, count: int = 10_000
+) -> list[Case]:
+    """The recovery cases; ``slow=False`` leaves out the p99 (a second delay run per driver)
+    and the failovers (two processes and a lease expiry each)."""
+    drivers = {"memory": "", "sqlite": ""}
+    drivers |= ({"etcd": etcd} if etcd else {}) | ({"postgres": postgres} if postgres else {})
+    found = []
+    for name, url in drivers.items():
+        kw = {"driver": name, "url": url}
+        found += [
+            Case(
+                "recovery: stalled states retried and run to their end",
+                name,
+                recovery,
+                kw,
+                unit="states/s",
+                pilot=count,
+                calibrate=False,
+            ),
+            Case(
+                "recovery: delay lateness p50",
+                name,
+                delay_p50,
+                kw,
+                unit="ms",
+                pilot=200,
+                calibrate=False,
+            ),
+        ]
+        if slow:
+            found.append(
+                Case(
+                    "recovery: delay lateness p99",
+                    name,
+                    delay_p99,
+                    kw,
+                    unit="ms",
+                    pilot=200,
+                    calibrate=False,
+                )
+            )
+        if slow and name != "memory":
+            found.append(
+                Case(
+                    f"recovery: failover after SIGKILL (lease TTL {LEASE_TTL:g} s)",
+                    name,
+                    failover,
+                    kw,
+                    unit="s",
+                    pilot=1,
+                    calibrate=False,
+                )
+            )
+    return found
 
 
-def test_recovery_benchmark_runs(tmp_path: Path) -> None:
+def suite(settings: Settings) -> list[Row]:
+    from benchmarks.bench_etcd import etcd_server
+    from benchmarks.bench_postgres import postgres_server
+
+    count = 500 if settings.quick else 10_000
+    with etcd_server() as etcd, postgres_server() as postgres:
+        return settings.run(cases(etcd, postgres, slow=not settings.quick, count=count))
+
+
+def test_recovery_benchmark_runs() -> None:
     """Smoke test of the benchmark's code paths; no timing is asserted."""
-    stores = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/{{}}.db"}
-    rows = asyncio.run(measure(stores, count=20, delays=10, failovers=0))
-    assert len(rows) == 3
+    rows = Settings.smoke().run(cases(None, slow=False, count=200))
+    assert len(rows) == 4
+    assert all(row.value >= 0 for row in rows)
 
 
 if __name__ == "__main__":
-    from tests.etcd_server import EtcdServer
-    from tests.postgres_server import PostgresServer
+    from benchmarks.__main__ import main
 
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        PostgresServer(settings={"fsync": "on", "full_page_writes": "on"}) as postgres,
-    ):
-        server = EtcdServer(Path(tmp) / "etcd")
-        server.start()
-        server.wait_ready()
-        try:
-            stores = {
-                "memory": "memory://",
-                "sqlite": f"sqlite:///{tmp}/{{}}.db",
-                "etcd": server.url + "/{}",
-                "postgres": postgres.url + "?schema={}",
-            }
-            print(f"{n} stalled states, 200 delays, lease TTL {LEASE_TTL}s, 3 failovers\n")
-            print("\n".join(asyncio.run(measure(stores, n, delays=200, failovers=3))))
-        finally:
-            server.close()
+    raise SystemExit(main(["--only", "recovery", *sys.argv[1:]]))

@@ -21,7 +21,9 @@ PyPI, its system database on a SQLite file, ``CONCURRENCY`` workflows of ``STEPS
 The scaling table fills a store with ``--flows`` managed flows (each created, started, and
 all but one in a hundred finished) and times ``FlowManager.list`` by status and by owner.
 
-Under pytest (``--benchmark-disable`` in the normal run) a tiny version runs as a smoke test.
+``python -m benchmarks`` runs the rate table (``suite``, at ``synchronous=normal``); the
+scaling table stays with this script. Under pytest (``--benchmark-disable`` in the normal
+run) a tiny version runs as a smoke test.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ from pathlib import Path
 import flowstate as fs
 from benchmarks._engine_rate import engine_rate
 from flowstate.workflows import FlowManager, Pipeline, Step, StepContext
+
+try:
+    from benchmarks._suite import Case, Row, Settings
+except ImportError:  # run as a script: the repository root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._suite import Case, Row, Settings
 
 CONCURRENCY = 64
 STEPS = 10
@@ -336,10 +344,55 @@ def main() -> None:
                 print(f"| {name} | {ms:.1f} |")
 
 
+def rate(n: int, contender: str, width: int, synchronous: str = "normal") -> float:
+    """One rate of the table (operations per second) over ``n`` milliseconds, in a fresh
+    store; a ``direct`` case of the suite."""
+    seconds = n / 1000
+    with tempfile.TemporaryDirectory(prefix="flowstate-bench-") as folder:
+        url = f"sqlite:///{folder}/rate.db?synchronous={synchronous}"
+        if contender == "managed":
+            return asyncio.run(managed_updates(url, width=width, seconds=seconds))
+        shaped = contender == "shaped"
+        return asyncio.run(engine_commits(url, width=width, seconds=seconds, shaped=shaped))
+
+
+def cases(milliseconds: int) -> list[Case]:
+    found = []
+    for width, how in ((1, "sequential"), (CONCURRENCY, f"{CONCURRENCY} at a time")):
+        group = f"managed flows, SQLite sync=normal, {how}"
+        shaped = "engine commit of a flow-shaped state"
+        for contender, name in (
+            ("shaped", shaped),
+            ("managed", "FlowManager.update_state"),
+            ("engine", "engine commit, Commit(Noop)"),
+        ):
+            found.append(
+                Case(
+                    group,
+                    name,
+                    rate,
+                    {"contender": contender, "width": width},
+                    unit="operations/s",
+                    baseline=None if name == shaped else shaped,
+                    pilot=milliseconds,
+                    direct=True,
+                )
+            )
+    return found
+
+
+def suite(settings: Settings) -> list[Row]:
+    """The rate table as rows of the suite (each rate measured over ``settings.seconds``)."""
+    milliseconds = 100 if settings.quick else max(50, round(settings.seconds * 1000))
+    return settings.run(cases(milliseconds))
+
+
 def test_smoke(tmp_path: Path) -> None:
     found = asyncio.run(rates(tmp_path, 0.05, 1))
     assert all(values[0] > 0 for values in found.values())
     assert "managed update" in _table(found)
+    rows = Settings.smoke().run(cases(50))
+    assert all(row.value > 0 for row in rows)
     steps = asyncio.run(pipelines(tmp_path, 0.05, 1, dbos=False))
     assert all(values[0] > 0 for values in steps.values())
     assert "pipeline / engine" in _pipeline_table(steps)

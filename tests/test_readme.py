@@ -79,6 +79,18 @@ def test_demo_command_runs(tmp_path: Path) -> None:
     assert (tmp_path / "flowstate-demo.db").exists()
 
 
+def test_performance_figures_come_from_the_results_table() -> None:
+    """Every row of the README's performance tables is a row of the committed results."""
+    section = README.split("## Performance", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows, "the Performance section quotes the results table"
+    results = (ROOT / "benchmarks" / "results" / "results.md").read_text().splitlines()
+    header, *figures = rows
+    assert header == results[results.index(header)]
+    missing = [row for row in figures if row not in results and not row.startswith("|---")]
+    assert not missing, f"README rows not in benchmarks/results/results.md: {missing}"
+
+
 def test_every_docs_page_is_linked() -> None:
     for page in DOCS.glob("*.md"):
         assert f"](docs/{page.name})" in README, f"the README does not link docs/{page.name}"

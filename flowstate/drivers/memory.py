@@ -1,9 +1,20 @@
 """The in-memory driver (``memory://``): a real driver whose store lives and dies with the process.
 
 Layout: an append-only log of encoded versions (revision ``r`` at index ``r - 1``), the latest
-revision per id, a posting list of revisions per state id and per label pair, and the commit times (which never
-decrease along the log, so ``since_time`` is a binary search). Commits run without awaiting,
-so each one is atomic with respect to every other coroutine in the loop.
+revision per id, a posting list of revisions per state id and per label pair, and the commit
+times (which never decrease along the log, so ``since_time`` is a binary search). Commits run
+without awaiting, so each one is atomic with respect to every other coroutine in the loop.
+
+History limit: by default every version is kept for the life of the store (about 1 KB per
+version of a small state). ``memory://?keep=N`` (``MemoryDriver(keep=N)``) keeps only the
+latest ``N`` versions of each state, for long-running processes: an older version is dropped
+when its state commits a newer one, with its data versions no longer visible from a kept
+version and its delay (which can no longer fire). A dropped version is gone for every read:
+``get_state(id, rev)`` raises ``NotFoundError``, and queries and watchers that reach its
+revision later skip it, so a watcher more than ``N`` versions of a state behind misses the
+dropped ones. Revisions stay global and increasing; each dropped version still costs a few
+bytes (its slot in the log and its commit time), and label postings of dropped versions are
+removed in bulk once they outnumber the live ones.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import heapq
 import itertools
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -72,9 +84,14 @@ class MemoryDriver(Driver):
 
     scheme = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: int | None = None) -> None:
+        if keep is not None and (type(keep) is not int or keep < 1):
+            raise InvalidURLError(f"keep must be a whole number of versions >= 1, not {keep!r}")
+        #: The most versions kept per state (None: all of them).
+        self.keep = keep
+        self._dropped = 0  # versions dropped since the posting lists were last compacted
         self._lifecycle = _Lifecycle.UNOPENED
-        self._log: list[_Entry] = []
+        self._log: list[_Entry | None] = []
         self._times: list[datetime.datetime] = []
         self._latest: dict[str, int] = {}
         self._by_id: dict[str, list[int]] = {}
@@ -90,12 +107,32 @@ class MemoryDriver(Driver):
 
     @classmethod
     def from_url(cls, url: str) -> Self:
-        if url.rstrip("/").lower() != "memory:":
-            raise InvalidURLError(f"{url!r}: the memory driver's URL is 'memory://'")
-        return cls()
+        """Create a driver from ``memory://`` or ``memory://?keep=N``.
+
+        Raises:
+            InvalidURLError: The URL is not a valid memory driver URL.
+        """
+        location, _, query = url.partition("?")
+        if location.rstrip("/").lower() != "memory:":
+            raise InvalidURLError(f"{url!r}: the memory driver's URL is 'memory://[?keep=N]'")
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError as exc:
+            raise InvalidURLError(f"{url!r}: malformed query string ({exc})") from None
+        keep: int | None = None
+        for key, value in pairs:
+            if key != "keep":
+                raise InvalidURLError(f"{url!r}: unknown option {key!r}; known options: keep")
+            if not value.isdigit() or int(value) < 1:
+                raise InvalidURLError(
+                    f"{url!r}: keep must be a whole number of versions >= 1, not {value!r}"
+                )
+            keep = int(value)
+        return cls(keep=keep)
 
     def __repr__(self) -> str:
-        return f"MemoryDriver(head_rev={len(self._log)}, {self._lifecycle.name.lower()})"
+        keep = "" if self.keep is None else f"keep={self.keep}, "
+        return f"MemoryDriver({keep}head_rev={len(self._log)}, {self._lifecycle.name.lower()})"
 
     def _check(self) -> None:
         if self._lifecycle is not _Lifecycle.OPENED:
@@ -148,6 +185,8 @@ class MemoryDriver(Driver):
                 by_id[state.id] = [rev]
             else:
                 history.append(rev)
+                if self.keep is not None and len(history) > self.keep:
+                    self._drop(state.id, history)
             if labels:
                 for pair in labels.items():
                     postings = by_label.get(pair)
@@ -165,15 +204,51 @@ class MemoryDriver(Driver):
         self._waiters.advance(len(log))
         return CommitResult(revs=revs, committed_at=committed_at)
 
+    def _drop(self, state_id: str, history: list[int]) -> None:
+        """Drop the versions of ``state_id`` beyond the latest ``keep`` ones."""
+        assert self.keep is not None
+        cut = len(history) - self.keep
+        dropped, history[:cut] = history[:cut], []
+        log = self._log
+        for rev in dropped:
+            log[rev - 1] = None
+        oldest = history[0]
+        for (owner, _alias), versions in self._data.items():
+            if owner != state_id:
+                continue
+            # The newest version at or below the oldest kept one is what that one sees.
+            keep_from = bisect.bisect_right(versions, oldest, key=lambda v: v[0]) - 1
+            if keep_from > 0:
+                del versions[:keep_from]
+        self._dropped += len(dropped)
+        if self._dropped * 2 > len(log):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Remove the revisions of dropped versions from the posting lists and delays."""
+        log = self._log
+        for pair, postings in list(self._by_label.items()):
+            live = [rev for rev in postings if log[rev - 1] is not None]
+            if live:
+                self._by_label[pair] = live
+            else:
+                del self._by_label[pair]
+        self._delays = [(rev, raw) for rev, raw in self._delays if log[rev - 1] is not None]
+        self._dropped = 0
+
+    def _entry(self, state_id: str, rev: int) -> _Entry:
+        entry = self._log[rev - 1] if 0 < rev <= len(self._log) else None
+        if entry is None or entry.id != state_id:
+            raise NotFoundError(f"state {state_id!r} has no version at rev {rev}")
+        return entry
+
     async def get_state(self, state_id: str, rev: int = 0) -> State:
         self._check()
         if rev == 0:
             rev = self._latest.get(state_id, 0)
             if not rev:
                 raise NotFoundError(f"state {state_id!r} not found")
-        elif not 0 < rev <= len(self._log) or self._log[rev - 1].id != state_id:
-            raise NotFoundError(f"state {state_id!r} has no version at rev {rev}")
-        return self._state_decoder.decode(self._log[rev - 1].raw)
+        return self._state_decoder.decode(self._entry(state_id, rev).raw)
 
     async def head_rev(self) -> int:
         self._check()
@@ -189,20 +264,19 @@ class MemoryDriver(Driver):
             last = next(self._matches(query, since_rev, reverse=True), None)
             if last is None:
                 return StatesPage(states=[], more=False, head_rev=head)
-            since_rev = last - 1
+            since_rev = last.rev - 1
         decode = self._state_decoder.decode
         states: list[State] = []
-        matches = self._matches(query, since_rev)
-        for rev in matches:
+        for entry in self._matches(query, since_rev):
             if len(states) == query.limit:
                 return StatesPage(states=states, more=True, head_rev=head)
-            states.append(decode(self._log[rev - 1].raw))
+            states.append(decode(entry.raw))
         return StatesPage(states=states, more=False, head_rev=head)
 
     def _matches(
         self, query: StatesQuery, since_rev: int, *, reverse: bool = False
-    ) -> Iterator[int]:
-        """Revisions after ``since_rev`` that match ``query`` (ascending, or descending)."""
+    ) -> Iterator[_Entry]:
+        """Versions after ``since_rev`` that match ``query`` (ascending, or descending)."""
         log = self._log
         latest = self._latest
         label_sets = query.label_sets
@@ -216,13 +290,15 @@ class MemoryDriver(Driver):
             candidates = iter(range(since_rev + 1, len(log) + 1))
         for rev in candidates:
             entry = log[rev - 1]
+            if entry is None:  # dropped (keep=N)
+                continue
             if query.latest_only and latest[entry.id] != rev:
                 continue
             if label_sets and not any(
                 all(entry.labels.get(k) == v for k, v in wanted.items()) for wanted in label_sets
             ):
                 continue
-            yield rev
+            yield entry
 
     def _label_candidates(
         self, label_sets: list[dict[str, str]], since_rev: int, reverse: bool
@@ -254,9 +330,12 @@ class MemoryDriver(Driver):
     async def get_delays(self, since_rev: int = 0, limit: int = 100) -> DelaysPage:
         self._check()
         start = bisect.bisect_right(self._delays, since_rev, key=lambda d: d[0])
-        chunk = self._delays[start : start + limit]
-        delays = [self._delay_decoder.decode(raw) for _, raw in chunk]
-        return DelaysPage(delays=delays, more=start + limit < len(self._delays))
+        log = self._log
+        delays_after = itertools.islice(self._delays, start, None)
+        live = (raw for rev, raw in delays_after if log[rev - 1] is not None)
+        chunk = list(itertools.islice(live, limit + 1))
+        delays = [self._delay_decoder.decode(raw) for raw in chunk[:limit]]
+        return DelaysPage(delays=delays, more=len(chunk) > limit)
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
         self._check()

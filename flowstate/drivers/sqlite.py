@@ -65,7 +65,7 @@ Watching:
     waits, the database thread also looks for commits made through other connections (other
     processes, other driver objects) every ``poll_interval`` seconds.
 
-Schema (version 2, stored in ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file
+Schema (version 3, stored in ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file
 as a flowstate store)::
 
     fs_log(rev INTEGER PRIMARY KEY, id, committed_at, state)  every version; committed_at in
@@ -77,6 +77,10 @@ as a flowstate store)::
         guard, and the index of ``latest_only`` queries
     fs_labels(key, value, rev)               one row per label of each version (primary key
         in that order), so a label filter reads only matching versions
+    fs_latest_labels(key, value, rev)        the same rows for latest versions only, indexed
+        by rev too (``fs_latest_labels_rev``): a ``latest_only`` label filter reads only the
+        states that match now, however long their history (version 3). A commit deletes the
+        rows of each state's previous version and inserts its new version's rows.
     fs_data(id, alias, rev, blob)            data versions
     fs_delays(rev PRIMARY KEY, to_flow, at_us)   delays, bound to the version at ``rev``
     fs_leases(name PRIMARY KEY, holder, token, ttl, expires_at)   leases; wall-clock expiry
@@ -143,7 +147,7 @@ logger = logging.getLogger("flowstate.drivers.sqlite")
 T = TypeVar("T")
 
 #: The schema version this release writes and reads (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: ``PRAGMA application_id`` of a flowstate store ("FLST").
 APPLICATION_ID: Final = 0x464C5354
 
@@ -158,8 +162,16 @@ FILE_MODE: Final = 0o600
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 # How often an idle database thread checks whether the interpreter is shutting down.
 _IDLE_CHECK = 1.0
-# Upper bound on the label postings counted to pick the most selective pair of an AND-map.
+# How many label postings the probe that picks an AND-map's sparsest pair reads per pair.
 _PROBE_CAP = 1024
+
+_LATEST_LABELS = """CREATE TABLE fs_latest_labels (
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        PRIMARY KEY (key, value, rev)
+    ) WITHOUT ROWID"""
+_LATEST_LABELS_REV = "CREATE INDEX fs_latest_labels_rev ON fs_latest_labels (rev)"
 
 _SCHEMA = (
     """CREATE TABLE fs_log (
@@ -180,6 +192,8 @@ _SCHEMA = (
         rev INTEGER NOT NULL,
         PRIMARY KEY (key, value, rev)
     ) WITHOUT ROWID""",
+    _LATEST_LABELS,
+    _LATEST_LABELS_REV,
     """CREATE TABLE fs_data (
         id TEXT NOT NULL,
         alias TEXT NOT NULL,
@@ -204,6 +218,14 @@ _SCHEMA = (
 # What takes a store from the version before each key to that version.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("CREATE INDEX fs_log_id ON fs_log (id)",),
+    3: (
+        _LATEST_LABELS,
+        _LATEST_LABELS_REV,
+        (
+            "INSERT INTO fs_latest_labels (key, value, rev) SELECT l.key, l.value, l.rev "
+            "FROM fs_labels l WHERE l.rev IN (SELECT rev FROM fs_latest)"
+        ),
+    ),
 }
 
 _SQL_HEAD = "SELECT max(rev) FROM fs_log"
@@ -211,6 +233,8 @@ _SQL_LAST = "SELECT rev, committed_at FROM fs_log WHERE rev = (SELECT max(rev) F
 _SQL_LATEST_REV = "SELECT rev FROM fs_latest WHERE id = ?"
 _SQL_INSERT_LOG = "INSERT INTO fs_log (rev, id, committed_at, state) VALUES (?, ?, ?, ?)"
 _SQL_INSERT_LABEL = "INSERT INTO fs_labels (key, value, rev) VALUES (?, ?, ?)"
+_SQL_INSERT_LATEST_LABEL = "INSERT INTO fs_latest_labels (key, value, rev) VALUES (?, ?, ?)"
+_SQL_DELETE_LATEST_LABELS = "DELETE FROM fs_latest_labels WHERE rev = ?"
 _SQL_UPSERT_LATEST = (
     "INSERT INTO fs_latest (id, rev) VALUES (?, ?) "
     "ON CONFLICT (id) DO UPDATE SET rev = excluded.rev"
@@ -229,10 +253,13 @@ _SQL_PAGE_LATEST = (
     "WHERE x.rev > ? ORDER BY x.rev LIMIT ?"
 )
 _SQL_LAST_LATEST = "SELECT max(rev) FROM fs_latest WHERE rev > ?"
+# The revision of a pair's _PROBE_CAP-th posting after a revision (None: it has fewer), and
+# how many it has up to that cap: among all versions, and among latest versions.
 _SQL_PROBE = (
-    "SELECT count(*) FROM (SELECT 1 FROM fs_labels WHERE key = ? AND value = ? AND rev > ? "
-    f"LIMIT {_PROBE_CAP})"
+    "SELECT max(rev), count(*) FROM (SELECT rev FROM fs_labels WHERE key = ? AND value = ? "
+    f"AND rev > ? ORDER BY rev LIMIT {_PROBE_CAP})"
 )
+_SQL_PROBE_LATEST = _SQL_PROBE.replace("fs_labels", "fs_latest_labels")
 _SQL_DATA_LATEST = (
     "SELECT rev, blob FROM fs_data WHERE id = ? AND alias = ? ORDER BY rev DESC LIMIT 1"
 )
@@ -1300,7 +1327,9 @@ def _write_group(
         now_ms = max(time.time_ns() // 1_000_000, last_ms)
         committed_at = _to_datetime(now_ms)
         latest: dict[str, int] = {}
-        written: dict[str, int] = {}
+        stored_revs: dict[str, int] = {}  # each state's latest revision before the group
+        # The version each written state ends the group at, and its labels.
+        written: dict[str, tuple[int, list[tuple[str, str]]]] = {}
         outcomes: list[_Outcome] = []
         log_rows: list[tuple[int, str, int, bytes]] = []
         label_rows: list[tuple[str, str, int]] = []
@@ -1313,6 +1342,7 @@ def _write_group(
                 if actual is None:
                     row = execute(_SQL_LATEST_REV, (write.id,)).fetchone()
                     actual = latest[write.id] = row[0] if row is not None else 0
+                    stored_revs[write.id] = actual
                 if actual != write.expected_rev:
                     conflicts.append(Conflict(write.id, write.expected_rev, actual))
             if conflicts:
@@ -1322,7 +1352,8 @@ def _write_group(
             for write in writes:
                 head += 1
                 rev = head
-                latest[write.id] = written[write.id] = rev
+                latest[write.id] = rev
+                written[write.id] = (rev, write.labels)
                 log_rows.append((rev, write.id, now_ms, write.state))
                 for key, value in write.labels:
                     label_rows.append((key, value, rev))
@@ -1337,7 +1368,19 @@ def _write_group(
             executemany(_SQL_INSERT_LOG, log_rows)
             if label_rows:
                 executemany(_SQL_INSERT_LABEL, label_rows)
-            executemany(_SQL_UPSERT_LATEST, written.items())
+            # The index of latest versions' labels: drop each state's version from before
+            # the group (``stored``), add the version it ends the group at.
+            stored = [(rev,) for state_id in written if (rev := stored_revs[state_id])]
+            if stored:
+                executemany(_SQL_DELETE_LATEST_LABELS, stored)
+            latest_labels = [
+                (key, value, rev) for rev, labels in written.values() for key, value in labels
+            ]
+            if latest_labels:
+                executemany(_SQL_INSERT_LATEST_LABEL, latest_labels)
+            executemany(
+                _SQL_UPSERT_LATEST, [(state_id, rev) for state_id, (rev, _) in written.items()]
+            )
             if data_rows:
                 executemany(_SQL_INSERT_DATA, data_rows)
             if delay_rows:
@@ -1368,31 +1411,40 @@ def _since_time_rev(cursor: sqlite3.Cursor, since_time: datetime.datetime, head:
 
 
 def _label_arms(
-    cursor: sqlite3.Cursor, label_sets: list[dict[str, str]], latest_only: bool, since_rev: int
+    cursor: sqlite3.Cursor,
+    label_sets: list[dict[str, str]],
+    latest_only: bool,
+    since_rev: int,
+    head: int,
 ) -> tuple[str, list[object]]:
     """SQL selecting the matching revisions after ``since_rev``, one SELECT per AND-map.
 
-    Each arm walks the label index for one pair of its map (the one with the fewest postings
-    after ``since_rev``, counted up to a cap) and checks the other pairs by primary key, so a
-    selective filter reads only its own postings.
+    Each arm walks the label index for one pair of its map and checks the other pairs by
+    primary key, so a selective filter reads only its own postings. ``latest_only`` reads
+    the index of latest versions' labels instead, so versions that are no longer latest
+    cost nothing. The walked pair is the sparsest one after ``since_rev``: the probe reads
+    up to ``_PROBE_CAP`` postings of each pair and compares how many revisions they span
+    (a pair with fewer postings than that is counted exactly), so two pairs that both have
+    many postings are still told apart.
     """
+    table = "fs_latest_labels" if latest_only else "fs_labels"
     arms = []
     params: list[object] = []
     for wanted in label_sets:
         pairs = list(wanted.items())
         if len(pairs) > 1:
-            counts = [
-                cursor.execute(_SQL_PROBE, (key, value, since_rev)).fetchone()[0]
-                for key, value in pairs
-            ]
-            lead = counts.index(min(counts))
+            probe = _SQL_PROBE_LATEST if latest_only else _SQL_PROBE
+            densities = []
+            for key, value in pairs:
+                last, count = cursor.execute(probe, (key, value, since_rev)).fetchone()
+                span = (last if count == _PROBE_CAP else head) - since_rev
+                densities.append(count / max(span, 1))
+            lead = densities.index(min(densities))
             pairs.insert(0, pairs.pop(lead))
         (key, value), others = pairs[0], pairs[1:]
-        sql = ["SELECT a.rev FROM fs_labels a WHERE a.key = ? AND a.value = ? AND a.rev > ?"]
+        sql = [f"SELECT a.rev FROM {table} a WHERE a.key = ? AND a.value = ? AND a.rev > ?"]
         params += [key, value, since_rev]
-        sql.append(_labels_at(others, params))
-        if latest_only:
-            sql.append(" AND EXISTS (SELECT 1 FROM fs_latest x WHERE x.rev = a.rev)")
+        sql.append(_labels_at(others, params, table))
         arms.append("".join(sql))
     return " UNION ".join(arms), params
 
@@ -1410,19 +1462,20 @@ def _history_arm(
     if label_sets:
         ors = []
         for wanted in label_sets:
-            ors.append("(1" + _labels_at(list(wanted.items()), params) + ")")
+            ors.append("(1" + _labels_at(list(wanted.items()), params, "fs_labels") + ")")
         sql.append(" AND (" + " OR ".join(ors) + ")")
     if latest_only:
         sql.append(" AND EXISTS (SELECT 1 FROM fs_latest x WHERE x.id = a.id AND x.rev = a.rev)")
     return "".join(sql), params
 
 
-def _labels_at(pairs: list[tuple[str, str]], params: list[object]) -> str:
-    """SQL conditions: the version at ``a.rev`` carries every label pair of ``pairs``."""
+def _labels_at(pairs: list[tuple[str, str]], params: list[object], table: str) -> str:
+    """SQL conditions: the version at ``a.rev`` carries every label pair of ``pairs`` (in
+    ``table``: ``fs_labels``, or ``fs_latest_labels`` for latest versions only)."""
     sql = []
     for n, (key, value) in enumerate(pairs):
         sql.append(
-            f" AND EXISTS (SELECT 1 FROM fs_labels b{n} WHERE b{n}.key = ? "
+            f" AND EXISTS (SELECT 1 FROM {table} b{n} WHERE b{n}.key = ? "
             f"AND b{n}.value = ? AND b{n}.rev = a.rev)"
         )
         params += [key, value]
@@ -1430,14 +1483,14 @@ def _labels_at(pairs: list[tuple[str, str]], params: list[object]) -> str:
 
 
 def _matching(
-    cursor: sqlite3.Cursor, query: StatesQuery, since_rev: int
+    cursor: sqlite3.Cursor, query: StatesQuery, since_rev: int, head: int
 ) -> tuple[str, list[object]] | None:
     """SQL selecting the revisions after ``since_rev`` that match the query's id and labels;
     None when the query filters on neither."""
     if query.id is not None:
         return _history_arm(query.id, query.label_sets, query.latest_only, since_rev)
     if query.label_sets:
-        return _label_arms(cursor, query.label_sets, query.latest_only, since_rev)
+        return _label_arms(cursor, query.label_sets, query.latest_only, since_rev, head)
     return None
 
 
@@ -1452,7 +1505,7 @@ def _read_page(
         latest_only = query.latest_only
         if query.since_latest:
             last: int | None
-            matching = _matching(cursor, query, since_rev)
+            matching = _matching(cursor, query, since_rev, head)
             if matching is not None:
                 arms, params = matching
                 row = cursor.execute(f"{arms} ORDER BY 1 DESC LIMIT 1", params).fetchone()
@@ -1465,7 +1518,7 @@ def _read_page(
                 return StatesPage(states=[], more=False, head_rev=head)
             since_rev = last - 1
         limit = query.limit
-        matching = _matching(cursor, query, since_rev)
+        matching = _matching(cursor, query, since_rev, head)
         if matching is not None:
             arms, params = matching
             rows = cursor.execute(
