@@ -285,6 +285,7 @@ async def list_latency(folder: Path, flows: int, repeat: int) -> dict[str, float
         step = -(-flows // CONCURRENCY)
         await asyncio.gather(*(fill(range(s, min(s + step, flows))) for s in range(0, flows, step)))
         queries: dict[str, Callable[[], Awaitable[object]]] = {
+            "page(status='running', limit=100)": lambda: manager.page(status="running", limit=100),
             "list(status='running')": lambda: manager.list(status="running"),
             "list(owner='owner-7')": lambda: manager.list(owner="owner-7"),
             "list(owner='owner-7', status='finished')": lambda: manager.list(
@@ -398,6 +399,7 @@ def test_smoke(tmp_path: Path) -> None:
     assert "pipeline / engine" in _pipeline_table(steps)
     latency = asyncio.run(list_latency(tmp_path, 200, 1))
     assert set(latency) == {
+        "page(status='running', limit=100)",
         "list(status='running')",
         "list(owner='owner-7')",
         "list(owner='owner-7', status='finished')",
