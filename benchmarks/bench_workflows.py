@@ -285,6 +285,7 @@ async def list_latency(folder: Path, flows: int, repeat: int) -> dict[str, float
         step = -(-flows // CONCURRENCY)
         await asyncio.gather(*(fill(range(s, min(s + step, flows))) for s in range(0, flows, step)))
         queries: dict[str, Callable[[], Awaitable[object]]] = {
+            "page(status='running', limit=100)": lambda: manager.page(status="running", limit=100),
             "list(status='running')": lambda: manager.list(status="running"),
             "list(owner='owner-7')": lambda: manager.list(owner="owner-7"),
             "list(owner='owner-7', status='finished')": lambda: manager.list(
@@ -345,26 +346,32 @@ def main() -> None:
 
 
 def rate(n: int, contender: str, width: int, synchronous: str = "normal") -> float:
-    """One rate of the table (operations per second) over ``n`` milliseconds, in a fresh
-    store; a ``direct`` case of the suite."""
+    """One rate of the tables (operations or steps per second) over ``n`` milliseconds, in a
+    fresh store; a ``direct`` case of the suite."""
     seconds = n / 1000
     with tempfile.TemporaryDirectory(prefix="flowstate-bench-") as folder:
         url = f"sqlite:///{folder}/rate.db?synchronous={synchronous}"
         if contender == "managed":
             return asyncio.run(managed_updates(url, width=width, seconds=seconds))
+        if contender == "pipeline":
+            return asyncio.run(pipeline_steps(url, seconds))
+        if contender == "transitions":
+            return asyncio.run(engine_transitions(url, seconds))
+        if contender == "dbos":
+            return dbos_steps(url)
         shaped = contender == "shaped"
         return asyncio.run(engine_commits(url, width=width, seconds=seconds, shaped=shaped))
 
 
-def cases(milliseconds: int) -> list[Case]:
+def cases(milliseconds: int, *, dbos: bool = True) -> list[Case]:
     found = []
     for width, how in ((1, "sequential"), (CONCURRENCY, f"{CONCURRENCY} at a time")):
         group = f"managed flows, SQLite sync=normal, {how}"
-        shaped = "engine commit of a flow-shaped state"
-        for contender, name in (
-            ("shaped", shaped),
-            ("managed", "FlowManager.update_state"),
-            ("engine", "engine commit, Commit(Noop)"),
+        engine = "engine commit, Commit(Noop)"
+        for contender, name, target in (
+            ("engine", engine, None),
+            ("managed", "FlowManager.update_state", 0.7),
+            ("shaped", "engine commit of a flow-shaped state", None),
         ):
             found.append(
                 Case(
@@ -373,7 +380,41 @@ def cases(milliseconds: int) -> list[Case]:
                     rate,
                     {"contender": contender, "width": width},
                     unit="operations/s",
-                    baseline=None if name == shaped else shaped,
+                    baseline=None if name == engine else engine,
+                    target=target,
+                    pilot=milliseconds,
+                    direct=True,
+                )
+            )
+    work = f"{CONCURRENCY} at a time, {STEPS} no-op steps each"
+    transitions = f"engine transitions ({CONCURRENCY} flows of {STEPS} Commit(Transit) steps)"
+    pipeline = "pipeline steps (FlowManager.execute, each step claimed and ended)"
+    dbos_row = f"DBOS 3.4, {CONCURRENCY} workflows of {STEPS} @DBOS.step steps"
+    groups: list[tuple[str, list[tuple[str, str, float | None]]]] = [
+        (
+            f"pipelines, SQLite sync=normal, {work}",
+            [("transitions", transitions, None), ("pipeline", pipeline, 0.5)],
+        )
+    ]
+    if dbos:
+        groups.append(
+            (
+                f"pipelines against DBOS, SQLite sync=normal, {work}",
+                [("dbos", dbos_row, None), ("pipeline", pipeline, 20.0)],
+            )
+        )
+    for group, contenders in groups:
+        base = contenders[0][1]
+        for contender, name, target in contenders:
+            found.append(
+                Case(
+                    group,
+                    name,
+                    rate,
+                    {"contender": contender, "width": CONCURRENCY},
+                    unit="steps/s",
+                    baseline=None if name == base else base,
+                    target=target,
                     pilot=milliseconds,
                     direct=True,
                 )
@@ -384,20 +425,21 @@ def cases(milliseconds: int) -> list[Case]:
 def suite(settings: Settings) -> list[Row]:
     """The rate table as rows of the suite (each rate measured over ``settings.seconds``)."""
     milliseconds = 100 if settings.quick else max(50, round(settings.seconds * 1000))
-    return settings.run(cases(milliseconds))
+    return settings.run(cases(milliseconds, dbos=not settings.quick))
 
 
 def test_smoke(tmp_path: Path) -> None:
     found = asyncio.run(rates(tmp_path, 0.05, 1))
     assert all(values[0] > 0 for values in found.values())
     assert "managed update" in _table(found)
-    rows = Settings.smoke().run(cases(50))
+    rows = Settings.smoke().run(cases(50, dbos=False))
     assert all(row.value > 0 for row in rows)
     steps = asyncio.run(pipelines(tmp_path, 0.05, 1, dbos=False))
     assert all(values[0] > 0 for values in steps.values())
     assert "pipeline / engine" in _pipeline_table(steps)
     latency = asyncio.run(list_latency(tmp_path, 200, 1))
     assert set(latency) == {
+        "page(status='running', limit=100)",
         "list(status='running')",
         "list(owner='owner-7')",
         "list(owner='owner-7', status='finished')",
