@@ -73,7 +73,6 @@ async def _timed(seconds: float, loops: list[Callable[[], Awaitable[None]]]) -> 
 # What a managed flow's version stores besides its state: its labels and the size of its
 # record and audit-event annotations (measured on an update_state of {"n": <int>}).
 SHAPED_LABELS = {
-    "flow.kind": "flow",
     "flow.owner": "",
     "flow.controller": "bench",
     "flow.runtime": "mirrored",

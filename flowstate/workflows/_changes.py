@@ -13,8 +13,6 @@ from flowstate.workflows._model import (
     EVENT,
     EVENT_PAYLOAD,
     FLOW_ID,
-    KIND,
-    KIND_STEP,
     MORE_EVENTS,
     RECORD,
     REST_FLOW,
@@ -178,6 +176,6 @@ def stage_step(ctx: fs.StateCtx, flow_id: str, step: StepRecord, status: StepSta
     if step.created_at is None and committed.rev:
         step.created_at = committed.committed_at  # a new step's is its first commit's time
     state = ctx.current
-    state.labels.update({KIND: KIND_STEP, FLOW_ID: flow_id, STATUS: str(status)})
+    state.labels.update({FLOW_ID: flow_id, STATUS: str(status)})
     state.annotations[STEP] = encode(step)
     state.transition = fs.Transition()

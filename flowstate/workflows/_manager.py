@@ -27,11 +27,7 @@ from flowstate.workflows._changes import (
 from flowstate.workflows._model import (
     CONTROLLER,
     FLOW_ID,
-    KIND,
-    KIND_FLOW,
-    KIND_STEP,
     OWNER,
-    PIPELINE,
     RUNTIME,
     RUNTIMES,
     STATUS,
@@ -650,23 +646,30 @@ class FlowManager:
         Raises:
             InvalidQueryError: A filter is not a string, or not a known status.
         """
-        labels = {KIND: KIND_FLOW}
-        for key, value in (
-            (OWNER, owner),
-            (CONTROLLER, controller),
-            (RUNTIME, runtime),
-            (PIPELINE, pipeline),
-        ):
+        labels: dict[str, str] = {}
+        for key, value in ((OWNER, owner), (CONTROLLER, controller), (RUNTIME, runtime)):
             if value is not None:
                 if not isinstance(value, str):
                     raise fs.InvalidQueryError(f"filters are strings, not {value!r}")
                 labels[key] = value
+        given: object = pipeline
+        if given is not None:
+            # A run's controller is its pipeline.
+            if not isinstance(given, str) or labels.get(RUNTIME, "pipeline") != "pipeline":
+                raise fs.InvalidQueryError(f"pipeline= selects pipeline runs, not {pipeline!r}")
+            if labels.setdefault(CONTROLLER, given) != given:
+                raise fs.InvalidQueryError("pipeline= and controller= name different pipelines")
+            labels[RUNTIME] = "pipeline"
         if status is not None:
             try:
                 labels[STATUS] = str(FlowStatus(status))
             except ValueError:
                 raise fs.InvalidQueryError(f"no flow status {status!r}") from None
-        return fs.StatesQuery(labels=labels, latest_only=True, since_rev=since_rev, limit=limit)
+        # Only flows carry a runtime label: without a runtime filter, any of them.
+        wanted: dict[str, str] | list[dict[str, str]] = (
+            labels if RUNTIME in labels else [{**labels, RUNTIME: r} for r in RUNTIMES]
+        )
+        return fs.StatesQuery(labels=wanted, latest_only=True, since_rev=since_rev, limit=limit)
 
     async def events(self, flow_id: str) -> builtins.list[FlowEvent]:
         """The flow's audit trail, oldest first: one event per committed change.
@@ -692,7 +695,7 @@ class FlowManager:
         flow = flow_of((await self._read(flow_id)).committed)
         if flow.runtime == "pipeline":
             return run_steps(flow_id, [s async for s in self.engine.iter_states(id=flow_id)])
-        query = fs.StatesQuery(labels={KIND: KIND_STEP, FLOW_ID: flow_id}, latest_only=True)
+        query = fs.StatesQuery(labels={FLOW_ID: flow_id}, latest_only=True)
         found = [step_of(state) async for state in self.engine.iter_states(query) if is_step(state)]
         found.sort(key=lambda step: (step.created_at, step.id))
         return found
@@ -713,9 +716,12 @@ class FlowManager:
         Raises:
             InvalidQueryError: A filter is invalid.
         """
-        labels = self.query(
-            owner=owner, status=status, controller=controller, runtime=runtime
-        ).labels
+        filters = (owner, status, controller, runtime)
+        labels: dict[str, str] | list[dict[str, str]] = {}
+        if id is None or any(value is not None for value in filters):
+            labels = self.query(
+                owner=owner, status=status, controller=controller, runtime=runtime
+            ).labels
         return FlowWatcher(self.engine.watch(id=id, labels=labels, since_rev=since_rev))
 
     async def _read(self, flow_id: str) -> fs.StateCtx:
@@ -833,9 +839,9 @@ def new_flow(
         state={} if state is None else json_object(state, "state"),
         run=run,
     )
-    labels = {KIND: KIND_FLOW, OWNER: owner, CONTROLLER: controller, RUNTIME: runtime}
-    if pipeline is not None:
-        labels[PIPELINE] = pipeline
+    if pipeline is not None and pipeline != controller:
+        raise fs.InvalidCommandError("a pipeline run's controller is its pipeline")
+    labels = {OWNER: owner, CONTROLLER: controller, RUNTIME: runtime}
     ctx = fs.StateCtx.new(flow_id, labels=labels)
     if runtime == "pipeline":
         # A run bounds its own retries (each step's attempts, crashed ones included); the

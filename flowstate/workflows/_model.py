@@ -237,21 +237,19 @@ class FlowStep(msgspec.Struct, frozen=True, kw_only=True):
 
 # -- storage ------------------------------------------------------------------------------------
 
-KIND = "flow.kind"
+# Labels: a flow's version carries RUNTIME (only flows do), STATUS, OWNER and CONTROLLER (a
+# pipeline run's controller is its pipeline); a step's carries FLOW_ID (only steps do) and
+# STATUS. Every label is indexed on every version, so there are no more than lists need.
 STATUS = "flow.status"
 OWNER = "flow.owner"
 CONTROLLER = "flow.controller"
 RUNTIME = "flow.runtime"
-PIPELINE = "flow.pipeline"
 FLOW_ID = "flow.id"
 RECORD = "flow.record"
 STEP = "flow.step"
 EVENT = "flow.event"
 EVENT_PAYLOAD = "flow.event.payload"
 MORE_EVENTS = "flow.event.more"
-
-KIND_FLOW = "flow"
-KIND_STEP = "step"
 
 #: The flow non-terminal managed and mirrored flows rest paused at; nothing ever runs it.
 REST_FLOW = "flowstate.workflows.rest"
@@ -331,12 +329,12 @@ def json_bytes(value: object, what: str) -> bytes:
 
 def is_flow(state: fs.State) -> bool:
     """True when ``state`` is a managed flow's version."""
-    return state.labels.get(KIND) == KIND_FLOW and RECORD in state.annotations
+    return RUNTIME in state.labels and RECORD in state.annotations
 
 
 def is_step(state: fs.State) -> bool:
     """True when ``state`` is a step's version."""
-    return state.labels.get(KIND) == KIND_STEP and STEP in state.annotations
+    return FLOW_ID in state.labels and STEP in state.annotations
 
 
 def read_record(state: fs.State) -> Record:
@@ -349,7 +347,8 @@ def flow_of(state: fs.State, record: Record | None = None) -> ManagedFlow:
         record = read_record(state)
     labels = state.labels
     committed_at = state.committed_at or _EPOCH
-    pipeline = labels.get(PIPELINE)
+    runtime = labels[RUNTIME]
+    pipeline = labels[CONTROLLER] if runtime == "pipeline" else None
     return ManagedFlow(
         id=state.id,
         controller=record.controller,
@@ -361,7 +360,7 @@ def flow_of(state: fs.State, record: Record | None = None) -> ManagedFlow:
         wait=record.wait,
         status=_STATUSES[labels[STATUS]],
         cancel_requested=record.cancel_requested,
-        runtime=labels.get(RUNTIME, "managed"),
+        runtime=runtime,
         revision=state.rev,
         created_at=record.created_at or committed_at,
         updated_at=committed_at,

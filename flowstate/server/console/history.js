@@ -271,7 +271,7 @@ export class HistoryView {
     }
     const labels = Object.entries(state.labels ?? {});
     const links = [];
-    if (state.labels?.["flow.kind"] === "flow") {
+    if (state.labels?.["flow.runtime"] !== undefined) {
       links.push(h("a", { href: `#/flows/${segment(state.id)}` }, "Open as a managed flow"));
       if (state.labels["flow.runtime"] === "pipeline") {
         links.push(h("a", { href: `#/executions/${segment(state.id)}` }, "Open as an execution"));
