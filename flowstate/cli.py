@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -742,17 +740,10 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_tasks(spec: str) -> dict[str, StepFn]:
-    """Import ``module:attr`` naming a mapping of task names to step functions."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise CommandError(f"--tasks wants package.module:attribute, not {spec!r}")
     try:
-        value = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise CommandError(f"cannot load --tasks {spec!r}: {exc}") from exc
-    if not isinstance(value, Mapping) or not all(callable(fn) for fn in value.values()):
-        raise CommandError(f"--tasks {spec!r} is not a mapping of task names to functions")
-    return dict(value)
+        return recover_service.load_tasks(spec)
+    except recover_service.FlowsSpecError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 async def _run_worker_service(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowstate._engine import Engine, Flow, FlowRegistry
 from flowstate.drivers.base import hide_password
@@ -40,6 +40,27 @@ def import_from_working_directory() -> None:
         sys.path.insert(0, cwd)
 
 
+def import_spec(spec: str, option: str) -> object:
+    """Import ``package.module:attribute``, as a command's ``option`` names it.
+
+    Importing runs the module's code, with this process's rights and access to the store.
+
+    Raises:
+        FlowsSpecError: The spec is malformed, or cannot be imported.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise FlowsSpecError(f"{option} wants package.module:attribute, not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FlowsSpecError(f"cannot import {module_name!r}: {exc}") from exc
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise FlowsSpecError(f"{module_name!r} has no attribute {attribute!r}") from None
+
+
 def load_flows(spec: str) -> FlowRegistry:
     """Import ``package.module:attribute`` and return the flows it names.
 
@@ -49,23 +70,28 @@ def load_flows(spec: str) -> FlowRegistry:
     Raises:
         FlowsSpecError: The spec is malformed, cannot be imported, or names something else.
     """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise FlowsSpecError(f"--flows wants package.module:attribute, not {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise FlowsSpecError(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        value = getattr(module, attribute)
-    except AttributeError:
-        raise FlowsSpecError(f"{module_name!r} has no attribute {attribute!r}") from None
+    value = import_spec(spec, "--flows")
     if isinstance(value, FlowRegistry):
         return value
     if isinstance(value, Mapping) and all(callable(fn) for fn in value.values()):
         flows: Mapping[str, Flow] = value
         return FlowRegistry(flows)
     raise FlowsSpecError(f"{spec!r} is a {type(value).__name__}, not a mapping of flows")
+
+
+def load_tasks(spec: str) -> dict[str, Callable[..., Any]]:
+    """Import ``package.module:attribute``: a mapping of task names to step functions (for
+    pipelines' JSON definitions).
+
+    Raises:
+        FlowsSpecError: The spec is malformed, cannot be imported, or names something else.
+    """
+    value = import_spec(spec, "--tasks")
+    if isinstance(value, Mapping) and all(
+        isinstance(name, str) and callable(fn) for name, fn in value.items()
+    ):
+        return dict(value)
+    raise FlowsSpecError(f"{spec!r} is not a mapping of task names to async functions")
 
 
 async def serve(

@@ -7,13 +7,11 @@ Importing this module needs nothing beyond flowstate itself: the server's depend
 from __future__ import annotations
 
 import contextlib
-import importlib
 import ipaddress
 import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +19,12 @@ from flowstate._engine import Engine
 from flowstate.drivers.base import hide_password
 from flowstate.recovery import Delayer, Recoverer
 from flowstate.recovery._serve import (
+    FlowsSpecError,
     add_service_arguments,
     import_from_working_directory,
     load_flows,
 )
+from flowstate.recovery._serve import load_tasks as load_task_spec
 from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE
 
 if TYPE_CHECKING:
@@ -128,19 +128,10 @@ def load_tasks(spec: str) -> dict[str, StepFn]:
     Raises:
         ServeError: The spec is malformed, cannot be imported, or names something else.
     """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ServeError(f"--tasks wants package.module:attribute, not {spec!r}")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ServeError(f"cannot import {module_name!r}: {exc}") from exc
-    value = getattr(module, attribute, None)
-    if not isinstance(value, Mapping) or not all(
-        isinstance(name, str) and callable(fn) for name, fn in value.items()
-    ):
-        raise ServeError(f"{spec!r} is not a mapping of task names to async functions")
-    return dict(value)
+        return load_task_spec(spec)
+    except FlowsSpecError as exc:
+        raise ServeError(str(exc)) from exc
 
 
 def is_loopback(host: str) -> bool:
