@@ -16,7 +16,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import Receive, Scope, Send
 
 import flowstate
-from flowstate._engine import Engine
+from flowstate import Engine
 from flowstate._wire import Health
 from flowstate.drivers.base import SupportsLease
 from flowstate.errors import DriverError, DriverUnavailableError

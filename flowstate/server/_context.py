@@ -10,7 +10,7 @@ from attrs import define, field
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from flowstate._engine import Engine
+    from flowstate import Engine
     from flowstate.recovery import Delayer, Recoverer
     from flowstate.workflows import StepFn
 

@@ -14,8 +14,7 @@ from litestar import Router, get, post
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from flowstate._query import StatesPage, StatesQuery
-from flowstate._state import State
+from flowstate import State, StatesPage, StatesQuery
 from flowstate._wire import MAX_PAGE, DataVersion
 from flowstate.errors import ClosedError, DriverError, InvalidQueryError
 from flowstate.server._context import ServerContext, wait_for_rev
