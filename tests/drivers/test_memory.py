@@ -98,6 +98,7 @@ async def test_keep_drops_the_delays_of_dropped_versions() -> None:
         assert not page.more
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_keep_bounds_memory() -> None:
     """A long-running store with keep=2 holds a small fraction of what keeping all does."""

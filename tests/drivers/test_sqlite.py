@@ -990,6 +990,7 @@ _HISTORY_QUERIES = [
 ]
 
 
+@pytest.mark.slow
 @pytestmark_anyio
 async def test_latest_and_and_queries_do_not_grow_with_history(tmp_path: Path) -> None:
     """A latest-only label page reads only latest versions, and an AND-map walks its sparse

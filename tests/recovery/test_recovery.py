@@ -134,6 +134,7 @@ async def test_a_hanging_state_does_not_block_the_others(new_driver: Callable[[]
         assert hanging.is_set()
 
 
+@pytest.mark.slow
 async def test_one_leader_and_a_quick_handover(new_driver: Callable[[], Driver]) -> None:
     async with fs.Engine(new_driver()) as one, fs.Engine(new_driver()) as two:
         first_rec = fast_recoverer(one)
