@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 import random
 import shutil
 import signal
@@ -34,6 +33,7 @@ from flowstate.drivers.postgres import SCHEMA_VERSION, PostgresDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests import postgres_server
+from tests.drivers.crash import CHILD, all_states, kill_committers_and_check
 from tests.postgres_server import PostgresServer, postgres_url, unique_url
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["postgres_url"]
 
-CHILD = Path(__file__).with_name("postgres_child.py")
 PASSWORD_ROLE = "fs_secret_user"
 PASSWORD = "s3cret-Pa55word"
 
@@ -92,17 +91,6 @@ def _write(state_id: str, expected_rev: int = 0, **labels: str) -> StateWrite:
 
 async def _commit(driver: fs.Driver, *writes: StateWrite) -> list[int]:
     return (await driver.commit(CommitRequest(writes=list(writes)))).revs
-
-
-async def _history(driver: fs.Driver, **labels: str) -> list[fs.State]:
-    states: list[fs.State] = []
-    query = fs.StatesQuery(labels=labels, limit=500)
-    while True:
-        page = await driver.get_states(query)
-        states += page.states
-        if not page.more:
-            return states
-        query = query.replace(since_rev=page.states[-1].rev)
 
 
 async def _sql(url: str, sql: str, *args: Any) -> list[Any]:
@@ -249,8 +237,8 @@ async def test_each_store_lives_in_its_own_schema(postgres_url: str) -> None:
         await _commit(a, _write("x"))
         await _commit(a, _write("y"))
         await _commit(b, _write("z"))
-        assert [s.id for s in await _history(a)] == ["x", "y"]
-        assert [s.id for s in await _history(b)] == ["z"]
+        assert [s.id for s in await all_states(a)] == ["x", "y"]
+        assert [s.id for s in await all_states(b)] == ["z"]
     tables = await _sql(
         one,
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
@@ -322,7 +310,7 @@ async def test_an_odd_schema_name_is_quoted(postgres_url: str) -> None:
             await _commit(other, _write("b"))
         async with asyncio.timeout(10):
             await waiter
-        assert [s.id for s in await _history(driver, kind="k")] == ["a"]
+        assert [s.id for s in await all_states(driver, labels={"kind": "k"})] == ["a"]
 
 
 # -- commits and revisions ---------------------------------------------------------------------
@@ -380,7 +368,7 @@ async def test_chained_commits_on_one_state_in_flight_together(postgres_url: str
         )
         assert results[0] == [rev + 1]
         assert isinstance(results[1], list), "checked against the first one's revision"
-        assert [s.labels.get("step") for s in await _history(driver) if s.id == "s"] == [
+        assert [s.labels.get("step") for s in await all_states(driver) if s.id == "s"] == [
             None,
             "1",
             "2",
@@ -402,7 +390,7 @@ async def test_two_drivers_take_dense_revisions(postgres_url: str) -> None:
         )
         revs = sorted(rev for chunk in seen for rev in chunk)
         assert revs == list(range(1, 181)), "every revision taken once, no gap"
-        history = await _history(one)
+        history = await all_states(one)
         assert [s.rev for s in history] == revs
         times = [s.committed_at for s in history if s.committed_at is not None]
         assert times == sorted(times), "commit times never decrease along revisions"
@@ -463,7 +451,7 @@ async def test_a_bad_commit_fails_alone(postgres_url: str) -> None:
         assert not isinstance(failure, fs.DriverUnavailableError)
         assert isinstance(failure.__cause__, asyncpg.PostgresError)
         assert all(isinstance(o, list) for i, o in enumerate(outcomes) if i != 5)
-        assert sorted(s.id for s in await _history(driver)) == sorted(
+        assert sorted(s.id for s in await all_states(driver)) == sorted(
             [f"s{i}" for i in range(5)] + [f"t{i}" for i in range(5)]
         )
         assert await driver.head_rev() == 10
@@ -546,7 +534,7 @@ async def test_accepted_commits_are_written_on_close(postgres_url: str, commits:
     await driver.aclose()
     revs = [rev for (rev,) in await asyncio.gather(*tasks)]
     async with PostgresDriver.from_url(url) as again:
-        assert [s.rev for s in await _history(again)] == sorted(revs)
+        assert [s.rev for s in await all_states(again)] == sorted(revs)
 
 
 async def test_commit_cancelled_before_it_was_sent_is_not_written(postgres_url: str) -> None:
@@ -559,7 +547,7 @@ async def test_commit_cancelled_before_it_was_sent_is_not_written(postgres_url: 
         with pytest.raises(asyncio.CancelledError):
             await second
         await _commit(driver, _write("third"))
-        assert [s.id for s in await _history(driver)] == ["first", "third"]
+        assert [s.id for s in await all_states(driver)] == ["first", "third"]
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -582,7 +570,7 @@ async def test_since_time_matches_a_scan(postgres_url: str) -> None:
         for i in range(12):
             await _commit(driver, *(_write(f"s{i}-{j}") for j in range(i % 3 + 1)))
             await asyncio.sleep(0.002)
-        history = await _history(driver)
+        history = await all_states(driver)
         times = sorted({s.committed_at for s in history if s.committed_at is not None})
         for moment in [times[0] - datetime.timedelta(seconds=1), *times]:
             for offset in (datetime.timedelta(0), datetime.timedelta(microseconds=500)):
@@ -949,56 +937,7 @@ async def test_open_waits_for_a_server_that_is_starting(own_server: PostgresServ
 def test_killed_process_loses_no_acknowledged_commit(postgres_url: str) -> None:
     """SIGKILL committing processes at random moments: every acknowledged commit is stored
     whole, with the revisions it was told, and revisions stay dense."""
-    url = unique_url(postgres_url)
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    acknowledged: dict[str, list[int]] = {}
-    for gen in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, str(CHILD), "crash", url, str(gen)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        try:
-            for _ in range(rng.randint(1, 80)):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                record = json.loads(line)
-                acknowledged[record["commit"]] = record["revs"]
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            rest, errors = proc.communicate(timeout=30)
-        assert proc.returncode == -signal.SIGKILL, f"seed {seed}: child failed early: {errors}"
-        for line in rest.splitlines():
-            record = json.loads(line)  # a line is written whole or not at all (< PIPE_BUF)
-            acknowledged[record["commit"]] = record["revs"]
-        asyncio.run(_check_crashed_store(url, acknowledged, seed))
-    assert acknowledged
-
-
-async def _check_crashed_store(url: str, acknowledged: dict[str, list[int]], seed: int) -> None:
-    async with PostgresDriver.from_url(url) as driver:
-        head = await driver.head_rev()
-        states = await _history(driver)
-    note = f"seed {seed}"
-    assert [s.rev for s in states] == list(range(1, head + 1)), f"{note}: revisions have gaps"
-    times = [s.committed_at for s in states if s.committed_at is not None]
-    assert len(times) == len(states), note
-    assert times == sorted(times), note
-    commits: dict[str, list[fs.State]] = {}
-    for state in states:
-        commits.setdefault(state.labels["commit"], []).append(state)
-    for key, versions in commits.items():
-        _gen, task, _n = key.split(".")
-        assert [v.id for v in versions] == [f"counter-{task}", f"{key}.a", f"{key}.b"], note
-        first = versions[0].rev
-        assert [v.rev for v in versions] == [first, first + 1, first + 2], note
-    for key, revs in acknowledged.items():
-        assert key in commits, f"{note}: acknowledged commit {key} was lost"
-        assert [v.rev for v in commits[key]] == revs, note
+    kill_committers_and_check(unique_url(postgres_url))
 
 
 # -- the flowstate command ---------------------------------------------------------------------

@@ -7,12 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
-import json
 import os
-import random
-import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -27,12 +23,12 @@ from flowstate.drivers.base import CommitRequest, CommitResult, StateWrite, Supp
 from flowstate.drivers.sqlite import SCHEMA_VERSION, SQLiteDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
+from tests.drivers.crash import CHILD, all_states, kill_committers_and_check
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from typing import Self
 
-CHILD = Path(__file__).with_name("sqlite_child.py")
 
 pytestmark_anyio = pytest.mark.anyio
 
@@ -43,17 +39,6 @@ def _write(state_id: str, expected_rev: int = 0, **labels: str) -> StateWrite:
 
 async def _commit(driver: fs.Driver, *writes: StateWrite) -> list[int]:
     return (await driver.commit(CommitRequest(writes=list(writes)))).revs
-
-
-async def _all_states(driver: SQLiteDriver, **filters: Any) -> list[fs.State]:
-    states: list[fs.State] = []
-    query = fs.StatesQuery(limit=500, **filters)
-    while True:
-        page = await driver.get_states(query)
-        states += page.states
-        if not page.more:
-            return states
-        query = query.replace(since_rev=page.states[-1].rev)
 
 
 def _driver_threads() -> list[threading.Thread]:
@@ -179,7 +164,7 @@ async def test_reopen_keeps_every_version(tmp_path: Path) -> None:
         (r2,) = await _commit(driver, _write("a", r1, kind="y"))
     async with SQLiteDriver(path) as driver:
         assert await driver.head_rev() == r2
-        assert [s.labels["kind"] for s in await _all_states(driver)] == ["x", "y"]
+        assert [s.labels["kind"] for s in await all_states(driver)] == ["x", "y"]
         (r3,) = await _commit(driver, _write("a", r2))
         assert r3 == r2 + 1
 
@@ -379,7 +364,7 @@ async def test_drivers_creating_one_store_at_once_share_it(tmp_path: Path) -> No
         await asyncio.gather(*(d.open() for d in drivers))
         revs = [rev for d in drivers for rev in await _commit(d, _write(f"by-{id(d)}"))]
         assert sorted(revs) == list(range(1, 7))
-        assert len(await _all_states(drivers[0])) == 6
+        assert len(await all_states(drivers[0])) == 6
     finally:
         for driver in drivers:
             await driver.aclose()
@@ -589,7 +574,7 @@ async def test_commit_cancelled_before_it_was_sent_is_not_written(tmp_path: Path
         with pytest.raises(asyncio.CancelledError):
             await second
         await _commit(driver, _write("third"))
-        assert [s.id for s in await _all_states(driver)] == ["first", "third"]
+        assert [s.id for s in await all_states(driver)] == ["first", "third"]
 
 
 # -- several connections and processes --------------------------------------------------------
@@ -679,7 +664,7 @@ async def test_watch_sees_a_commit_from_another_process(tmp_path: Path) -> None:
         engine.watch() as watcher,
     ):
         waiting = asyncio.create_task(anext(watcher))
-        proc = await _spawn("commit", str(path), "from-child")
+        proc = await _spawn("commit", f"sqlite:///{path}", "from-child")
         assert await _line(proc) == "1"
         assert await proc.wait() == 0
         async with asyncio.timeout(5):
@@ -695,7 +680,7 @@ async def test_two_processes_never_lose_an_update(tmp_path: Path) -> None:
     async with SQLiteDriver(path) as driver:
         shared = fs.State(id="shared", annotations={"n": "0"})
         await driver.commit(CommitRequest(writes=[StateWrite(state=shared, expected_rev=0)]))
-        proc = await _spawn("increment", str(path), str(count))
+        proc = await _spawn("increment", f"sqlite:///{path}", str(count))
         try:
             assert await _line(proc) == "ready"
             assert proc.stdin is not None
@@ -719,62 +704,13 @@ async def test_two_processes_never_lose_an_update(tmp_path: Path) -> None:
                 await proc.wait()
         final = await driver.get_state("shared")
         assert final.annotations["n"] == str(2 * count)
-        assert len(await _all_states(driver)) == 1 + 2 * count
+        assert len(await all_states(driver)) == 1 + 2 * count
 
 
 @pytest.mark.slow
 def test_killed_process_loses_no_acknowledged_commit(tmp_path: Path) -> None:
     """SIGKILL a committing process at random moments; the file must stay whole."""
-    path = tmp_path / "crash.db"
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    acknowledged: dict[str, list[int]] = {}
-    for gen in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, str(CHILD), "crash", str(path), str(gen)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        try:
-            for _ in range(rng.randint(1, 80)):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                record = json.loads(line)
-                acknowledged[record["commit"]] = record["revs"]
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            rest, errors = proc.communicate(timeout=30)
-        assert proc.returncode == -signal.SIGKILL, f"seed {seed}: child failed early: {errors}"
-        for line in rest.splitlines():
-            record = json.loads(line)  # a line is written whole or not at all (< PIPE_BUF)
-            acknowledged[record["commit"]] = record["revs"]
-        asyncio.run(_check_crashed_store(path, acknowledged, seed))
-    assert acknowledged
-
-
-async def _check_crashed_store(path: Path, acknowledged: dict[str, list[int]], seed: int) -> None:
-    async with SQLiteDriver(path) as driver:
-        head = await driver.head_rev()
-        states = await _all_states(driver)
-    note = f"seed {seed}"
-    assert [s.rev for s in states] == list(range(1, head + 1)), f"{note}: revisions have gaps"
-    times = [s.committed_at for s in states if s.committed_at is not None]
-    assert len(times) == len(states), note
-    assert times == sorted(times), note
-    commits: dict[str, list[fs.State]] = {}
-    for state in states:
-        commits.setdefault(state.labels["commit"], []).append(state)
-    for key, versions in commits.items():
-        _gen, task, _n = key.split(".")
-        assert [v.id for v in versions] == [f"counter-{task}", f"{key}.a", f"{key}.b"], note
-        first = versions[0].rev
-        assert [v.rev for v in versions] == [first, first + 1, first + 2], note
-    for key, revs in acknowledged.items():
-        assert key in commits, f"{note}: acknowledged commit {key} was lost"
-        assert [v.rev for v in commits[key]] == revs, note
+    kill_committers_and_check(f"sqlite:///{tmp_path / 'crash.db'}")
 
 
 # -- leases -----------------------------------------------------------------------------------
@@ -1017,7 +953,7 @@ async def test_since_time_matches_a_scan(tmp_path: Path) -> None:
     async with SQLiteDriver(tmp_path / "times.db") as driver:
         for i in range(40):
             await _commit(driver, *(_write(f"s{i}-{j}") for j in range(i % 4 + 1)))
-        states = await _all_states(driver)
+        states = await all_states(driver)
         moments = sorted({s.committed_at for s in states if s.committed_at is not None})
         micro = datetime.timedelta(microseconds=1)
         probes = [moments[0] - micro, *moments, *(m + micro for m in moments), moments[-1] + micro]

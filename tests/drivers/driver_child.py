@@ -1,15 +1,16 @@
-"""A separate process for the SQLite driver's multi-process and crash tests.
+"""A separate process for the drivers' multi-process and crash tests (SQLite, PostgreSQL).
 
-Usage: ``python sqlite_child.py MODE PATH [ARG]``; every line it prints is flushed at once.
+Usage: ``python driver_child.py MODE URL [ARG]``, ``URL`` a driver URL; every line it prints
+is flushed at once.
 
-* ``crash PATH GEN``: commit forever from three concurrent tasks. Each commit writes three
+* ``crash URL GEN``: commit forever from three concurrent tasks. Each commit writes three
   states at once (the task's counter state and two new states), all labelled
   ``commit=GEN.TASK.N``; after each acknowledged commit it prints
   ``{"commit": "GEN.TASK.N", "revs": [...]}``. The test kills it with SIGKILL.
-* ``increment PATH COUNT``: print ``ready``, wait for a line on stdin, then add 1 to the
+* ``increment URL COUNT``: print ``ready``, wait for a line on stdin, then add 1 to the
   ``n`` annotation of state ``shared`` COUNT times by compare-and-set, re-reading and retrying
   on conflict; print ``done CONFLICTS``.
-* ``commit PATH ID``: commit one new state ``ID``, print its revision.
+* ``commit URL ID``: commit one new state ``ID``, print its revision.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import sys
 
 import flowstate as fs
 from flowstate.drivers.base import CommitRequest, StateWrite
-from flowstate.drivers.sqlite import SQLiteDriver
 
 
 def say(line: str) -> None:
@@ -28,8 +28,8 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-async def crash(path: str, gen: str) -> None:
-    async with SQLiteDriver(path) as driver:
+async def crash(url: str, gen: str) -> None:
+    async with fs.open_driver(url) as driver:
 
         async def committer(task: int) -> None:
             counter = f"counter-{task}"
@@ -59,8 +59,8 @@ async def crash(path: str, gen: str) -> None:
                 group.create_task(committer(task))
 
 
-async def increment(path: str, count: int) -> None:
-    async with SQLiteDriver(path) as driver:
+async def increment(url: str, count: int) -> None:
+    async with fs.open_driver(url) as driver:
         say("ready")
         await asyncio.to_thread(sys.stdin.readline)
         conflicts = 0
@@ -79,21 +79,21 @@ async def increment(path: str, count: int) -> None:
         say(f"done {conflicts}")
 
 
-async def commit(path: str, state_id: str) -> None:
-    async with SQLiteDriver(path) as driver:
+async def commit(url: str, state_id: str) -> None:
+    async with fs.open_driver(url) as driver:
         write = StateWrite(state=fs.State(id=state_id), expected_rev=0)
         result = await driver.commit(CommitRequest(writes=[write]))
         say(str(result.revs[0]))
 
 
 def main(argv: list[str]) -> None:
-    mode, path, arg = argv
+    mode, url, arg = argv
     if mode == "crash":
-        asyncio.run(crash(path, arg))
+        asyncio.run(crash(url, arg))
     elif mode == "increment":
-        asyncio.run(increment(path, int(arg)))
+        asyncio.run(increment(url, int(arg)))
     elif mode == "commit":
-        asyncio.run(commit(path, arg))
+        asyncio.run(commit(url, arg))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
