@@ -37,6 +37,8 @@ import grpc
 import pytest
 from aetcd import rpc
 
+from tests.processes import end_process
+
 __all__ = [
     "ENV_URL",
     "ETCD_BINARY",
@@ -310,13 +312,7 @@ class EtcdServer:
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        end_process(process, sig, 10)
         self.process = None
         _running.discard(self)
 

@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 
 from tests.etcd_server import free_ports
+from tests.processes import end_process
 
 __all__ = [
     "ENV_URL",
@@ -281,13 +282,7 @@ class PostgresServer:
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+        end_process(process, sig, 30)
         self.process = None
         _running.discard(self)
 

@@ -7,11 +7,12 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ROOT", "Process"]
+__all__ = ["ROOT", "Process", "end_process"]
 
 ROOT = Path(__file__).resolve().parent.parent
 LEADS = re.compile(r"(\S+) leads '(flowstate\.\w+)'")
@@ -82,3 +83,15 @@ class Process:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         return code
+
+
+def end_process(process: subprocess.Popen[bytes], sig: int, grace: float) -> None:
+    """Send ``sig`` to our own child by its PID and reap it; SIGKILL it after ``grace``
+    seconds. An ended child is only reaped."""
+    if process.poll() is None:
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=grace)
