@@ -158,3 +158,29 @@ async def processes() -> AsyncIterator[list[Process]]:
     yield started
     for process in started:
         await process.close()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("etcd", marks=pytest.mark.etcd),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "http",
+    ]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store that every process of a test reaches, on each driver that shares a store
+    between processes; "http" is a `flowstate serve` (on SQLite) that the processes reach
+    through the remote driver."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+    elif request.param == "etcd":
+        yield etcd_server.unique_url(request.getfixturevalue("etcd_url"))
+    elif request.param == "postgres":
+        yield postgres_server.unique_url(request.getfixturevalue("postgres_url"))
+    else:
+        server = request.getfixturevalue("serve_pool").take()
+        try:
+            yield server.url
+        finally:
+            server.close()

@@ -8,45 +8,19 @@ import datetime
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import flowstate as fs
 from flowstate.recovery import _settings
-from tests import etcd_server, postgres_server
 from tests.processes import Process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 LEASE_TTL = 1.0
 FLOWS = "tests.recovery.process_flows:flows"
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("etcd", marks=pytest.mark.etcd),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        "http",
-    ]
-)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A store every process reaches; "http" is a `flowstate serve` (on SQLite) that the
-    workers and `flowstate recover` processes reach through the remote driver."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store.db"
-    elif request.param == "etcd":
-        yield etcd_server.unique_url(request.getfixturevalue("etcd_url"))
-    elif request.param == "postgres":
-        yield postgres_server.unique_url(request.getfixturevalue("postgres_url"))
-    else:
-        server = request.getfixturevalue("serve_pool").take()
-        try:
-            yield server.url
-        finally:
-            server.close()
 
 
 async def recover(processes: list[Process], url: str, name: str, *extra: str) -> Process:

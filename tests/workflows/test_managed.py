@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import flowstate as fs
-from flowstate.drivers.base import Driver
 from flowstate.drivers.faulty import Fault, FaultyDriver
 from flowstate.workflows import (
     AlreadyTerminalError,
@@ -24,17 +23,6 @@ from flowstate.workflows import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def engine(new_driver: Callable[[], Driver]) -> AsyncIterator[fs.Engine]:
-    async with fs.Engine(new_driver()) as engine:
-        yield engine
-
-
-@pytest.fixture
-def flows(engine: fs.Engine) -> FlowManager:
-    return FlowManager(engine)
 
 
 async def until(condition: Callable[[], bool]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -25,17 +25,6 @@ from flowstate.workflows import (
 pytestmark = pytest.mark.anyio
 
 Calls = collections.Counter[tuple[str, int]]
-
-
-@pytest.fixture
-async def engine(new_driver: Callable[[], Driver]) -> AsyncIterator[fs.Engine]:
-    async with fs.Engine(new_driver()) as engine:
-        yield engine
-
-
-@pytest.fixture
-def flows(engine: fs.Engine) -> FlowManager:
-    return FlowManager(engine)
 
 
 def recorder(calls: Calls, result: Any = None) -> Callable[[StepContext], Any]:

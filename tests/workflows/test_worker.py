@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,12 +15,6 @@ from flowstate.workflows import FlowManager, Pipeline, Step, StepContext, Worker
 from flowstate.workflows._worker import CLAIM
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def engine(new_driver: Callable[[], Driver]) -> AsyncIterator[fs.Engine]:
-    async with fs.Engine(new_driver()) as engine:
-        yield engine
 
 
 async def test_workers_run_each_plain_step_once(new_driver: Callable[[], Driver]) -> None:

@@ -6,45 +6,18 @@ import asyncio
 import collections
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import flowstate as fs
 from flowstate.workflows import FlowManager, ManagedFlow
-from tests import etcd_server, postgres_server
 from tests.processes import Process
 from tests.workflows.pipeline_app import CRASHY, SHARED, SLOW
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 APP = "tests.workflows.pipeline_app"
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("etcd", marks=pytest.mark.etcd),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        "http",
-    ]
-)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A store every process reaches; "http" is a `flowstate serve` (on SQLite) that the
-    workers, the recoverer and `flowstate run` reach through the remote driver."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store.db"
-    elif request.param == "etcd":
-        yield etcd_server.unique_url(request.getfixturevalue("etcd_url"))
-    elif request.param == "postgres":
-        yield postgres_server.unique_url(request.getfixturevalue("postgres_url"))
-    else:
-        server = request.getfixturevalue("serve_pool").take()
-        try:
-            yield server.url
-        finally:
-            server.close()
 
 
 def executions(log: Path) -> collections.Counter[tuple[str, str, int]]:
@@ -96,12 +69,12 @@ async def step_started(flows: FlowManager, run: ManagedFlow, step: str) -> None:
 
 
 async def test_two_workers_share_runs_and_run_no_step_twice(
-    url: str, tmp_path: Path, processes: list[Process]
+    store_url: str, tmp_path: Path, processes: list[Process]
 ) -> None:
     log = tmp_path / "steps.log"
-    await worker(processes, url, "worker-1", log)
-    await worker(processes, url, "worker-2", log)
-    async with fs.Engine(url) as engine:
+    await worker(processes, store_url, "worker-1", log)
+    await worker(processes, store_url, "worker-2", log)
+    async with fs.Engine(store_url) as engine:
         flows = FlowManager(engine)
         flows.register(SHARED)
         runs = [await flows.execute("shared", enqueue=True, owner="tests") for _ in range(200)]
@@ -119,11 +92,11 @@ async def test_two_workers_share_runs_and_run_no_step_twice(
 
 
 async def test_a_worker_killed_mid_step_is_replaced(
-    url: str, tmp_path: Path, processes: list[Process]
+    store_url: str, tmp_path: Path, processes: list[Process]
 ) -> None:
     log = tmp_path / "steps.log"
-    first = await worker(processes, url, "worker-1", log)
-    async with fs.Engine(url) as engine:
+    first = await worker(processes, store_url, "worker-1", log)
+    async with fs.Engine(store_url) as engine:
         flows = FlowManager(engine)
         flows.register(CRASHY)
         run = await flows.execute("crashy", enqueue=True)
@@ -136,7 +109,7 @@ async def test_a_worker_killed_mid_step_is_replaced(
             "-m",
             "flowstate",
             "recover",
-            url,
+            store_url,
             "--flows",
             f"{APP}:FLOWS",
             "--retry-after",
@@ -146,7 +119,7 @@ async def test_a_worker_killed_mid_step_is_replaced(
             env={"FLOWSTATE_TEST_LOG": str(log)},
         )
         processes.append(recover)
-        await worker(processes, url, "worker-2", log)
+        await worker(processes, store_url, "worker-2", log)
         done = await flows.result(run.id, timeout=60)
         events = await flows.events(run.id)
     assert done.status == "finished"
@@ -163,11 +136,11 @@ async def test_a_worker_killed_mid_step_is_replaced(
 
 
 async def test_sigterm_hands_back_at_the_next_step(
-    url: str, tmp_path: Path, processes: list[Process]
+    store_url: str, tmp_path: Path, processes: list[Process]
 ) -> None:
     log = tmp_path / "steps.log"
-    first = await worker(processes, url, "worker-1", log)
-    async with fs.Engine(url) as engine:
+    first = await worker(processes, store_url, "worker-1", log)
+    async with fs.Engine(store_url) as engine:
         flows = FlowManager(engine)
         flows.register(SLOW)
         run = await flows.execute("slow", input={"seconds": 1.0}, enqueue=True)
@@ -176,7 +149,7 @@ async def test_sigterm_hands_back_at_the_next_step(
         held = await flows.get(run.id)
         assert held.status == "running"
         assert held.state["outputs"] == {"first": {"slept": "first"}}, "its running step ended"
-        await worker(processes, url, "worker-2", log)
+        await worker(processes, store_url, "worker-2", log)
         done = await flows.result(run.id, timeout=60)
     assert done.status == "finished"
     ran = executions(log)
