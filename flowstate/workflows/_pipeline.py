@@ -146,6 +146,8 @@ class Pipeline:
         self._start = start
         self._steps: dict[str, Step] = {}
         self._order: list[Step] = []
+        # The step each step's success goes to when it names none: the one added after it.
+        self._following: dict[str, str] = {}
         self._problems: list[str] = []
         #: The JSON definition the pipeline was built from, if it was.
         self.definition: dict[str, Any] | None = None
@@ -202,6 +204,8 @@ class Pipeline:
             self._problems.append(f"two steps are called {step.id!r}")
         else:
             self._steps[step.id] = step
+        if self._order:
+            self._following.setdefault(self._order[-1].id, step.id)
         self._order.append(step)
         return self
 
@@ -212,8 +216,7 @@ class Pipeline:
         if outcome == "success":
             if step.on_success is not None:
                 return step.on_success
-            index = self._order.index(step)
-            return self._order[index + 1].id if index + 1 < len(self._order) else END
+            return self._following.get(step_id, END)
         return "" if step.on_failure is None else step.on_failure
 
     def problems(self) -> list[str]:
