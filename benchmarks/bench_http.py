@@ -319,6 +319,15 @@ def cases(url: str, *, watchers: int = 100, commits: int = 10_000) -> list[Case]
         ),
         Case(
             sse,
+            "delivery p99",
+            fanout_value,
+            {**fan, "figure": "p99_ms"},
+            unit="ms",
+            direct=True,
+            pilot=1,
+        ),
+        Case(
+            sse,
             "versions delivered",
             fanout_value,
             {**fan, "figure": "versions_per_s"},
