@@ -200,6 +200,8 @@ _AMBIGUOUS_ROOM = 8
 # Bounds of the URL options: the time budget of a call, the smallest request limit.
 _MAX_TIMEOUT = 3600.0
 _MIN_REQUEST = 64 * 1024
+# Answers of _fits() remembered per driver, at most.
+_FIT_MEMO = 4096
 # Largest range read per round trip while scanning.
 _MAX_CHUNK = 512
 # The backwards search of since_latest with labels: its first window (in revisions), and
@@ -287,8 +289,10 @@ _NO_HEAD = _Head(0, 0, 0)
 # -- keys --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _enc(part: str) -> bytes:
-    """A key component with no ``/`` in it: percent-encoded UTF-8."""
+    """A key component with no ``/`` in it: percent-encoded UTF-8 (cached: every commit
+    encodes its states' ids and labels again)."""
     return quote(part, safe="").encode("ascii")
 
 
@@ -385,6 +389,10 @@ def _get(request: Any) -> Any:
 
 def _mod_is(key: bytes, rev: int) -> Any:
     return rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=rev)
+
+
+_MOD: Final = rpc.Compare.MOD
+_EQUAL: Final = rpc.Compare.EQUAL
 
 
 def _absent(key: bytes) -> Any:
@@ -603,10 +611,12 @@ class _Pending:
         self.ids = {w.id for w in writes}
         self.fut = fut
         self.deadline = deadline
-        self.puts = sum(
-            2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None) for w in writes
-        )
-        self.size = sum(w.size for w in writes)
+        puts = size = 0
+        for w in writes:
+            puts += 2 + len(w.posting_bases) + len(w.data) + (w.delay_at is not None)
+            size += w.size
+        self.puts = puts
+        self.size = size
 
 
 def _plan(limit: int, compares: int, branches: Sequence[int]) -> int | None:
@@ -635,6 +645,19 @@ def _pack(ops: list[Any], count: int, limit: int) -> list[Any]:
     return [
         rpc.RequestOp(request_txn=rpc.TxnRequest(success=ops[i : i + room]))
         for i in range(0, len(ops), room)
+    ]
+
+
+def _branch(ops: Any, items: list[T], count: int, limit: int) -> list[tuple[Any, list[T]]]:
+    """Where each item of one branch of a ``Txn`` goes, packed as :func:`_pack` packs it:
+    ``(ops, items)`` when they fit the branch's own list ``ops``, else one nested
+    condition-less ``Txn`` op (added to ``ops`` here) per ``limit - count`` items, with the
+    items whose ops go into its ``success`` list."""
+    if len(items) <= count:
+        return [(ops, items)]
+    room = limit - count
+    return [
+        (ops.add().request_txn.success, items[i : i + room]) for i in range(0, len(items), room)
     ]
 
 
@@ -780,6 +803,7 @@ class EtcdDriver(Driver):
         self._watch_from = 1
         self._waiters = RevisionWaiters()
         self._queue: deque[_Pending] = deque()
+        self._fit: dict[tuple[int, int], bool] = {}  # _fits(states, puts), remembered
         self._wakeup = asyncio.Event()
         self._sending = asyncio.Lock()
         self._solo = True
@@ -1384,27 +1408,30 @@ class EtcdDriver(Driver):
         latest_key = keys.latest(state.id)
         log_key = len(keys.log_base) + _POS_LEN
         size = 4 * (len(latest_key) + _OP_OVERHEAD) + 2 * version + log_key
-        posting_bases = [
-            keys.history(state.id),
-            *(keys.postings(k, v) for k, v in labels.items()),
-        ]
+        posting_bases = [keys.history(state.id)]
+        for k, v in labels.items():
+            posting_bases.append(keys.postings(k, v))
+        per_posting = _POS_LEN + len(posting) + _OP_OVERHEAD
         for base in posting_bases:
-            size += len(base) + _POS_LEN + len(posting) + _OP_OVERHEAD
+            size += len(base) + per_posting
         for data_key, blob in data:
             size += len(data_key) + 16 + len(blob) + _OP_OVERHEAD
-        if write.delay_at is not None:
+        delay_at = write.delay_at
+        if delay_at is not None:
             size += len(keys.delay_base) + _POS_LEN + version + len(write.delay_to) + 32
+        # Positional: _Write(id, expected_rev, latest_key, state, posting, posting_bases,
+        # data, delay_to, delay_at, size).
         return _Write(
-            id=state.id,
-            expected_rev=write.expected_rev,
-            latest_key=latest_key,
-            state=state,
-            posting=posting,
-            posting_bases=posting_bases,
-            data=data,
-            delay_to=write.delay_to,
-            delay_at=write.delay_at,
-            size=size,
+            state.id,
+            write.expected_rev,
+            latest_key,
+            state,
+            posting,
+            posting_bases,
+            data,
+            write.delay_to,
+            delay_at,
+            size,
         )
 
     async def _run_committer(self) -> None:
@@ -1460,9 +1487,15 @@ class EtcdDriver(Driver):
 
     def _fits(self, states: int, puts: int) -> bool:
         """True when a group of ``states`` writing ``puts`` keys fits one ``Txn``, with room
-        for the reads that settle earlier attempts of unknown outcome."""
-        branches = (2 + puts, 1 + states + _AMBIGUOUS_ROOM)
-        return _plan(self.max_txn_ops, 1 + states, branches) is not None
+        for the reads that settle earlier attempts of unknown outcome (remembered: every
+        commit asks, twice, and the answers repeat)."""
+        known = self._fit.get((states, puts))
+        if known is None:
+            branches = (2 + puts, 1 + states + _AMBIGUOUS_ROOM)
+            known = _plan(self.max_txn_ops, 1 + states, branches) is not None
+            if len(self._fit) < _FIT_MEMO:
+                self._fit[states, puts] = known
+        return known
 
     def _group_txn(
         self,
@@ -1473,44 +1506,72 @@ class EtcdDriver(Driver):
         token: int,
         ambiguous: list[int],
     ) -> Any:
-        """The ``Txn`` of one attempt at a group, or None when it does not fit."""
+        """The ``Txn`` of one attempt at a group, or None when it does not fit.
+
+        The ops are written into the request in place (``add()``): building each op as its
+        own message and handing the lists over copies every op once per level of nesting,
+        which made building the request cost more than sending it.
+        """
         keys = self._keys
         encode = self._encoder.encode
         base = head.rev
-        compares = [_mod_is(keys.head, base)]
-        success = [
-            _put(keys.head, encode(_StoredHead(prev=base, at_ms=at_ms))),
-            _put(keys.time(at_ms, base), b""),
+        back = head.prev
+        log_base = keys.log_base
+        delay_base = keys.delay_base
+        guards: list[tuple[bytes, int]] = [(keys.head, base)]
+        puts: list[tuple[bytes, bytes]] = [
+            (keys.head, encode(_StoredHead(prev=base, at_ms=at_ms))),
+            (keys.time(at_ms, base), b""),
         ]
-        failure = [_get(_range(keys.head))]
         index = 0
         for pending in group:
             for w in pending.writes:
-                compares.append(_mod_is(w.latest_key, w.expected_rev))
-                failure.append(_get(_range(w.latest_key, keys_only=True)))
+                guards.append((w.latest_key, w.expected_rev))
                 stored = msgspec.structs.replace(w.state, rev=0, committed_at=committed_at)
-                blob = encode(_StoredVersion(state=stored, back=head.prev, token=token))
+                blob = encode(_StoredVersion(state=stored, back=back, token=token))
                 pos = _pos(base, index)
-                success.append(_put(w.latest_key, blob))
-                success.append(_put(keys.log_base + pos, blob))
+                puts.append((w.latest_key, blob))
+                puts.append((log_base + pos, blob))
+                posting = w.posting
                 for posting_base in w.posting_bases:
-                    success.append(_put(posting_base + pos, w.posting))
+                    puts.append((posting_base + pos, posting))
                 for data_base, data in w.data:
-                    success.append(_put(data_base + b"%016x" % base, data))
+                    puts.append((data_base + b"%016x" % base, data))
                 if w.delay_at is not None:
                     delayed = DelayedState(state=stored, to=w.delay_to, at=w.delay_at)
-                    success.append(_put(keys.delay_base + pos, encode(delayed)))
+                    puts.append((delay_base + pos, encode(delayed)))
                 index += 1
-        failure += [_get(_range(keys.log(group_base, 0))) for group_base in ambiguous]
+        # The failure branch reads the head, each guarded key (keys only), and the first
+        # key of each earlier attempt of unknown outcome.
+        ranges: list[tuple[bytes, bool]] = [(keys.head, False)]
+        ranges += [(key, True) for key, _ in guards[1:]]
+        ranges += [(keys.log(group_base, 0), False) for group_base in ambiguous]
         limit = self.max_txn_ops
-        count = _plan(limit, len(compares), (len(success), len(failure)))
+        count = _plan(limit, len(guards), (len(puts), len(ranges)))
         if count is None:
             return None
-        return rpc.TxnRequest(
-            compare=compares,
-            success=_pack(success, count, limit),
-            failure=_pack(failure, count, limit),
-        )
+        request = rpc.TxnRequest()
+        compare_add = request.compare.add
+        for key, rev in guards:
+            compare = compare_add()
+            compare.key = key
+            compare.target = _MOD
+            compare.result = _EQUAL
+            compare.mod_revision = rev
+        for ops, part in _branch(request.success, puts, count, limit):
+            add = ops.add
+            for key, value in part:
+                put = add().request_put
+                put.key = key
+                put.value = value
+        for ops, reads in _branch(request.failure, ranges, count, limit):
+            add = ops.add
+            for key, keys_only in reads:
+                read = add().request_range
+                read.key = key
+                if keys_only:
+                    read.keys_only = True
+        return request
 
     async def _write_group(self, group: list[_Pending]) -> None:
         """Commit a group; settle every commit of it. Never raises (but CancelledError)."""

@@ -336,6 +336,32 @@ async def test_concurrent_commits_share_transactions(etcd_url: str) -> None:
         assert [s.rev for s in await _history(driver)] == sorted(revs)
 
 
+async def test_conflicts_in_a_group_packed_into_nested_transactions(etcd_url: str) -> None:
+    # A small max_txn_ops puts a group's writes into nested Txn ops: the failed compare's
+    # reads still name every conflicting state with its revision, and the other commit of
+    # the group is written.
+    async with EtcdDriver.from_url(unique_url(etcd_url) + "?max_txn_ops=16") as driver:
+        ids = [f"s{i}" for i in range(9)]
+        revs = {i: (await _commit(driver, _write(i, k="v")))[0] for i in ids}  # all distinct
+        stale = [_write(i, 0 if i in ("s3", "s7") else revs[i], k="v") for i in ids[3:]]
+        warm, fresh, conflict = await asyncio.gather(
+            _commit(driver, _write("warm")),
+            _commit(driver, *(_write(i, revs[i], k="v") for i in ids[:3])),
+            _commit(driver, *stale),
+            return_exceptions=True,
+        )
+        assert isinstance(conflict, fs.ConflictError), conflict
+        assert [(c.state_id, c.expected_rev, c.actual_rev) for c in conflict.conflicts] == [
+            ("s3", 0, revs["s3"]),
+            ("s7", 0, revs["s7"]),
+        ]
+        assert isinstance(fresh, list), fresh
+        assert len(set(fresh)) == 1
+        assert fresh[0] > max(revs.values())
+        assert [s.id for s in await _history(driver, k="v") if s.rev == fresh[0]] == ids[:3]
+        assert isinstance(warm, list), warm
+
+
 async def test_two_drivers_contend_for_the_head(etcd_url: str) -> None:
     url = unique_url(etcd_url)
     async with EtcdDriver.from_url(url) as one, EtcdDriver.from_url(url) as two:
