@@ -315,22 +315,27 @@ def _micros(moment: datetime.datetime) -> int:
     return (moment - _EPOCH) // datetime.timedelta(microseconds=1)
 
 
-@contextlib.contextmanager
-def _sqlite_errors(where: str) -> Iterator[None]:
-    """Turn sqlite3 exceptions into flowstate errors, chaining the original.
+def _flowstate_error(exc: sqlite3.Error, where: str) -> DriverError:
+    """The flowstate error for a sqlite3 exception (raise it ``from exc``).
 
     Busy or locked databases, I/O errors and lock-protocol failures roll the transaction back,
     so the call can be retried safely: those become ``DriverUnavailableError``.
     """
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    message = f"SQLite store {where}: {exc} ({name})"
+    if code is not None and code & 0xFF in _RETRY_SAFE:
+        return DriverUnavailableError(message)
+    return DriverError(message)
+
+
+@contextlib.contextmanager
+def _sqlite_errors(where: str) -> Iterator[None]:
+    """Turn sqlite3 exceptions into flowstate errors, chaining the original."""
     try:
         yield
     except sqlite3.Error as exc:
-        code = getattr(exc, "sqlite_errorcode", None)
-        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-        message = f"SQLite store {where}: {exc} ({name})"
-        if code is not None and code & 0xFF in _RETRY_SAFE:
-            raise DriverUnavailableError(message) from exc
-        raise DriverError(message) from exc
+        raise _flowstate_error(exc, where) from exc
 
 
 def _copy_error(error: BaseException) -> BaseException:
@@ -368,6 +373,7 @@ class _Poll:
 
 
 _STOP: Final = _Stop()
+_MARKERS: Final = (_Stop, _Poll)
 _POLL: Final = _Poll()
 
 _Job: TypeAlias = tuple[Callable[[sqlite3.Connection], object], asyncio.AbstractEventLoop, _Done]
@@ -452,8 +458,10 @@ class _Worker:
         self._thread.join()
 
     def _post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        try:
             loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -510,7 +518,7 @@ class _Worker:
             with contextlib.suppress(queue.Empty):
                 while True:
                     job = self._queue.get_nowait()
-                    if not isinstance(job, _Stop | _Poll):
+                    if not isinstance(job, _MARKERS):
                         jobs.append(job)
         for _fn, loop, done in jobs:
             self._post(loop, done, None, _copy_error(death))
@@ -528,12 +536,12 @@ class _Worker:
         waits for the next one.
         """
         items = [first]
-        with contextlib.suppress(queue.Empty):
-            while True:
-                items.append(self._queue.get_nowait())
+        pending = self._queue
+        while not pending.empty():  # this thread is the only reader: get_nowait() succeeds
+            items.append(pending.get_nowait())
         stop = False
         replies: dict[asyncio.AbstractEventLoop, list[tuple[_Done, object, Any]]] = {}
-        jobs = [job for job in items if not isinstance(job, _Stop | _Poll)]
+        jobs = [job for job in items if not isinstance(job, _MARKERS)]
         self._in_hand = jobs  # failed by _die() if this method does not get to answer them
         if len(jobs) < len(items):
             stop = any(isinstance(job, _Stop) for job in items)
@@ -544,8 +552,10 @@ class _Worker:
             error: BaseException | None = failure
             if conn is not None:
                 try:
-                    with _sqlite_errors(self._where):
-                        value = fn(conn)
+                    value = fn(conn)
+                except sqlite3.Error as exc:
+                    error = _flowstate_error(exc, self._where)
+                    error.__cause__ = exc
                 except Exception as exc:  # noqa: BLE001 - handed back to the awaiting caller
                     error = exc
             replies.setdefault(loop, []).append((done, value, error))
