@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
@@ -27,6 +26,7 @@ from flowstate._commands import (
     Transit,
     Unstack,
 )
+from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import (
     DELAY_AT_ANNOTATION,
@@ -149,12 +149,6 @@ class ExecuteResult:
     conflict: ConflictError | None = None
 
 
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; enter it with `async with` (or await open()) before use
-    OPENED = 2  # usable
-    CLOSED = 3  # aclose() called; every call raises ClosedError
-
-
 @define(eq=False, init=False)
 class Engine:
     """Applies commands through a driver and runs flows.
@@ -174,7 +168,7 @@ class Engine:
     driver: Driver = field(init=False)
     flows: FlowRegistry = field(init=False)
     _owns_driver: bool = field(init=False)
-    _lifecycle: _Lifecycle = field(init=False, default=_Lifecycle.UNOPENED)
+    _lifecycle: Lifecycle = field(init=False, default=Lifecycle.UNOPENED)
     _task_group: asyncio.TaskGroup | None = field(init=False, default=None)
     _tasks: set[asyncio.Task[None]] = field(init=False, factory=set)
     _closed: Signal = field(init=False, factory=Signal)
@@ -209,15 +203,15 @@ class Engine:
             ClosedError: The engine was closed.
             DriverError: The driver could not be opened.
         """
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             raise ClosedError("the engine is closed and cannot be reopened")
-        if self._lifecycle is _Lifecycle.OPENED:
+        if self._lifecycle is Lifecycle.OPENED:
             return
         await self.driver.open()
         task_group = asyncio.TaskGroup()
         await task_group.__aenter__()
         self._task_group = task_group
-        self._lifecycle = _Lifecycle.OPENED
+        self._lifecycle = Lifecycle.OPENED
 
     async def aclose(self) -> None:
         """Stop: cancel background executions, end watchers, close an owned driver.
@@ -225,10 +219,10 @@ class Engine:
         Background flows see ``asyncio.CancelledError`` at their next await and may clean up.
         Calling ``aclose`` again does nothing.
         """
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             return
-        was_open = self._lifecycle is _Lifecycle.OPENED
-        self._lifecycle = _Lifecycle.CLOSED
+        was_open = self._lifecycle is Lifecycle.OPENED
+        self._lifecycle = Lifecycle.CLOSED
         self._closed.set()
         try:
             if was_open and self._task_group is not None:
@@ -253,15 +247,15 @@ class Engine:
         await self.aclose()
 
     def _check_open(self) -> None:
-        if self._lifecycle is not _Lifecycle.OPENED:
-            if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is not Lifecycle.OPENED:
+            if self._lifecycle is Lifecycle.CLOSED:
                 raise ClosedError("the engine is closed")
             raise ClosedError("the engine is not open; use `async with Engine(...) as engine:`")
 
     @property
     def is_closed(self) -> bool:
         """True once :meth:`aclose` was called."""
-        return self._lifecycle is _Lifecycle.CLOSED
+        return self._lifecycle is Lifecycle.CLOSED
 
     def flow(self, flow_id: str) -> Callable[[F], F]:
         """Decorator: register the decorated async function as flow ``flow_id``."""

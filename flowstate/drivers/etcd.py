@@ -120,7 +120,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import enum
 import functools
 import logging
 import math
@@ -139,6 +138,7 @@ import msgspec
 from aetcd import rpc
 
 from flowstate._checks import describe, is_int, is_number, is_text
+from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -235,12 +235,6 @@ _OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {
     "max_request_bytes": int,
 }
 _POS_LEN = 21  # b"%016x/%04x"
-
-
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; open() not called yet (or the last open() failed)
-    OPENED = 2  # usable
-    CLOSED = 3  # aclose() called; every call raises ClosedError
 
 
 # -- stored records ----------------------------------------------------------------------------
@@ -795,7 +789,7 @@ class EtcdDriver(Driver):
             len(self._keys.log_base) + _POS_LEN + _OP_OVERHEAD
         )
         self._group_bytes = self.max_request_bytes - _REQUEST_MARGIN - fixed
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._open_lock = asyncio.Lock()
         self._clients: list[Any] = []
         self._current = 0
@@ -897,7 +891,7 @@ class EtcdDriver(Driver):
         return f"EtcdDriver({self.url!r}, {self._lifecycle.name.lower()})"
 
     def __del__(self) -> None:
-        if getattr(self, "_lifecycle", None) is not _Lifecycle.OPENED:
+        if getattr(self, "_lifecycle", None) is not Lifecycle.OPENED:
             return
         warnings.warn(
             f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
@@ -909,8 +903,8 @@ class EtcdDriver(Driver):
     # -- lifecycle -------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._lifecycle is not _Lifecycle.OPENED:
-            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+        if self._lifecycle is not Lifecycle.OPENED:
+            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
             raise ClosedError(f"the etcd driver is {state}")
 
     async def open(self) -> None:
@@ -923,9 +917,9 @@ class EtcdDriver(Driver):
             DriverError: etcd failed otherwise, or the prefix holds something else.
         """
         async with self._open_lock:
-            if self._lifecycle is _Lifecycle.CLOSED:
+            if self._lifecycle is Lifecycle.CLOSED:
                 raise ClosedError("the etcd driver is closed and cannot be reopened")
-            if self._lifecycle is _Lifecycle.OPENED:
+            if self._lifecycle is Lifecycle.OPENED:
                 return
             deadline = self._deadline()
             self._watch_ready.clear()
@@ -960,7 +954,7 @@ class EtcdDriver(Driver):
             except BaseException:
                 await self._shutdown()
                 raise
-            self._lifecycle = _Lifecycle.OPENED
+            self._lifecycle = Lifecycle.OPENED
 
     async def _bootstrap(self, deadline: float) -> tuple[int, _Head]:
         """Write or check ``~meta``; return the etcd revision read at and the head."""
@@ -1003,9 +997,9 @@ class EtcdDriver(Driver):
 
         Calling it again does nothing. Waiters in :meth:`wait_for_rev` get ``ClosedError``.
         """
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             return
-        self._lifecycle = _Lifecycle.CLOSED
+        self._lifecycle = Lifecycle.CLOSED
         self._waiters.close(ClosedError("the etcd driver was closed"))
         try:
             committer = self._committer

@@ -24,7 +24,6 @@ atomicity and its own outcome.
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import socket
 import ssl
@@ -34,6 +33,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import httpx
 import msgspec
 
+from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate._wire import (
@@ -82,12 +82,6 @@ T = TypeVar("T")
 _JSON = {"Content-Type": "application/json"}
 
 
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; open() not called yet
-    OPENED = 2  # connected and checked against the server
-    CLOSED = 3  # aclose() called; every call raises ClosedError
-
-
 class _PendingCommit:
     __slots__ = ("body", "future")
 
@@ -133,7 +127,7 @@ class HTTPDriver(Driver):
         self.timeout = timeout
         self.ca = ca
         self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._client: httpx.AsyncClient | None = None
         self._group: asyncio.TaskGroup | None = None
         self.max_body_size = 0
@@ -201,8 +195,8 @@ class HTTPDriver(Driver):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _check(self) -> httpx.AsyncClient:
-        if self._lifecycle is not _Lifecycle.OPENED or self._client is None:
-            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+        if self._lifecycle is not Lifecycle.OPENED or self._client is None:
+            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
             raise ClosedError(f"the http driver for {self.url} is {state}")
         return self._client
 
@@ -214,9 +208,9 @@ class HTTPDriver(Driver):
             DriverUnavailableError: The server cannot be reached.
             DriverError: The server refused the token or is not a flowstate server.
         """
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             raise ClosedError("the http driver is closed and cannot be reopened")
-        if self._lifecycle is _Lifecycle.OPENED:
+        if self._lifecycle is Lifecycle.OPENED:
             return
         verify: ssl.SSLContext | bool = True
         if self.ca is not None:
@@ -239,11 +233,11 @@ class HTTPDriver(Driver):
             transport=transport,
             trust_env=False,
         )
-        self._lifecycle = _Lifecycle.OPENED
+        self._lifecycle = Lifecycle.OPENED
         try:
             info = await self._call("GET", "/api/v1/info", ServerInfo)
         except BaseException:
-            self._lifecycle = _Lifecycle.UNOPENED
+            self._lifecycle = Lifecycle.UNOPENED
             client, self._client = self._client, None
             await client.aclose()
             raise
@@ -254,9 +248,9 @@ class HTTPDriver(Driver):
 
     async def aclose(self) -> None:
         """Close the connections. Commits in flight fail with ``ClosedError``."""
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             return
-        self._lifecycle = _Lifecycle.CLOSED
+        self._lifecycle = Lifecycle.CLOSED
         self._wake_followers()
         queued, self._queue = self._queue, []
         for pending in queued:
@@ -303,7 +297,7 @@ class HTTPDriver(Driver):
                 timeout=seconds if seconds is not None else self.timeout,
             )
         except httpx.TransportError as exc:
-            if self._lifecycle is _Lifecycle.CLOSED:
+            if self._lifecycle is Lifecycle.CLOSED:
                 raise ClosedError("the http driver was closed") from exc
             raise DriverUnavailableError(
                 f"cannot reach the flowstate server at {self.url}: {str(exc) or type(exc).__name__}"
@@ -395,7 +389,7 @@ class HTTPDriver(Driver):
     def _flush(self) -> None:
         self._flush_scheduled = False
         while self._queue and self._in_flight < MAX_IN_FLIGHT:
-            if self._lifecycle is not _Lifecycle.OPENED:
+            if self._lifecycle is not Lifecycle.OPENED:
                 return
             self._send_next()
 
@@ -442,7 +436,7 @@ class HTTPDriver(Driver):
             # An answer with too few outcomes leaves commits whose fate is unknown.
             self._fail(batch, DriverUnavailableError(f"{self.url} gave no outcome for a commit"))
             self._in_flight -= 1
-            if self._queue and self._lifecycle is _Lifecycle.OPENED:
+            if self._queue and self._lifecycle is Lifecycle.OPENED:
                 self._flush_soon()
 
     @staticmethod

@@ -20,7 +20,6 @@ removed in bulk once they outnumber the live ones.
 from __future__ import annotations
 
 import bisect
-import enum
 import heapq
 import itertools
 import time
@@ -29,6 +28,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State, utcnow_ms
 from flowstate.drivers.base import (
@@ -54,12 +54,6 @@ if TYPE_CHECKING:
     from typing import Self
 
 __all__ = ["MemoryDriver"]
-
-
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; open() not called yet
-    OPENED = 2  # usable
-    CLOSED = 3  # aclose() called; every call raises ClosedError
 
 
 class _Entry:
@@ -90,7 +84,7 @@ class MemoryDriver(Driver):
         #: The most versions kept per state (None: all of them).
         self.keep = keep
         self._dropped = 0  # versions dropped since the posting lists were last compacted
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._log: list[_Entry | None] = []
         self._times: list[datetime.datetime] = []
         self._latest: dict[str, int] = {}
@@ -135,23 +129,23 @@ class MemoryDriver(Driver):
         return f"MemoryDriver({keep}head_rev={len(self._log)}, {self._lifecycle.name.lower()})"
 
     def _check(self) -> None:
-        if self._lifecycle is not _Lifecycle.OPENED:
-            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+        if self._lifecycle is not Lifecycle.OPENED:
+            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
             raise ClosedError(f"the memory driver is {state}")
 
     async def open(self) -> None:
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             raise ClosedError("the memory driver is closed and cannot be reopened")
-        self._lifecycle = _Lifecycle.OPENED
+        self._lifecycle = Lifecycle.OPENED
 
     async def aclose(self) -> None:
-        self._lifecycle = _Lifecycle.CLOSED
+        self._lifecycle = Lifecycle.CLOSED
         self._waiters.close(ClosedError("the memory driver was closed"))
 
     async def commit(self, request: CommitRequest) -> CommitResult:
         # The hot path of every engine step: locals and no per-write allocations beyond the
         # stored entry itself.
-        if self._lifecycle is not _Lifecycle.OPENED:
+        if self._lifecycle is not Lifecycle.OPENED:
             self._check()
         latest = self._latest
         writes = request.writes

@@ -125,7 +125,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import enum
 import hashlib
 import logging
 import re
@@ -137,6 +136,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 import asyncpg
 import msgspec
 
+from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -214,12 +214,6 @@ _UNAVAILABLE_CODES = frozenset(
         "55P03",  # lock_not_available
     }
 )
-
-
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; open() not called yet (or the last open() failed)
-    OPENED = 2  # usable
-    CLOSED = 3  # aclose() called; every call raises ClosedError
 
 
 # -- SQL ---------------------------------------------------------------------------------------
@@ -726,7 +720,7 @@ class PostgresDriver(Driver):
         self.create = create
         self._sql = _Sql(schema)
         self._channel = _channel(schema)
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._open_lock = asyncio.Lock()
         self._pool: Any = None
         self._waiters = RevisionWaiters()
@@ -794,7 +788,7 @@ class PostgresDriver(Driver):
         return f"PostgresDriver({self.url!r}, {self._lifecycle.name.lower()})"
 
     def __del__(self) -> None:
-        if getattr(self, "_lifecycle", None) is not _Lifecycle.OPENED:
+        if getattr(self, "_lifecycle", None) is not Lifecycle.OPENED:
             return
         warnings.warn(
             f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
@@ -806,8 +800,8 @@ class PostgresDriver(Driver):
     # -- lifecycle -------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._lifecycle is not _Lifecycle.OPENED:
-            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+        if self._lifecycle is not Lifecycle.OPENED:
+            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
             raise ClosedError(f"the PostgreSQL driver is {state}")
 
     async def open(self) -> None:
@@ -822,9 +816,9 @@ class PostgresDriver(Driver):
                 ``create`` is False.
         """
         async with self._open_lock:
-            if self._lifecycle is _Lifecycle.CLOSED:
+            if self._lifecycle is Lifecycle.CLOSED:
                 raise ClosedError("the PostgreSQL driver is closed and cannot be reopened")
-            if self._lifecycle is _Lifecycle.OPENED:
+            if self._lifecycle is Lifecycle.OPENED:
                 return
             deadline = self._deadline()
             try:
@@ -839,7 +833,7 @@ class PostgresDriver(Driver):
             except BaseException:
                 await self._shutdown()
                 raise
-            self._lifecycle = _Lifecycle.OPENED
+            self._lifecycle = Lifecycle.OPENED
 
     def _connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"dsn": self._dsn, "timeout": self.connect_timeout}
@@ -930,9 +924,9 @@ class PostgresDriver(Driver):
 
         Calling it again does nothing. Waiters in :meth:`wait_for_rev` get ``ClosedError``.
         """
-        if self._lifecycle is _Lifecycle.CLOSED:
+        if self._lifecycle is Lifecycle.CLOSED:
             return
-        self._lifecycle = _Lifecycle.CLOSED
+        self._lifecycle = Lifecycle.CLOSED
         self._waiters.close(ClosedError("the PostgreSQL driver was closed"))
         try:
             committer = self._committer
@@ -975,7 +969,7 @@ class PostgresDriver(Driver):
         """The flowstate error for a failure of ``what``."""
         if isinstance(exc, FlowstateError):
             return exc
-        if self._lifecycle is _Lifecycle.CLOSED and isinstance(exc, asyncpg.InterfaceError):
+        if self._lifecycle is Lifecycle.CLOSED and isinstance(exc, asyncpg.InterfaceError):
             return ClosedError("the PostgreSQL driver was closed")
         if _passes(exc):
             return DriverUnavailableError(

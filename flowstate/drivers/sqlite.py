@@ -94,7 +94,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import enum
 import functools
 import logging
 import os
@@ -113,6 +112,7 @@ from urllib.parse import parse_qsl, quote, unquote
 import msgspec
 
 from flowstate._checks import describe, is_number, is_text
+from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -280,12 +280,6 @@ _SQLITE_LOCKED = 6
 _SQLITE_IOERR = 10
 _SQLITE_PROTOCOL = 15
 _RETRY_SAFE = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_PROTOCOL})
-
-
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; open() not called yet (or the last open() failed)
-    OPENED = 2  # usable
-    CLOSED = 3  # aclose() called; every call raises ClosedError
 
 
 class _Write(NamedTuple):
@@ -635,7 +629,7 @@ class SQLiteDriver(Driver):
         self.poll_interval = float(poll_interval)
         self.busy_timeout = float(busy_timeout)
         self.create = bool(create)
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._worker: _Worker | None = None
         self._open_lock = asyncio.Lock()
         self._waiters = RevisionWaiters()
@@ -714,7 +708,7 @@ class SQLiteDriver(Driver):
 
     def __del__(self) -> None:
         worker = getattr(self, "_worker", None)
-        if worker is None or getattr(self, "_lifecycle", None) is _Lifecycle.CLOSED:
+        if worker is None or getattr(self, "_lifecycle", None) is Lifecycle.CLOSED:
             return
         warnings.warn(
             f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
@@ -728,8 +722,8 @@ class SQLiteDriver(Driver):
 
     def _check(self) -> _Worker:
         worker = self._worker
-        if self._lifecycle is not _Lifecycle.OPENED or worker is None:
-            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not open"
+        if self._lifecycle is not Lifecycle.OPENED or worker is None:
+            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
             raise ClosedError(f"the SQLite driver is {state}")
         return worker
 
@@ -742,9 +736,9 @@ class SQLiteDriver(Driver):
             DriverError: The file cannot be opened or is not a flowstate store.
         """
         async with self._open_lock:
-            if self._lifecycle is _Lifecycle.CLOSED:
+            if self._lifecycle is Lifecycle.CLOSED:
                 raise ClosedError("the SQLite driver is closed and cannot be reopened")
-            if self._lifecycle is _Lifecycle.OPENED:
+            if self._lifecycle is Lifecycle.OPENED:
                 return
             loop = asyncio.get_running_loop()
             ref = weakref.ref(self)
@@ -783,15 +777,15 @@ class SQLiteDriver(Driver):
                 raise
             worker.noted(head)
             self._waiters.advance(head)
-            self._lifecycle = _Lifecycle.OPENED
+            self._lifecycle = Lifecycle.OPENED
 
     async def aclose(self) -> None:
         """Finish the queued requests, close the database and join its thread.
 
         Calling it again does nothing. Waiters in :meth:`wait_for_rev` get ``ClosedError``.
         """
-        if self._lifecycle is not _Lifecycle.CLOSED:
-            self._lifecycle = _Lifecycle.CLOSED
+        if self._lifecycle is not Lifecycle.CLOSED:
+            self._lifecycle = Lifecycle.CLOSED
             self._waiters.close(ClosedError("the SQLite driver was closed"))
             if self._worker is not None:
                 self._flush()  # commits accepted before the close are still written

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import enum
 import heapq
 import logging
 import time
@@ -14,6 +13,7 @@ from attrs import define
 
 from flowstate._checks import RESERVED_PREFIX, is_int, is_number
 from flowstate._commands import Commit, End, Execute, Noop, Transit
+from flowstate._lifecycle import Lifecycle
 from flowstate._state import State, StateCtx, internal_ctx
 from flowstate.drivers.base import DelayedState, Driver, SupportsLease
 from flowstate.errors import (
@@ -118,12 +118,6 @@ class _Workers:
             await action(*args)
 
 
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; enter it with `async with`
-    OPENED = 2  # campaigning, leading or standing by
-    CLOSED = 3  # stopped; leadership handed back
-
-
 class _LeaderService:
     """Lifecycle, leader election, stats and a persisted cursor shared by both services."""
 
@@ -136,7 +130,7 @@ class _LeaderService:
         self.engine = engine
         self.lease_ttl = float(lease_ttl)
         self.stats = RecoveryStats()
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._task_group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
         self._leading = asyncio.Event()
@@ -158,7 +152,7 @@ class _LeaderService:
         return self._election.holder if self._election is not None else "this process"
 
     async def __aenter__(self) -> Self:
-        if self._lifecycle is not _Lifecycle.UNOPENED:
+        if self._lifecycle is not Lifecycle.UNOPENED:
             raise ClosedError(f"a {type(self).__name__} can be started once")
         self.engine._check_open()
         driver = self.engine.driver
@@ -175,7 +169,7 @@ class _LeaderService:
                 "%r has no leases: %s leads unconditionally", driver, type(self).__name__
             )
             self._task = group.create_task(self._lead_alone())
-        self._lifecycle = _Lifecycle.OPENED
+        self._lifecycle = Lifecycle.OPENED
         return self
 
     async def __aexit__(
@@ -188,10 +182,10 @@ class _LeaderService:
 
     async def aclose(self) -> None:
         """Stop, handing leadership back at once. Calling it again does nothing."""
-        if self._lifecycle is not _Lifecycle.OPENED:
-            self._lifecycle = _Lifecycle.CLOSED
+        if self._lifecycle is not Lifecycle.OPENED:
+            self._lifecycle = Lifecycle.CLOSED
             return
-        self._lifecycle = _Lifecycle.CLOSED
+        self._lifecycle = Lifecycle.CLOSED
         assert self._task_group is not None
         if self._task is not None:
             self._task.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import socket
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 from attrs import define
 
 import flowstate as fs
+from flowstate._lifecycle import Lifecycle
 from flowstate.workflows._manager import FlowManager
 from flowstate.workflows._model import RECORD, TIMER_FLOW, read_record
 from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
@@ -64,12 +64,6 @@ class WorkerStats:
     handed_back: int = 0
 
 
-class _Lifecycle(enum.Enum):
-    UNOPENED = 1  # created; enter it with `async with`
-    OPENED = 2  # following the store and running work
-    CLOSED = 3  # stopped; what it held is handed back
-
-
 class Worker:
     """Runs the pipeline runs and plain flows that other processes commit.
 
@@ -116,7 +110,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.stats = WorkerStats()
         self._manager = FlowManager(engine)
-        self._lifecycle = _Lifecycle.UNOPENED
+        self._lifecycle = Lifecycle.UNOPENED
         self._slots = asyncio.Semaphore(concurrency)
         self._active: dict[str, asyncio.Task[None]] = {}
         self._again: dict[str, fs.State] = {}
@@ -129,13 +123,13 @@ class Worker:
         return f"Worker({self.name!r}, concurrency={self.concurrency})"
 
     async def __aenter__(self) -> Self:
-        if self._lifecycle is not _Lifecycle.UNOPENED:
+        if self._lifecycle is not Lifecycle.UNOPENED:
             raise fs.ClosedError("a Worker can be started once")
         group = asyncio.TaskGroup()
         await group.__aenter__()
         self._group = group
         self._follow = group.create_task(self._run())
-        self._lifecycle = _Lifecycle.OPENED
+        self._lifecycle = Lifecycle.OPENED
         logger.info("worker %s runs work from %r", self.name, self.engine.driver)
         return self
 
@@ -153,10 +147,10 @@ class Worker:
 
     async def aclose(self) -> None:
         """Stop taking work and hand back what is held. Calling it again does nothing."""
-        if self._lifecycle is not _Lifecycle.OPENED:
-            self._lifecycle = _Lifecycle.CLOSED
+        if self._lifecycle is not Lifecycle.OPENED:
+            self._lifecycle = Lifecycle.CLOSED
             return
-        self._lifecycle = _Lifecycle.CLOSED
+        self._lifecycle = Lifecycle.CLOSED
         assert self._group is not None
         assert self._follow is not None
         self._follow.cancel()
@@ -223,7 +217,7 @@ class Worker:
             work.close()  # never awaited when cancelled while waiting for a slot
             self._active.pop(state_id, None)
         again = self._again.pop(state_id, None)
-        if again is not None and self._lifecycle is _Lifecycle.OPENED:
+        if again is not None and self._lifecycle is Lifecycle.OPENED:
             await self._consider(again)
 
     async def _executor_for(self, state: fs.State) -> PipelineExecutor | None:
