@@ -26,6 +26,7 @@ from flowstate.workflows._model import (
     StepStatus,
     check_move,
     encode,
+    iso,
     read_record,
 )
 from flowstate.workflows._pipeline import FLOW_PREFIX
@@ -91,7 +92,7 @@ def resumed(flow: ManagedFlow, record: Record, patch: dict[str, Any] | None, *, 
 def failed(flow: ManagedFlow, record: Record, reason: str, **details: Any) -> Change:
     """``running | waiting → failed``: stamp the reason and the time into the state."""
     status = check_move(flow.id, flow.status, "fail")
-    at = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+    at = iso(datetime.datetime.now(datetime.UTC))
     record.state["failure"] = {"reason": reason, "at": at}
     record.wait = None
     return Change(

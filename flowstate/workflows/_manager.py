@@ -47,6 +47,7 @@ from flowstate.workflows._model import (
     flow_of,
     is_flow,
     is_step,
+    iso,
     json_bytes,
     json_object,
     read_record,
@@ -223,7 +224,7 @@ class FlowManager:
             raise fs.InvalidCommandError(f"a wait needs a non-empty string 'kind', not {wait!r}")
         due = _timer_due(stored) if kind == "timer" else None
         if due is not None:
-            stored["at"] = due.isoformat().replace("+00:00", "Z")
+            stored["at"] = iso(due)
 
         def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
             _check_driven(flow)

@@ -315,6 +315,11 @@ def json_object(value: object, what: str) -> dict[str, Any]:
     return _object_decoder.decode(json_bytes(value, what))
 
 
+def iso(at: datetime.datetime) -> str:
+    """``at`` as ISO 8601 text, UTC written ``Z`` (how times appear in records and events)."""
+    return at.isoformat().replace("+00:00", "Z")
+
+
 def json_bytes(value: object, what: str) -> bytes:
     """``value`` as JSON.
 

@@ -34,6 +34,7 @@ from flowstate.workflows._model import (
     StepStatus,
     events_of,
     is_flow,
+    iso,
     json_bytes,
     read_record,
 )
@@ -62,10 +63,6 @@ def new_progress(pipeline: Pipeline) -> dict[str, Any]:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-def _iso(at: datetime.datetime) -> str:
-    return at.isoformat().replace("+00:00", "Z")
 
 
 @attrs.define
@@ -332,12 +329,12 @@ class PipelineExecutor:
             delay = step.delay(attempt)
             due = _now() + datetime.timedelta(seconds=delay)
             payload["retry_in"] = delay
-            payload["retry_at"] = _iso(due)
+            payload["retry_at"] = retry_at = iso(due)
             record.run = {
                 "step": step_id,
                 "attempt": attempt,
                 "phase": BACKOFF,
-                "retry_at": _iso(due),
+                "retry_at": retry_at,
             }
             decision.action, decision.until = "wait", due.timestamp()
             return Change(
