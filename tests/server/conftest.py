@@ -1,18 +1,35 @@
-"""Fixtures of the console's browser tests: one Chromium per module, one tab per test."""
+"""Fixtures of the server tests: an HTTP client and a flow manager on the module's
+``server`` fixture, and for the console's browser tests one Chromium per module and one tab
+per test."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import Browser
 
+import flowstate as fs
+from flowstate.workflows import FlowManager
 from tests.serve_process import ServeProcess
 from tests.server.console_browser import ConsolePage, launch
 
 SCREENSHOTS = pytest.StashKey[list[Path]]()
+
+
+@pytest.fixture
+async def client(server: ServeProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def flows(server: ServeProcess) -> AsyncIterator[FlowManager]:
+    async with fs.Engine(server.url) as engine:
+        yield FlowManager(engine)
 
 
 @pytest.fixture(scope="module")

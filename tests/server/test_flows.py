@@ -4,14 +4,13 @@ flows, as a controller elsewhere would, and HTTP reads them and acts on them."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
-import flowstate as fs
 from flowstate.workflows import FlowManager, FlowStatus, ManagedFlow
 from tests.serve_process import ServeProcess
 
@@ -24,18 +23,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     store = tmp_path_factory.mktemp("flows") / "store.db"
     with ServeProcess(f"sqlite:///{store}") as server:
         yield server
-
-
-@pytest.fixture
-async def client(server: ServeProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-async def flows(server: ServeProcess) -> AsyncIterator[FlowManager]:
-    async with fs.Engine(server.url) as engine:
-        yield FlowManager(engine)
 
 
 @pytest.fixture

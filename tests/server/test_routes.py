@@ -37,12 +37,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 
 
 @pytest.fixture
-async def client(server: ServeProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
 def run() -> str:
     """A fresh prefix for this test's state ids and its ``run`` label."""
     return uuid.uuid4().hex[:10]
