@@ -13,6 +13,7 @@ from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
 from tests import etcd_server, postgres_server
 from tests.etcd_server import etcd_url
+from tests.markers import SERVER_FIXTURES, refuse_in_a_quick_run
 from tests.postgres_server import postgres_url
 from tests.processes import Process
 from tests.serve_process import ServerPool
@@ -51,13 +52,6 @@ def _is_runner(task: asyncio.Task[object]) -> bool:
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
 
 
-# Tests that need a server carry its marker: a test that takes a server's fixture is marked
-# here, and a fixture that asks for a server at run time marks its parameter instead
-# (pytest.param(..., marks=pytest.mark.etcd)). A new server goes into this table, and its
-# fixture fails in a --quick run, which names the test that lacks the marker.
-SERVER_FIXTURES = {"etcd_url": "etcd", "postgres_url": "postgres", "serve_pool": "slow"}
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--quick",
@@ -84,13 +78,7 @@ def serve_pool(
 ) -> Iterator[ServerPool]:
     """``flowstate serve`` processes on fresh SQLite stores, for tests that need an empty store
     behind the remote driver. Take one with ``serve_pool.take()`` and close it after the test."""
-    if request.config.getoption("--quick", default=False):
-        pytest.fail(
-            "a test uses serve_pool in a --quick run but is not marked slow; a fixture that "
-            "asks for serve_pool at run time marks its parameter "
-            "(pytest.param(..., marks=pytest.mark.slow))",
-            pytrace=False,
-        )
+    refuse_in_a_quick_run(request, "serve_pool")
     pool = ServerPool(tmp_path_factory.mktemp("served"))
     try:
         yield pool

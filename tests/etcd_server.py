@@ -37,6 +37,7 @@ import grpc
 import pytest
 from aetcd import rpc
 
+from tests.markers import refuse_in_a_quick_run
 from tests.processes import end_process
 
 __all__ = [
@@ -414,14 +415,7 @@ def etcd_url(
 
     Append a key prefix with :func:`unique_url`. A missing etcd binary fails the session.
     """
-    if request.config.getoption("--quick", default=False):
-        # --quick leaves out the tests marked etcd: this one is missing its marker.
-        pytest.fail(
-            "a test uses etcd_url in a --quick run but is not marked etcd; a fixture that "
-            "asks for etcd_url at run time marks its parameter "
-            "(pytest.param(..., marks=pytest.mark.etcd))",
-            pytrace=False,
-        )
+    refuse_in_a_quick_run(request, "etcd_url")
     configured = os.environ.get(ENV_URL)
     if configured:
         yield configured

@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 
 from tests.etcd_server import free_ports
+from tests.markers import refuse_in_a_quick_run
 from tests.processes import end_process
 
 __all__ = [
@@ -327,14 +328,7 @@ def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
     cluster started here. Give each test its own schema with :func:`unique_url`. Missing
     server binaries fail the session.
     """
-    if request.config.getoption("--quick", default=False):
-        # --quick leaves out the tests marked postgres: this one is missing its marker.
-        pytest.fail(
-            "a test uses postgres_url in a --quick run but is not marked postgres; a fixture "
-            "that asks for postgres_url at run time marks its parameter "
-            "(pytest.param(..., marks=pytest.mark.postgres))",
-            pytrace=False,
-        )
+    refuse_in_a_quick_run(request, "postgres_url")
     configured = os.environ.get(ENV_URL)
     if configured:
         yield configured
