@@ -24,6 +24,7 @@ from flowstate.drivers.etcd import LAYOUT_VERSION, EtcdDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests import etcd_server
+from tests.drivers.crash import all_states
 from tests.drivers.etcd_proxy import TcpProxy
 from tests.etcd_server import EtcdCluster, EtcdServer, etcd_url, raw_client, unique_url
 
@@ -88,17 +89,6 @@ async def _raw_keys(url: str, prefix: bytes) -> dict[bytes, Any]:
         return {bytes(kv.key): kv for kv in found}
     finally:
         await client.close()
-
-
-async def _history(driver: fs.Driver, **labels: str) -> list[fs.State]:
-    states: list[fs.State] = []
-    query = fs.StatesQuery(labels=labels, limit=100)
-    while True:
-        page = await driver.get_states(query)
-        states += page.states
-        if not page.more:
-            return states
-        query = query.replace(since_rev=page.states[-1].rev)
 
 
 def test_missing_etcd_binary_fails_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,8 +184,8 @@ async def test_prefixes_are_isolated_even_when_nested(etcd_url: str) -> None:
             await _commit(driver, _write(f"{name}-1", kind="k"), _write(f"{name}-2", kind="k"))
             await _commit(driver, _write(f"{name}-3", kind="k"))
         for name, driver in drivers.items():
-            assert [s.id for s in await _history(driver)] == [f"{name}-{i}" for i in (1, 2, 3)]
-            assert [s.id for s in await _history(driver, kind="k")] == [
+            assert [s.id for s in await all_states(driver)] == [f"{name}-{i}" for i in (1, 2, 3)]
+            assert [s.id for s in await all_states(driver, labels={"kind": "k"})] == [
                 f"{name}-{i}" for i in (1, 2, 3)
             ]
             page = await driver.get_states(fs.StatesQuery(since_latest=True))
@@ -222,7 +212,7 @@ async def test_commit_shares_one_revision_and_moves_the_head_key(etcd_url: str) 
         (rev,) = set(revs)
         assert rev > first
         assert await driver.head_rev() == rev
-        assert [s.rev for s in await _history(driver)] == [first, rev, rev, rev]
+        assert [s.rev for s in await all_states(driver)] == [first, rev, rev, rev]
         page = await driver.get_states(fs.StatesQuery(limit=1, since_rev=first))
         assert [s.id for s in page.states] == ["b", "c", "a"], "the page keeps the revision whole"
         assert (await driver.get_state("a", first)).rev == first
@@ -247,10 +237,10 @@ async def test_history_survives_compaction(etcd_url: str) -> None:
             await client.compact(found.header.revision)
         finally:
             await client.close()
-        history = await _history(driver)
+        history = await all_states(driver)
         assert [s.labels["step"] for s in history] == ["0", "1", "2", "3", "4"]
         assert (await driver.get_state("s", history[1].rev)).labels["step"] == "1"
-        assert [s.labels["step"] for s in await _history(driver, step="2")] == ["2"]
+        assert [s.labels["step"] for s in await all_states(driver, labels={"step": "2"})] == ["2"]
 
 
 async def test_lease_keys_do_not_move_the_head(etcd_url: str) -> None:
@@ -333,7 +323,7 @@ async def test_concurrent_commits_share_transactions(etcd_url: str) -> None:
         assert len(revs) == 41
         assert len(set(revs)) < 20, "concurrent commits were grouped"
         assert sum(isinstance(o, fs.ConflictError) for o in outcomes[40:]) == 1
-        assert [s.rev for s in await _history(driver)] == sorted(revs)
+        assert [s.rev for s in await all_states(driver)] == sorted(revs)
 
 
 async def test_conflicts_in_a_group_packed_into_nested_transactions(etcd_url: str) -> None:
@@ -358,7 +348,9 @@ async def test_conflicts_in_a_group_packed_into_nested_transactions(etcd_url: st
         assert isinstance(fresh, list), fresh
         assert len(set(fresh)) == 1
         assert fresh[0] > max(revs.values())
-        assert [s.id for s in await _history(driver, k="v") if s.rev == fresh[0]] == ids[:3]
+        assert [
+            s.id for s in await all_states(driver, labels={"k": "v"}) if s.rev == fresh[0]
+        ] == ids[:3]
         assert isinstance(warm, list), warm
 
 
@@ -377,7 +369,7 @@ async def test_two_drivers_contend_for_the_head(etcd_url: str) -> None:
         await asyncio.gather(writer(one, "one"), writer(two, "two"))
         await waiter
         assert len(set(seen)) == 40, "every commit got its own revision"
-        history = await _history(one)
+        history = await all_states(one)
         assert sorted(seen) == [s.rev for s in history]
         times = [s.committed_at for s in history if s.committed_at is not None]
         assert times == sorted(times), "commit times never decrease along revisions"
@@ -416,7 +408,7 @@ async def test_commit_whose_answer_was_lost_is_acknowledged_once(etcd_url: str) 
             )
         finally:
             client.kvstub = stub
-        history = await _history(driver)
+        history = await all_states(driver)
         assert [(s.id, s.rev) for s in history] == [
             ("s", first),
             ("s", result.revs[0]),
@@ -465,7 +457,7 @@ async def test_an_oversized_commit_fails_alone(etcd_url: str) -> None:
         assert "over etcd's request limit of 1572864 bytes" in str(failed)
         assert "writes about 200" in str(failed), "it names the commit's size"
         assert all(isinstance(o, list) for o in outcomes), outcomes
-        stored = await _history(driver, kind="sized")
+        stored = await all_states(driver, labels={"kind": "sized"})
         assert sorted(s.id for s in stored) == sorted(w.state.id for w in writes)
         assert len({s.rev for s in stored}) > 2, "the big commits went in several requests"
 
@@ -478,7 +470,7 @@ async def test_groups_split_when_the_server_limit_is_lower(etcd_url: str) -> Non
         writes += [_annotated(f"tiny{i}", 10) for i in range(4)]
         outcomes = await asyncio.gather(*(_commit(driver, w) for w in writes))
         assert len(outcomes) == 8
-        assert len(await _history(driver, kind="sized")) == 8
+        assert len(await all_states(driver, labels={"kind": "sized"})) == 8
 
 
 async def test_big_commits_are_packed_into_nested_transactions(etcd_url: str) -> None:
@@ -486,7 +478,7 @@ async def test_big_commits_are_packed_into_nested_transactions(etcd_url: str) ->
         writes = [_write(f"s{i}", a="1", b="2", c="3") for i in range(100)]
         revs = await _commit(driver, *writes)
         assert len(set(revs)) == 1
-        assert len(await _history(driver, b="2")) == 100
+        assert len(await all_states(driver, labels={"b": "2"})) == 100
         page = await driver.get_states(fs.StatesQuery(labels={"c": "3"}, latest_only=True))
         assert len(page.states) == 100, "a page never splits a revision"
 
@@ -520,7 +512,7 @@ async def test_accepted_commits_are_written_on_close(etcd_url: str, commits: int
     await driver.aclose()
     revs = [rev for (rev,) in await asyncio.gather(*tasks)]
     async with EtcdDriver.from_url(url) as again:
-        assert [s.rev for s in await _history(again)] == sorted(revs)
+        assert [s.rev for s in await all_states(again)] == sorted(revs)
 
 
 async def test_values_flowstate_did_not_write_are_driver_errors(etcd_url: str) -> None:
@@ -758,7 +750,7 @@ async def test_no_acknowledged_commit_lost_or_doubled_when_the_leader_dies(
             await asyncio.to_thread(leader.stop)
             killed.set()
             await asyncio.gather(*tasks)
-        history = await _history(driver, group="kill")
+        history = await all_states(driver, labels={"group": "kill"})
         for state_id, counts in acked.items():
             mine = [int(s.annotations["n"]) for s in history if s.id == state_id]
             assert mine == list(range(len(mine))), "no version was written twice or skipped"
