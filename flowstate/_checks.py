@@ -4,6 +4,10 @@ anything, whatever the annotations say, and deserve a flowstate error rather tha
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: The largest revision any store can hold: revisions are signed 64-bit integers in SQLite,
 #: etcd and PostgreSQL alike.
@@ -42,6 +46,30 @@ def is_text(value: object) -> bool:
         return True
     try:
         value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_STR_ONLY = frozenset({str})
+
+
+def is_text_map(mapping: Mapping[Any, object]) -> bool:
+    """True when every key and value of ``mapping`` is text (see :func:`is_text`).
+
+    The same answer as checking each one with :func:`is_text`, in a few C-level passes: this
+    runs on every label and annotation of every commit.
+    """
+    if not mapping:
+        return True
+    keys, values = mapping.keys(), mapping.values()
+    if not {*map(type, keys), *map(type, values)} <= _STR_ONLY:
+        return False
+    joined = "".join(keys) + "".join(values)  # type: ignore[arg-type] # all str, checked above
+    if joined.isascii():
+        return True
+    try:
+        joined.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True

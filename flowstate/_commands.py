@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import msgspec
 from attrs import define, field
 
-from flowstate._checks import describe, is_number, is_text
+from flowstate._checks import describe, is_number, is_text, is_text_map
 from flowstate._state import (
     PAUSED_ANNOTATION,
     StateCtx,
@@ -71,9 +71,7 @@ def _check_name(name: object, command: str, what: str) -> None:
 def _check_annotations(annotations: object, command: str) -> dict[str, str] | None:
     if annotations is None:
         return None
-    if not isinstance(annotations, Mapping) or not all(
-        is_text(key) and is_text(value) for key, value in annotations.items()
-    ):
+    if not isinstance(annotations, Mapping) or not is_text_map(annotations):
         raise InvalidCommandError(
             f"{command} annotations must map str to str (valid Unicode text), "
             f"not {describe(annotations)}"

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-from flowstate._checks import MAX_REV, describe, is_int, is_rev, is_text
+from flowstate._checks import MAX_REV, describe, is_int, is_rev, is_text, is_text_map
 from flowstate._state import State
 from flowstate.errors import InvalidQueryError
 
@@ -76,9 +76,7 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
             )
         copies = []
         for labels in label_sets:
-            if not isinstance(labels, Mapping) or not all(
-                is_text(k) and is_text(v) for k, v in labels.items()
-            ):
+            if not isinstance(labels, Mapping) or not is_text_map(labels):
                 raise InvalidQueryError(
                     f"labels must map str to str (valid Unicode text), not {describe(labels)}"
                 )

@@ -7,7 +7,7 @@ from typing import Literal, TypeAlias
 
 import msgspec
 
-from flowstate._checks import RESERVED_PREFIX, describe, is_text
+from flowstate._checks import RESERVED_PREFIX, describe, is_text, is_text_map
 from flowstate.errors import InvalidCommandError
 
 __all__ = [
@@ -206,6 +206,8 @@ def check_strings(state: State) -> None:
                 f"state {describe(state.id)}: labels and annotations must be dicts, "
                 f"not {type(mapping).__name__}"
             )
+        if is_text_map(mapping):
+            continue
         for key, value in mapping.items():
             if not (is_text(key) and is_text(value)):
                 raise InvalidCommandError(

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowstate as fs
+from flowstate._checks import is_text, is_text_map
 from flowstate._state import internal_ctx
 from tests import etcd_server, postgres_server
 from tests.etcd_server import etcd_url
@@ -272,6 +273,21 @@ async def test_only_flowstate_errors_escape(
 def test_bad_commands_are_refused_when_made(call: Callable[[], object]) -> None:
     with pytest.raises(fs.InvalidCommandError):
         call()
+
+
+class _Text(str):
+    """A str subclass: not text a store keeps as it is (drivers are handed plain str)."""
+
+
+@given(
+    st.dictionaries(
+        TEXT | INTS | st.builds(_Text, TEXT), TEXT | INTS | st.none() | st.builds(_Text, TEXT)
+    )
+)
+def test_a_mapping_is_text_when_every_key_and_value_is(mapping: dict[object, object]) -> None:
+    # The mapping-wide check, which every commit runs on its labels and annotations, answers
+    # as checking each key and value would.
+    assert is_text_map(mapping) == all(is_text(k) and is_text(v) for k, v in mapping.items())
 
 
 def test_only_flowstate_itself_makes_reserved_states() -> None:
