@@ -46,7 +46,10 @@ Threading:
 
 Group commit:
     Concurrent ``commit()`` calls are queued on the event loop and, while one group is being
-    written, the next group collects; each group is one ``BEGIN IMMEDIATE`` transaction. Inside
+    written, the next group collects; each group is one ``BEGIN IMMEDIATE`` transaction. When
+    the database thread is idle, a commit goes at once if the last group held one commit, and
+    at the end of the event loop's turn (with the commits made in that turn) if it held more.
+    Inside
     it every commit is checked on its own, in arrival order, against the latest-revision table
     (overlaid with the commits of the group that went before it): a commit that conflicts gets
     its own ``ConflictError`` and writes nothing, the others are written. A backend failure
@@ -636,6 +639,7 @@ class SQLiteDriver(Driver):
         self._pending: list[tuple[list[_Write], asyncio.Future[CommitResult]]] = []
         self._flush_scheduled = False
         self._in_flight = False
+        self._last_group = 1  # how many commits the last group sent held
         self._encoder = msgspec.msgpack.Encoder()
         self._state_decoder = msgspec.msgpack.Decoder(State)
 
@@ -830,9 +834,17 @@ class SQLiteDriver(Driver):
         fut: asyncio.Future[CommitResult] = loop.create_future()
         self._pending.append((writes, fut))
         if not self._in_flight and not self._flush_scheduled:
-            # The database thread is idle: send this commit now. While a group is being
-            # written, later commits collect and go together once it is done.
-            self._flush()
+            # The database thread is idle. If the last group held one commit, commits come
+            # one at a time: send this one now. If it held more, the others are likely to
+            # come in this same turn of the event loop (their flows woke together): send
+            # them together at its end, rather than this one alone and the rest behind it.
+            # While a group is being written, later commits collect and go together once it
+            # is done.
+            if self._last_group > 1:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            else:
+                self._flush()
         return await fut
 
     def _prepare(self, write: StateWrite) -> _Write:
@@ -861,6 +873,7 @@ class SQLiteDriver(Driver):
                 fut.set_exception(ClosedError("the SQLite driver is closed"))
             return
         self._in_flight = True
+        self._last_group = len(group)
         commits = [writes for writes, _ in group]
         worker.submit(
             functools.partial(_write_group, commits),
