@@ -49,11 +49,11 @@ Group commit:
     written, the next group collects; each group is one ``BEGIN IMMEDIATE`` transaction. When
     the database thread is idle, a commit goes at once if the last group held one commit, and
     at the end of the event loop's turn (with the commits made in that turn) if it held more.
-    Inside
-    it every commit is checked on its own, in arrival order, against the latest-revision table
-    (overlaid with the commits of the group that went before it): a commit that conflicts gets
-    its own ``ConflictError`` and writes nothing, the others are written. A backend failure
-    rolls back the whole group and every commit in it fails with that ``DriverError``.
+    Inside a group every commit is checked on its own, in arrival order, against the
+    latest-revision table (overlaid with the commits of the group that went before it): a
+    commit that conflicts gets its own ``ConflictError`` and writes nothing, the others are
+    written. A backend failure rolls back the whole group and every commit in it fails with
+    that ``DriverError``.
 
 Revisions and visibility:
     A commit takes the next revisions of the store inside its write transaction (the states of
@@ -639,7 +639,7 @@ class SQLiteDriver(Driver):
         self._pending: list[tuple[list[_Write], asyncio.Future[CommitResult]]] = []
         self._flush_scheduled = False
         self._in_flight = False
-        self._last_group = 1  # how many commits the last group sent held
+        self._solo = True  # the last group sent held one commit
         self._encoder = msgspec.msgpack.Encoder()
         self._state_decoder = msgspec.msgpack.Decoder(State)
 
@@ -840,11 +840,11 @@ class SQLiteDriver(Driver):
             # them together at its end, rather than this one alone and the rest behind it.
             # While a group is being written, later commits collect and go together once it
             # is done.
-            if self._last_group > 1:
+            if self._solo:
+                self._flush()
+            else:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
-            else:
-                self._flush()
         return await fut
 
     def _prepare(self, write: StateWrite) -> _Write:
@@ -873,7 +873,7 @@ class SQLiteDriver(Driver):
                 fut.set_exception(ClosedError("the SQLite driver is closed"))
             return
         self._in_flight = True
-        self._last_group = len(group)
+        self._solo = len(group) == 1
         commits = [writes for writes, _ in group]
         worker.submit(
             functools.partial(_write_group, commits),
