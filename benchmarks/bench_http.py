@@ -308,32 +308,15 @@ def cases(url: str, *, watchers: int = 100, commits: int = 10_000) -> list[Case]
             pilot=2048,
             step=FLOWS,
         ),
-        Case(
-            sse,
-            "delivery p50",
-            fanout_value,
-            {**fan, "figure": "p50_ms"},
-            unit="ms",
-            direct=True,
-            pilot=1,
-        ),
-        Case(
-            sse,
-            "delivery p99",
-            fanout_value,
-            {**fan, "figure": "p99_ms"},
-            unit="ms",
-            direct=True,
-            pilot=1,
-        ),
-        Case(
-            sse,
-            "versions delivered",
-            fanout_value,
-            {**fan, "figure": "versions_per_s"},
-            unit="versions/s",
-            direct=True,
-            pilot=1,
+        *(
+            Case(
+                sse, name, fanout_value, {**fan, "figure": figure}, unit=unit, direct=True, pilot=1
+            )
+            for name, figure, unit in (
+                ("delivery p50", "p50_ms", "ms"),
+                ("delivery p99", "p99_ms", "ms"),
+                ("versions delivered", "versions_per_s", "versions/s"),
+            )
         ),
     ]
 
