@@ -171,24 +171,33 @@ class PostgresServer:
         stdout: int | IO[bytes] | None = None,
         stderr: int | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start ``args`` (as the unprivileged user when the tests are root).
+
+        The switch of user is ``setpriv``'s, in the new process, not ``Popen(user=...)``'s:
+        that one makes Python ``fork()`` the whole test process rather than ``vfork()`` it,
+        and a ``fork()`` runs the fork handlers of every library loaded here; gRPC's (loaded by
+        the etcd tests) made about one ``initdb`` in three die before it started. ``setpriv``
+        executes the command in place, so the PID is still the server's.
+        """
         user = self._user()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LC_ALL": "C",
             "HOME": user.pw_dir if user is not None else os.environ.get("HOME", "/"),
         }
-        if user is None:
-            return subprocess.Popen(args, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
-        return subprocess.Popen(
-            args,
-            env=env,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            user=user.pw_uid,
-            group=user.pw_gid,
-            extra_groups=[],
-        )
+        if user is not None:
+            setpriv = shutil.which("setpriv", path=env["PATH"])
+            if setpriv is None:
+                pytest.fail("setpriv (Debian's util-linux) runs PostgreSQL as its own user")
+            args = [
+                setpriv,
+                f"--reuid={user.pw_uid}",
+                f"--regid={user.pw_gid}",
+                "--clear-groups",
+                "--",
+                *args,
+            ]
+        return subprocess.Popen(args, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
 
     def _chown(self, path: Path) -> None:
         user = self._user()
