@@ -631,20 +631,9 @@ def _plan(limit: int, compares: int, branches: Sequence[int]) -> int | None:
     return None
 
 
-def _pack(ops: list[Any], count: int, limit: int) -> list[Any]:
-    """``ops`` as one branch of a ``Txn`` planned by :func:`_plan` with ``count``."""
-    if len(ops) <= count:
-        return ops
-    room = limit - count
-    return [
-        rpc.RequestOp(request_txn=rpc.TxnRequest(success=ops[i : i + room]))
-        for i in range(0, len(ops), room)
-    ]
-
-
 def _branch(ops: Any, items: list[T], count: int, limit: int) -> list[tuple[Any, list[T]]]:
-    """Where each item of one branch of a ``Txn`` goes, packed as :func:`_pack` packs it:
-    ``(ops, items)`` when they fit the branch's own list ``ops``, else one nested
+    """Where each item of one branch of a ``Txn`` planned by :func:`_plan` with ``count``
+    goes: ``(ops, items)`` when they fit the branch's own list ``ops``, else one nested
     condition-less ``Txn`` op (added to ``ops`` here) per ``limit - count`` items, with the
     items whose ops go into its ``success`` list."""
     if len(items) <= count:
@@ -1185,7 +1174,11 @@ class EtcdDriver(Driver):
         count = _plan(limit, 0, [len(requests)])
         if count is None:
             raise DriverError(f"one read of {len(requests)} ranges exceeds max_txn_ops={limit}")
-        txn = rpc.TxnRequest(success=_pack([_get(r) for r in requests], count, limit))
+        txn = rpc.TxnRequest()
+        for ops, part in _branch(txn.success, requests, count, limit):
+            add = ops.add
+            for wanted in part:
+                add().request_range.CopyFrom(wanted)
         response = await self._txn(txn, "read", deadline)
         ranges = [r.response_range for r in _unpack(response.responses)]
         return int(response.header.revision), ranges

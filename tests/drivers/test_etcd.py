@@ -354,6 +354,24 @@ async def test_conflicts_in_a_group_packed_into_nested_transactions(etcd_url: st
         assert isinstance(warm, list), warm
 
 
+async def test_a_read_of_more_ranges_than_max_txn_ops_is_nested(etcd_url: str) -> None:
+    # A latest_only query reads each candidate's latest key in one Txn: for 40 states under
+    # max_txn_ops=16 the reads go into nested Txn ops, and the answer is the unpacked one's.
+    url = unique_url(etcd_url)
+    async with EtcdDriver.from_url(url) as driver:
+        for i in range(40):
+            (rev,) = await _commit(driver, _write(f"s{i:02}", k="v"))
+            await _commit(driver, _write(f"s{i:02}", rev, k="v"))
+    query = fs.StatesQuery(labels={"k": "v"}, latest_only=True, limit=40)
+    async with (
+        EtcdDriver.from_url(url) as wide,
+        EtcdDriver.from_url(url + "?max_txn_ops=16") as narrow,
+    ):
+        expected = await wide.get_states(query)
+        assert [s.id for s in expected.states] == [f"s{i:02}" for i in range(40)]
+        assert await narrow.get_states(query) == expected
+
+
 async def test_two_drivers_contend_for_the_head(etcd_url: str) -> None:
     url = unique_url(etcd_url)
     async with EtcdDriver.from_url(url) as one, EtcdDriver.from_url(url) as two:
