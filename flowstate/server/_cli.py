@@ -100,7 +100,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recover",
         action="store_true",
-        help="also run the recoverer and the delayer in this process (needs --flows)",
+        help=(
+            "also run the recoverer and the delayer in this process (needs --flows or "
+            "--tasks; with --tasks it also runs the posted pipelines' runs it recovers)"
+        ),
     )
     add_service_arguments(parser)
 
@@ -201,8 +204,10 @@ async def run(args: argparse.Namespace) -> int:
         raise ServeError(f"--port must be 0..65535, not {args.port}")
     if args.max_body_size < 1024:
         raise ServeError(f"--max-body-size must be at least 1024, not {args.max_body_size}")
-    if args.recover and not args.flows:
-        raise ServeError("--recover needs --flows: recovered states run the server's flows")
+    if args.recover and not (args.flows or args.tasks):
+        raise ServeError(
+            "--recover needs --flows or --tasks: recovered states run the server's flows"
+        )
     flows = None
     if args.flows or args.tasks:
         import_from_working_directory()
@@ -210,6 +215,7 @@ async def run(args: argparse.Namespace) -> int:
         flows = load_flows(args.flows)
     tasks = load_tasks(args.tasks) if args.tasks else {}
     try:
+        from flowstate.server._adopt import RunAdopter
         from flowstate.server._app import create_app
         from flowstate.server._uvicorn import handle_signals, make_server
     except ImportError as exc:
@@ -220,6 +226,10 @@ async def run(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         engine = await stack.enter_async_context(Engine(args.url, flows=flows))
         recoverer = delayer = None
+        if args.recover and tasks:
+            # Before the recoverer retries them: the runs posted here before a restart, and
+            # those posted to other servers, run on the pipelines they were posted with.
+            await stack.enter_async_context(RunAdopter(engine, tasks))
         if args.recover:
             recoverer = await stack.enter_async_context(
                 Recoverer(

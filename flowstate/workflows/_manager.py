@@ -55,7 +55,7 @@ from flowstate.workflows._model import (
     step_id,
     step_of,
 )
-from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline
+from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
 from flowstate.workflows._runs import DEFINITION, PipelineExecutor, new_progress, run_steps
 
 if TYPE_CHECKING:
@@ -490,6 +490,41 @@ class FlowManager:
             raise fs.InvalidCommandError(f"register takes a Pipeline, not {pipeline!r}")
         pipeline.validate()
         self.engine.flows.register(pipeline.flow_id, PipelineExecutor(pipeline))
+
+    async def adopt(self, run: fs.State, tasks: Mapping[str, StepFn]) -> Pipeline:
+        """Make this engine able to run ``run``: unless its pipeline is registered already,
+        build it from the JSON definition the run was started with (stored with the run) and
+        the step functions ``tasks``, and register it. Return the pipeline.
+
+        This is how a process that did not start a run (a worker, a server restarted, a
+        recoverer of another server) runs a pipeline that was posted as JSON.
+
+        Raises:
+            NotFoundError: ``run`` is not a pipeline run, or carries no definition (its
+                pipeline was built in Python: register it instead).
+            DefinitionError: The definition needs a function ``tasks`` lacks, or is invalid.
+        """
+        flow_id = run.transition.to
+        if not is_flow(run) or not flow_id.startswith(FLOW_PREFIX):
+            raise fs.NotFoundError(f"{run.id!r} is not a pipeline run")
+        executor = self.engine.flows.get(flow_id)
+        if isinstance(executor, PipelineExecutor):
+            return executor.pipeline
+        try:
+            _, blob = await self.engine.driver.get_data(run.id, DEFINITION, run.rev)
+        except fs.NotFoundError:
+            raise fs.NotFoundError(
+                f"run {run.id!r} carries no pipeline definition: its pipeline was built in "
+                f"Python, so register it ({flow_id!r}) in this process"
+            ) from None
+        pipeline = Pipeline.from_definition(blob, tasks=tasks)
+        if pipeline.flow_id != flow_id:
+            raise fs.NotFoundError(
+                f"the definition stored with {run.id!r} is of {pipeline.flow_id!r}, "
+                f"not of {flow_id!r}"
+            )
+        self.register(pipeline)
+        return pipeline
 
     def pipeline(self, pipeline_id: str) -> Pipeline:
         """The pipeline registered under ``pipeline_id``.

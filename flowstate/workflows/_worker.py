@@ -15,7 +15,7 @@ from flowstate._lifecycle import Lifecycle
 from flowstate.workflows._manager import FlowManager
 from flowstate.workflows._model import RECORD, TIMER_FLOW, read_record
 from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
-from flowstate.workflows._runs import DEFINITION, PipelineExecutor, claimable
+from flowstate.workflows._runs import PipelineExecutor, claimable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -222,22 +222,17 @@ class Worker:
 
     async def _executor_for(self, state: fs.State) -> PipelineExecutor | None:
         """The executor of a run's pipeline: registered, or built from its definition."""
-        flow_id = state.transition.to
-        executor = self.engine.flows.get(flow_id)
+        executor = self.engine.flows.get(state.transition.to)
         if isinstance(executor, PipelineExecutor):
             return executor
         if not self.tasks:
             return None
         try:
-            _, blob = await self.engine.driver.get_data(state.id, DEFINITION, state.rev)
-            pipeline = Pipeline.from_definition(blob, tasks=self.tasks)
+            await self._manager.adopt(state, self.tasks)
         except (fs.NotFoundError, fs.DefinitionError) as exc:
             logger.warning("worker %s cannot run %r: %s", self.name, state.id, exc)
             return None
-        if pipeline.flow_id != flow_id:
-            return None
-        self._manager.register(pipeline)
-        found = self.engine.flows[flow_id]
+        found = self.engine.flows[state.transition.to]
         assert isinstance(found, PipelineExecutor)
         return found
 

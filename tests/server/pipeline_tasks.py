@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from flowstate.workflows import StepContext, StepFn
@@ -25,6 +26,13 @@ async def flaky(step: StepContext) -> str:
     return "ok on attempt 2"
 
 
+async def hang(step: StepContext) -> str:
+    """The first attempt never ends (its process is killed under it); later ones do."""
+    if step.attempt == 1:
+        await asyncio.Event().wait()
+    return f"done on attempt {step.attempt}"
+
+
 async def refuse(step: StepContext) -> dict[str, Any]:
     return {"status": "failure", "why": "refused"}
 
@@ -38,6 +46,7 @@ TASKS: dict[str, StepFn] = {
     "task2": process,
     "task3": store,
     "flaky": flaky,
+    "hang": hang,
     "refuse": refuse,
     "cleanup": cleanup,
 }

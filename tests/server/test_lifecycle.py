@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 import flowstate as fs
+from flowstate.workflows import FlowManager, FlowStatus, StepStatus
 from tests.drivers.etcd_proxy import TcpProxy
 from tests.etcd_server import unique_url
 from tests.serve_process import ServeProcess
@@ -20,6 +21,7 @@ from tests.server.sse import events
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 FLOWS = "tests.recovery.process_flows:flows"
+TASKS = "tests.server.pipeline_tasks:TASKS"
 
 
 async def test_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
@@ -131,6 +133,82 @@ async def test_recover_runs_the_services_in_the_server(tmp_path: Path) -> None:
         await asyncio.to_thread(server.close)
 
 
+# A pipeline posted as JSON whose first attempt hangs until its server is killed.
+HANGS = {
+    "flow": {
+        "id": "hangs",
+        "name": "hangs",
+        "start_task": "hang",
+        "tasks": [{"name": "hang", "retries": 1}],
+    }
+}
+RECOVER = ("--tasks", TASKS, "--recover", "--retry-after", "0.3", "--lease-ttl", "1")
+
+
+async def _post_and_kill(url: str) -> str:
+    """Post HANGS to a server of its own, kill it in the middle of the step; the run's id."""
+    server = ServeProcess(url, "--tasks", TASKS)
+    await asyncio.to_thread(server.start)
+    try:
+        base = await asyncio.to_thread(server.wait_ready)
+        async with httpx.AsyncClient(base_url=base) as client:
+            response = await client.post("/api/v1/flows/execute", json=HANGS)
+        assert response.status_code == 202, response.text
+        run_id: str = response.json()["execution_id"]
+        async with fs.Engine(url) as engine:
+            flows = FlowManager(engine)
+            async with asyncio.timeout(30), flows.watch(id=run_id) as versions:
+                async for _ in versions:
+                    if "step_started" in [event.kind for event in await flows.events(run_id)]:
+                        break
+        await asyncio.to_thread(server.stop, signal.SIGKILL)
+    finally:
+        await asyncio.to_thread(server.close)
+    return run_id
+
+
+async def _check_recovered(url: str, run_id: str, server: ServeProcess) -> None:
+    """The run finished on ``server``: its killed attempt failed, the second completed."""
+    async with fs.Engine(url) as engine:
+        flows = FlowManager(engine)
+        done = await flows.result(run_id, timeout=30)
+        steps = await flows.steps(run_id)
+    assert done.status is FlowStatus.FINISHED
+    assert [(s.task, s.attempt, s.status) for s in steps] == [
+        ("hang", 1, StepStatus.FAILED),
+        ("hang", 2, StepStatus.COMPLETED),
+    ]
+    assert "stopped without an outcome" in (steps[0].error or "")
+    assert steps[1].result == "done on attempt 2"
+    assert f"adopted with {run_id!r}" in server.output
+    assert await asyncio.to_thread(server.stop, signal.SIGTERM) == 0
+
+
+async def test_a_restarted_server_recovers_the_runs_posted_to_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    run_id = await _post_and_kill(url)
+    # Nothing running knows the pipeline now but the store, which keeps its definition.
+    server = ServeProcess(url, *RECOVER)
+    await asyncio.to_thread(server.start)
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        await _check_recovered(url, run_id, server)
+    finally:
+        await asyncio.to_thread(server.close)
+
+
+async def test_a_server_recovers_the_runs_posted_to_another(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    server = ServeProcess(url, *RECOVER)
+    await asyncio.to_thread(server.start)
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        run_id = await _post_and_kill(url)
+        await _check_recovered(url, run_id, server)
+    finally:
+        await asyncio.to_thread(server.close)
+
+
 async def _version(engine: fs.Engine, state_id: str, index: int) -> fs.State:
     versions = [s async for s in engine.iter_states(id=state_id)]
     return versions[index]
@@ -144,8 +222,7 @@ def test_recover_needs_flows(tmp_path: Path) -> None:
             server.wait_ready()
         assert server.process is not None
         assert server.process.wait(30) == 1
-        assert server.lines == [
-            "flowstate: error: --recover needs --flows: recovered states run the server's flows"
-        ]
+        needs = "--recover needs --flows or --tasks: recovered states run the server's flows"
+        assert server.lines == [f"flowstate: error: {needs}"]
     finally:
         server.close()

@@ -458,6 +458,37 @@ async def test_a_json_definition_runs(flows: FlowManager) -> None:
     assert [s.task for s in await flows.steps(done.id)] == ["task1"]
 
 
+async def test_a_run_posted_as_json_is_adopted_by_another_engine(engine: fs.Engine) -> None:
+    calls: Calls = collections.Counter()
+    tasks = {name: recorder(calls, {"status": "success"}) for name in ("task1", "task2", "task3")}
+    submitter = FlowManager(engine)
+    submitter.register(Pipeline.from_definition(DATA_FLOW, tasks=tasks))
+    run = await submitter.execute("flow123", enqueue=True)
+    python = Pipeline("built").add_step(Step("only", recorder(calls)))
+    submitter.register(python)
+    other_run = await submitter.execute("built", enqueue=True)
+    async with fs.Engine(engine.driver) as bare:
+        other = FlowManager(bare)
+        state = (await bare.get_state(run.id)).committed
+        with pytest.raises(fs.DefinitionError, match="task3"):
+            await other.adopt(state, {"task1": tasks["task1"], "task2": tasks["task2"]})
+        with pytest.raises(fs.FlowNotFoundError):
+            other.pipeline("flow123")
+        adopted = await other.adopt(state, tasks)
+        assert adopted is other.pipeline("flow123")
+        assert await other.adopt(state, {}) is adopted, "registered already: nothing to read"
+        with pytest.raises(fs.NotFoundError, match="definition"):
+            await other.adopt((await bare.get_state(other_run.id)).committed, tasks)
+        plain = await other.create(controller="c", goal="g")
+        plain_state = (await bare.get_state(plain.id)).committed
+        with pytest.raises(fs.NotFoundError, match="not a pipeline run"):
+            await other.adopt(plain_state, tasks)
+        await bare.do(fs.Execute(fs.StateCtx.of(state)))
+        done = await other.result(run.id, timeout=20)
+    assert done.status == "finished"
+    assert set(calls) == {("task1", 1), ("task2", 1), ("task3", 1)}
+
+
 def test_a_definition_reports_every_problem_at_once() -> None:
     bad = {
         "flow": {
