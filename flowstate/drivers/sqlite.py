@@ -880,6 +880,12 @@ class SQLiteDriver(Driver):
             asyncio.get_running_loop(),
             functools.partial(self._group_done, worker, [fut for _, fut in group]),
         )
+        if self._solo:
+            # Commits come one at a time: hand the GIL to the database thread now, so that
+            # the write starts while this thread finishes its turn of the event loop, rather
+            # than once it goes idle. (A sequential step is 15-20% faster; a group of many
+            # commits gains nothing, its writes are long next to the turn.)
+            time.sleep(0)
 
     def _group_done(
         self,
