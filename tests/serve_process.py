@@ -24,7 +24,7 @@ from typing import IO, Self
 __all__ = ["ServeProcess", "ServerPool"]
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening on (http://\S+)")
+_LISTENING = re.compile(r"listening on (https?://\S+)")
 
 _running: set[ServeProcess] = set()
 

@@ -299,6 +299,10 @@ class HTTPDriver(Driver):
         except httpx.TransportError as exc:
             if self._lifecycle is Lifecycle.CLOSED:
                 raise ClosedError("the http driver was closed") from exc
+            tls = _tls_failure(exc)
+            if tls is not None:
+                # Retrying cannot help: the server's certificate, or the scheme, is wrong.
+                raise DriverError(f"TLS with {self.url} failed: {tls}") from exc
             raise DriverUnavailableError(
                 f"cannot reach the flowstate server at {self.url}: {str(exc) or type(exc).__name__}"
             ) from exc
@@ -539,3 +543,24 @@ class HTTPDriver(Driver):
 
     async def get_lease(self, name: str) -> Lease | None:
         return (await self._call("GET", f"/api/v1/leases/{_segment(name)}", LeaseReply)).lease
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What went wrong in TLS, with a hint, if ``exc`` (an httpx transport error) came from a
+    TLS failure: a certificate that cannot be verified, or a server that does not speak TLS."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"{cause.verify_message or cause.reason}; ?ca= names the CA that signed the "
+                "server's certificate"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return (
+                f"{cause.reason or cause}; does the server speak HTTPS (flowstate serve "
+                "--tls-cert)?"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None

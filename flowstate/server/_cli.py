@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"require 'Authorization: Bearer <token>' with the token in FILE "
         f"(default: ${TOKEN_ENV}, if set)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with the certificate chain in FILE (PEM; needs --tls-key)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="FILE",
+        help="the private key of --tls-cert (PEM)",
     )
     parser.add_argument(
         "--max-body-size",
@@ -171,9 +184,26 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _address(sock: socket.socket) -> str:
+def _address(sock: socket.socket, scheme: str) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def check_tls(cert: Path | None, key: Path | None) -> None:
+    """Check that ``--tls-cert`` and ``--tls-key`` come together and make a usable pair.
+
+    Raises:
+        ServeError: They do not, with the reason in one line.
+    """
+    if (cert is None) != (key is None):
+        raise ServeError("--tls-cert and --tls-key go together: give both, or neither")
+    if cert is None or key is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror or str(exc)
+        raise ServeError(f"cannot serve TLS with {cert} and {key}: {reason}") from exc
 
 
 def _setup_logging() -> None:
@@ -204,6 +234,7 @@ async def run(args: argparse.Namespace) -> int:
         raise ServeError(f"--port must be 0..65535, not {args.port}")
     if args.max_body_size < 1024:
         raise ServeError(f"--max-body-size must be at least 1024, not {args.max_body_size}")
+    check_tls(args.tls_cert, args.tls_key)
     if args.recover and not (args.flows or args.tasks):
         raise ServeError(
             "--recover needs --flows or --tasks: recovered states run the server's flows"
@@ -250,8 +281,10 @@ async def run(args: argparse.Namespace) -> int:
             tasks=tasks,
         )
         sock = stack.enter_context(_bind(args.host, args.port))
-        address = _address(sock)
-        server = make_server(app, drain_timeout=DRAIN_TIMEOUT)
+        address = _address(sock, "https" if args.tls_cert else "http")
+        server = make_server(
+            app, drain_timeout=DRAIN_TIMEOUT, tls_cert=args.tls_cert, tls_key=args.tls_key
+        )
         with handle_signals(app, server):
             logger.info(
                 "listening on %s (store %s; token %s; recovery %s)",

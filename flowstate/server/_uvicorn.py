@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -20,10 +21,19 @@ class _Server(uvicorn.Server):
         yield
 
 
-def make_server(app: FlowstateApp, *, drain_timeout: float) -> uvicorn.Server:
-    """A uvicorn server for ``app`` that leaves logging and signals to flowstate."""
+def make_server(
+    app: FlowstateApp,
+    *,
+    drain_timeout: float,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> uvicorn.Server:
+    """A uvicorn server for ``app`` that leaves logging and signals to flowstate; it speaks
+    HTTPS when given a certificate and its key."""
     config = uvicorn.Config(
         app,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
         lifespan="off",
         log_config=None,
         access_log=False,

@@ -18,8 +18,8 @@ from aetcd.rpc import auth_pb2
 
 import flowstate as fs
 from flowstate.drivers.etcd import PASSWORD_ENV, EtcdDriver
+from tests.certificates import Certificates, make_certificates
 from tests.etcd_server import EtcdServer, ServerTLS
-from tests.etcd_tls import Certificates, make_certificates
 
 pytestmark = [pytest.mark.anyio, pytest.mark.etcd]
 

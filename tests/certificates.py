@@ -1,4 +1,5 @@
-"""Certificates for the TLS tests, made on the spot with the ``cryptography`` package.
+"""Certificates for the TLS tests (etcd's, ``flowstate serve``'s), made on the spot with the
+``cryptography`` package.
 
 :func:`make_certificates` writes a CA, a server certificate for 127.0.0.1 and localhost, a
 client certificate signed by that CA, and a second CA that signed nothing the server uses
@@ -117,7 +118,7 @@ def make_certificates(directory: Path) -> Certificates:
     directory.mkdir(parents=True, exist_ok=True)
     ca = _ca("flowstate test CA")
     server = _leaf(
-        "etcd",
+        "flowstate test server",
         ca,
         ExtendedKeyUsageOID.SERVER_AUTH,
         [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
