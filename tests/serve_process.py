@@ -21,12 +21,27 @@ import time
 from pathlib import Path
 from typing import IO, Self
 
-__all__ = ["ServeProcess", "ServerPool"]
+__all__ = ["ServeProcess", "ServerPool", "serve_refused"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on (https?://\S+)")
 
 _running: set[ServeProcess] = set()
+
+
+def serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``flowstate serve`` with arguments it must refuse (it exits without listening),
+    without ``FLOWSTATE_TOKEN``; return the finished process with its output."""
+    env = {k: v for k, v in os.environ.items() if k != "FLOWSTATE_TOKEN"}
+    return subprocess.run(
+        [sys.executable, "-m", "flowstate", "serve", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 class ServeProcess:

@@ -3,9 +3,6 @@ sends ``FLOWSTATE_TOKEN``; without a token the server listens on loopback only."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.http import HTTPDriver
 from flowstate.server._cli import is_loopback
-from tests.serve_process import ROOT, ServeProcess
+from tests.serve_process import ServeProcess, serve_refused
 
 # Each module starts `flowstate serve` processes of its own.
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -126,22 +123,9 @@ def test_the_server_reads_flowstate_token(tmp_path: Path) -> None:
         assert ok.status_code == 200
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "FLOWSTATE_TOKEN"}
-    return subprocess.run(
-        [sys.executable, "-m", "flowstate", "serve", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_without_a_token_only_loopback(tmp_path: Path, host: str) -> None:
-    result = serve(f"sqlite:///{tmp_path}/store.db", "--host", host, "--port", "0")
+    result = serve_refused(f"sqlite:///{tmp_path}/store.db", "--host", host, "--port", "0")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -151,11 +135,11 @@ def test_without_a_token_only_loopback(tmp_path: Path, host: str) -> None:
 
 def test_token_file_problems(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/store.db"
-    missing = serve(url, "--token-file", str(tmp_path / "nope"))
+    missing = serve_refused(url, "--token-file", str(tmp_path / "nope"))
     assert missing.returncode == 1
     assert "cannot read the token file" in missing.stderr
     (tmp_path / "empty").write_text("\n")
-    empty = serve(url, "--token-file", str(tmp_path / "empty"))
+    empty = serve_refused(url, "--token-file", str(tmp_path / "empty"))
     assert empty.returncode == 1
     assert "is empty" in empty.stderr
 

@@ -14,7 +14,7 @@ import flowstate as fs
 from flowstate.workflows import FlowManager, FlowStatus, StepStatus
 from tests.drivers.etcd_proxy import TcpProxy
 from tests.etcd_server import unique_url
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, serve_refused
 from tests.server.sse import events
 
 # Each module starts `flowstate serve` processes of its own.
@@ -215,14 +215,7 @@ async def _version(engine: fs.Engine, state_id: str, index: int) -> fs.State:
 
 
 def test_recover_needs_flows(tmp_path: Path) -> None:
-    server = ServeProcess(f"sqlite:///{tmp_path}/store.db", "--recover")
-    server.start()
-    try:
-        with pytest.raises(RuntimeError, match="exited"):
-            server.wait_ready()
-        assert server.process is not None
-        assert server.process.wait(30) == 1
-        needs = "--recover needs --flows or --tasks: recovered states run the server's flows"
-        assert server.lines == [f"flowstate: error: {needs}"]
-    finally:
-        server.close()
+    result = serve_refused(f"sqlite:///{tmp_path}/store.db", "--recover")
+    assert result.returncode == 1
+    needs = "--recover needs --flows or --tasks: recovered states run the server's flows"
+    assert result.stderr.splitlines() == [f"flowstate: error: {needs}"]

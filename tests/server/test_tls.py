@@ -14,7 +14,7 @@ import pytest
 
 import flowstate as fs
 from tests.certificates import Certificates, make_certificates
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, serve_refused
 
 # The module starts `flowstate serve` processes of its own.
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -96,14 +96,8 @@ def test_bad_tls_options_stop_it_with_one_line(
         ],
         "missing": ["--tls-cert", str(tmp_path / "no.pem"), "--tls-key", str(tmp_path / "no.key")],
     }[which]
-    server = ServeProcess(f"sqlite:///{tmp_path}/store.db", *args)
-    server.start()
-    try:
-        with pytest.raises(RuntimeError, match="exited"):
-            server.wait_ready()
-        assert server.process is not None
-        assert server.process.wait(30) == 1
-        assert len(server.lines) == 1
-        assert server.lines[0].startswith(f"flowstate: error: {error}")
-    finally:
-        server.close()
+    result = serve_refused(f"sqlite:///{tmp_path}/store.db", *args)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"flowstate: error: {error}")
