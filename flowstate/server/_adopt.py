@@ -44,13 +44,13 @@ class RunAdopter:
         self.engine = engine
         self.tasks = dict(tasks)
         self._manager = FlowManager(engine)
+        self._running = self._manager.query(runtime="pipeline", status="running")
         self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._follow: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         head = await self.engine.driver.head_rev()
-        query = self._manager.query(runtime="pipeline", status="running")
-        async for run in self.engine.iter_states(query):
+        async for run in self.engine.iter_states(self._running):
             await self._adopt(run)
         self._follow = asyncio.create_task(self._run(head))
         return self
@@ -67,7 +67,7 @@ class RunAdopter:
                 await self._follow
 
     async def _run(self, since_rev: int) -> None:
-        labels = self._manager.query(runtime="pipeline", status="running").labels
+        labels = self._running.labels
         try:
             async with self.engine.watch(labels=labels, since_rev=since_rev) as watcher:
                 async for run in watcher:

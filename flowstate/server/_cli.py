@@ -201,7 +201,7 @@ def check_tls(cert: Path | None, key: Path | None) -> None:
         return
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError included
         reason = exc.strerror or str(exc)
         raise ServeError(f"cannot serve TLS with {cert} and {key}: {reason}") from exc
 
