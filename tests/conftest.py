@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -50,6 +51,16 @@ async def _check_tasks() -> AsyncIterator[None]:
 def _is_runner(task: asyncio.Task[object]) -> bool:
     """The anyio test runner wraps each fixture step in a task of its own; that one is fine."""
     return task is asyncio.current_task() or "_call_in_runner_task" in repr(task.get_coro())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped by SIGTERM (a CI timeout, a closed terminal) tears down as one stopped by
+    # Ctrl-C does, so the etcd and PostgreSQL servers and the processes it started stop too.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
