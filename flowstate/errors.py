@@ -157,7 +157,9 @@ class DefinitionError(FlowstateError, ValueError):
     def __init__(self, problems: Iterable[str]) -> None:
         self.problems = list(problems)
         listed = "; ".join(self.problems)
-        super().__init__(f"invalid pipeline definition ({len(self.problems)} problems): {listed}")
+        count = len(self.problems)
+        counted = "1 problem" if count == 1 else f"{count} problems"
+        super().__init__(f"invalid pipeline definition ({counted}): {listed}")
 
     def __reduce__(self) -> tuple[type[DefinitionError], tuple[list[str]]]:
         return (type(self), (self.problems,))

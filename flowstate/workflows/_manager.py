@@ -761,7 +761,10 @@ class FlowManager:
         return FlowWatcher(self.engine.watch(id=id, labels=labels, since_rev=since_rev))
 
     async def _read(self, flow_id: str) -> fs.StateCtx:
-        ctx = await self.engine.get_state(flow_id)
+        try:
+            ctx = await self.engine.get_state(flow_id)
+        except fs.NotFoundError:
+            raise fs.NotFoundError(f"no managed flow {flow_id!r}") from None
         if not is_flow(ctx.committed):
             raise fs.NotFoundError(f"{flow_id!r} is a state, but not a managed flow")
         return ctx

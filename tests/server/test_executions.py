@@ -181,7 +181,10 @@ async def test_a_bad_definition_is_a_422_listing_every_problem(client: httpx.Asy
 async def test_unknown_executions_are_404(client: httpx.AsyncClient, flows: FlowManager) -> None:
     missing = await client.get("/api/v1/flows/executions/nothing-here")
     assert missing.status_code == 404
-    assert missing.json()["error"]["type"] == "not_found"
+    assert missing.json()["error"] == {
+        "type": "not_found",
+        "message": "no managed flow 'nothing-here'",
+    }
     managed = await flows.create(controller="not-a-pipeline")
     other = await client.get(f"/api/v1/flows/executions/{managed.id}")
     assert other.status_code == 404

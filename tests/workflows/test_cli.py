@@ -92,5 +92,5 @@ def test_flow_of_an_unknown_id_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("flowstate: error: ")
     assert err.count("\n") == 1
-    assert "nope" in err
+    assert "no managed flow 'nope'" in err
     assert main(["flows", url, "--status", "sleeping"]) == 2

@@ -438,12 +438,12 @@ async def test_record_step_upserts(engine: fs.Engine, flows: FlowManager) -> Non
 
 async def test_a_step_of_a_missing_flow_is_refused(engine: fs.Engine, flows: FlowManager) -> None:
     head = await engine.driver.head_rev()
-    with pytest.raises(fs.NotFoundError):
+    with pytest.raises(fs.NotFoundError, match="no managed flow 'nobody'"):
         await flows.record_step(
             StepObservation(flow_id="nobody", run_id="r", task="t", status="running")
         )
     assert await engine.driver.head_rev() == head
-    with pytest.raises(fs.NotFoundError):
+    with pytest.raises(fs.NotFoundError, match="no managed flow 'nobody'"):
         await flows.steps("nobody")
 
 
@@ -483,7 +483,7 @@ async def test_steps_and_other_states_are_not_flows(engine: fs.Engine, flows: Fl
         await flows.get("plain")
     with pytest.raises(fs.NotFoundError):
         await flows.start("plain")
-    with pytest.raises(fs.NotFoundError):
+    with pytest.raises(fs.NotFoundError, match="no managed flow 'missing'"):
         await flows.get("missing")
     flow = await flows.create_mirrored(controller="agent")
     step = await flows.record_step(

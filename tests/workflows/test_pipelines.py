@@ -543,7 +543,8 @@ def test_builder_problems_are_reported_at_registration() -> None:
     with pytest.raises(DefinitionError) as info:
         pipeline.validate()
     assert len(info.value.problems) == 6, info.value.problems
-    with pytest.raises(DefinitionError, match="no steps"):
+    assert "(6 problems)" in str(info.value)
+    with pytest.raises(DefinitionError, match=r"\(1 problem\): .*no steps"):
         Pipeline("empty").validate()
 
 
