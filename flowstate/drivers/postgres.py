@@ -588,8 +588,10 @@ class _Pending:
 
 def _describe(exc: BaseException) -> str:
     sqlstate = getattr(exc, "sqlstate", None)
-    text = str(exc) or type(exc).__name__
-    return f"{text} ({sqlstate})" if sqlstate else f"{type(exc).__name__}: {text}"
+    text = str(exc)
+    if sqlstate:
+        return f"{text or type(exc).__name__} ({sqlstate})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _passes(exc: BaseException) -> bool:
@@ -990,6 +992,7 @@ class PostgresDriver(Driver):
     async def _retry(self, what: str, fn: Callable[[], Awaitable[T]], deadline: float) -> T:
         """Run ``fn()`` until it succeeds, retrying failures that pass until ``deadline``."""
         attempt = 0
+        failure: Exception | None = None  # the last failure that was retried
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -997,9 +1000,17 @@ class PostgresDriver(Driver):
             except FlowstateError:
                 raise
             except Exception as exc:
+                if (
+                    failure is not None
+                    and isinstance(exc, TimeoutError)
+                    and self._now() >= deadline
+                ):
+                    # The deadline cut a retry short: what made it retry says more.
+                    exc = failure
                 error = self._error(what, exc)
                 if not isinstance(error, DriverUnavailableError) or self._now() >= deadline:
                     raise error from exc
+                failure = exc
             attempt += 1
             await self._pause(attempt, deadline)
 

@@ -903,8 +903,10 @@ async def test_unavailable_while_the_server_is_down_then_works_again(
                 await driver.get_states(fs.StatesQuery())
             with pytest.raises(fs.DriverUnavailableError):
                 await driver.acquire_lease("l", "me", 5)
-            with pytest.raises(fs.DriverUnavailableError):
+            with pytest.raises(fs.DriverUnavailableError) as opening:
                 await PostgresDriver.from_url(url).open()
+            # It names why it retried until the deadline, not the deadline alone.
+            assert "ConnectionRefusedError" in str(opening.value)
         finally:
             await asyncio.to_thread(own_server.start)
             await asyncio.to_thread(own_server.wait_ready)
