@@ -10,6 +10,7 @@ history: the events are read back from the versions that carry them, so the two 
 
 import datetime
 import enum
+import math
 from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -327,9 +328,26 @@ def json_bytes(value: object, what: str) -> bytes:
         InvalidCommandError: ``value`` cannot be encoded as JSON.
     """
     try:
-        return _encoder.encode(value)
+        raw = _encoder.encode(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise fs.InvalidCommandError(f"{what} is not JSON-encodable: {exc}") from None
+    # JSON has no NaN or infinity: the encoder writes them as null, which would lose them.
+    if b"null" in raw and _non_finite(value):
+        raise fs.InvalidCommandError(
+            f"{what} holds NaN or infinity, which JSON cannot store (they would come back as null)"
+        )
+    return raw
+
+
+def _non_finite(value: object) -> bool:
+    """True when a float in ``value`` (inside its dicts, lists and tuples) is NaN or infinite."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(item) for item in value)
+    return False
 
 
 def is_flow(state: fs.State) -> bool:

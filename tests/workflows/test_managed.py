@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -522,7 +523,16 @@ async def test_records_rest_and_are_never_retried(engine: fs.Engine, flows: Flow
 # -- bad input --------------------------------------------------------------------------------------
 
 
-NOT_JSON: list[Any] = [["a", "list"], "text", {"x": object()}, {1: "int key"}, None]
+NOT_JSON: list[Any] = [
+    ["a", "list"],
+    "text",
+    {"x": object()},
+    {1: "int key"},
+    # JSON has no NaN or infinity; stored, they would come back as null.
+    {"x": math.nan},
+    {"x": [1.0, {"y": -math.inf}]},
+    None,
+]
 
 
 async def test_bad_input_writes_nothing(engine: fs.Engine, flows: FlowManager) -> None:
@@ -542,6 +552,7 @@ async def test_bad_input_writes_nothing(engine: fs.Engine, flows: FlowManager) -
         {"kind": "timer"},
         {"kind": "timer", "seconds": -1},
         {"kind": "timer", "seconds": True},
+        {"kind": "timer", "seconds": math.inf},
         {"kind": "timer", "at": "tomorrow"},
         {"kind": "timer", "at": "2030-01-01T00:00:00"},
         {"kind": "timer", "at": "2030-01-01T00:00:00Z", "seconds": 3},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -212,16 +213,18 @@ async def test_branches_jump_and_end(flows: FlowManager) -> None:
 
 async def test_an_output_that_is_not_json_fails_the_attempt(flows: FlowManager) -> None:
     async def odd(step: StepContext) -> Any:
-        return object() if step.attempt == 1 else ["fine"]
+        return [object(), {"ratio": math.nan}, ["fine"]][step.attempt - 1]
 
-    flows.register(Pipeline("odd").add_step(Step("odd", odd, retries=1, backoff=0.01)))
+    flows.register(Pipeline("odd").add_step(Step("odd", odd, retries=2, backoff=0.01)))
     done = await flows.result((await flows.execute("odd")).id, timeout=20)
     assert done.status == "finished"
-    first, second = await flows.steps(done.id)
-    assert first.status == "failed"
+    first, second, third = await flows.steps(done.id)
+    assert (first.status, second.status) == ("failed", "failed")
     assert first.error is not None
     assert "not JSON-encodable" in first.error
-    assert (second.status, second.result) == ("completed", ["fine"])
+    assert second.error is not None
+    assert "NaN or infinity" in second.error
+    assert (third.status, third.result) == ("completed", ["fine"])
 
 
 async def test_request_cancel_stops_before_the_next_step(flows: FlowManager) -> None:
