@@ -130,6 +130,7 @@ def router(ctx: ServerContext) -> Router:
         label: Labels = None,
         since_rev: SinceRev = 0,
         since_latest: SinceLatest = False,
+        since_time: SinceTime = None,
         latest_only: LatestOnly = False,
         limit: Annotated[
             int, QueryParameter(description=f"versions read at once (at most {MAX_PAGE})")
@@ -150,7 +151,7 @@ def router(ctx: ServerContext) -> Router:
                     f"Last-Event-ID must be a revision, not {last_event_id!r}"
                 ) from None
             since_latest = False
-        query = _query(label, since_rev, since_latest, None, latest_only, limit, state_id)
+        query = _query(label, since_rev, since_latest, since_time, latest_only, limit, state_id)
         # The first page is read here, so that a store failure is an error response.
         first = await engine.get_states(query)
         return Stream(

@@ -455,6 +455,27 @@ async def test_watch_since_latest(client: httpx.AsyncClient, run: str) -> None:
     assert _state.decode(event.data).rev == rev
 
 
+async def test_watch_since_time(client: httpx.AsyncClient, run: str) -> None:
+    await commit(client, (state_json(f"{run}-old", run=run), 0))
+    old = _state.decode((await client.get(f"/api/v1/states/{run}-old")).content)
+    # Move another state on until a version of it lands in a later millisecond than the old
+    # one (commit times have millisecond resolution).
+    rev = 0
+    while True:
+        (rev,) = await commit(client, (state_json(f"{run}-new", f"to-{rev}", run=run), rev))
+        new = _state.decode((await client.get(f"/api/v1/states/{run}-new")).content)
+        assert new.committed_at is not None
+        assert old.committed_at is not None
+        if new.committed_at > old.committed_at:
+            break
+    params = {"label": f"run={run}", "since_time": new.committed_at.isoformat()}
+    async with client.stream("GET", "/api/v1/watch", params=params) as response:
+        (event,) = await take(events(response), 1)
+    assert _state.decode(event.data).rev == new.rev
+    naive = await client.get("/api/v1/watch", params={"since_time": "2024-01-01T00:00:00"})
+    assert_error(naive, 400, "invalid_query")
+
+
 # -- the remote driver against the shared server -----------------------------------------------
 
 
