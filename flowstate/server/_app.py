@@ -17,12 +17,18 @@ from litestar.types import Receive, Scope, Send
 
 import flowstate
 from flowstate import Engine
+from flowstate._checks import is_number
 from flowstate._wire import Health
 from flowstate.drivers.base import SupportsLease
-from flowstate.errors import DriverError, DriverUnavailableError
+from flowstate.errors import DriverError, DriverUnavailableError, InvalidCommandError
 from flowstate.recovery import Delayer, Recoverer
 from flowstate.server import _console, _flows, _states, _store
-from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, ServerContext
+from flowstate.server._context import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_MAX_BODY_SIZE,
+    MIN_BODY_SIZE,
+    ServerContext,
+)
 from flowstate.server._errors import EXCEPTION_HANDLERS
 from flowstate.server._escape import route_path
 from flowstate.workflows import StepFn
@@ -101,7 +107,16 @@ def create_app(
         tasks: Step functions by task name, for the pipelines that ``POST
             /api/v1/flows/execute`` defines.
         routers: More routes, each built from the context (as the built-in ones are).
+
+    Raises:
+        InvalidCommandError: ``keepalive`` or ``max_body_size`` is out of range.
     """
+    if not is_number(keepalive, strict=True):
+        raise InvalidCommandError(f"keepalive must be a number of seconds > 0, not {keepalive!r}")
+    if type(max_body_size) is not int or max_body_size < MIN_BODY_SIZE:
+        raise InvalidCommandError(
+            f"max_body_size must be an int >= {MIN_BODY_SIZE} (bytes), not {max_body_size!r}"
+        )
     context = ServerContext(
         engine=engine,
         max_body_size=max_body_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowstate import Engine
+from flowstate._checks import is_number
 from flowstate.drivers.base import hide_password
 from flowstate.recovery import Delayer, Recoverer
 from flowstate.recovery._serve import (
@@ -26,7 +27,7 @@ from flowstate.recovery._serve import (
     load_flows,
 )
 from flowstate.recovery._serve import load_tasks as load_task_spec
-from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE
+from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, MIN_BODY_SIZE
 
 if TYPE_CHECKING:
     import argparse
@@ -232,8 +233,12 @@ async def run(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port must be 0..65535, not {args.port}")
-    if args.max_body_size < 1024:
-        raise ServeError(f"--max-body-size must be at least 1024, not {args.max_body_size}")
+    if args.max_body_size < MIN_BODY_SIZE:
+        raise ServeError(
+            f"--max-body-size must be at least {MIN_BODY_SIZE}, not {args.max_body_size}"
+        )
+    if not is_number(args.keepalive, strict=True):
+        raise ServeError(f"--keepalive must be a number of seconds > 0, not {args.keepalive}")
     check_tls(args.tls_cert, args.tls_key)
     if args.recover and not (args.flows or args.tasks):
         raise ServeError(

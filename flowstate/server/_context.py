@@ -14,10 +14,18 @@ if TYPE_CHECKING:
     from flowstate.recovery import Delayer, Recoverer
     from flowstate.workflows import StepFn
 
-__all__ = ["DEFAULT_KEEPALIVE", "DEFAULT_MAX_BODY_SIZE", "ServerContext", "wait_for_rev"]
+__all__ = [
+    "DEFAULT_KEEPALIVE",
+    "DEFAULT_MAX_BODY_SIZE",
+    "MIN_BODY_SIZE",
+    "ServerContext",
+    "wait_for_rev",
+]
 
 #: Request bodies larger than this many bytes are refused (413) unless configured otherwise.
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+#: The smallest request body limit a server accepts (a commit of one small state fits).
+MIN_BODY_SIZE = 1024
 #: Seconds of silence after which a watch stream sends a keep-alive comment.
 DEFAULT_KEEPALIVE = 15.0
 

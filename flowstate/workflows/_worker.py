@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 from attrs import define
 
 import flowstate as fs
+from flowstate._checks import is_number
 from flowstate._lifecycle import Lifecycle
 from flowstate.workflows._manager import FlowManager
 from flowstate.workflows._model import RECORD, TIMER_FLOW, read_record
@@ -103,6 +104,10 @@ class Worker:
     ) -> None:
         if type(concurrency) is not int or concurrency < 1:
             raise fs.InvalidCommandError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        if not is_number(drain_timeout):
+            raise fs.InvalidCommandError(
+                f"drain_timeout must be a number of seconds >= 0, not {drain_timeout!r}"
+            )
         self.engine = engine
         self.concurrency = concurrency
         self.tasks = dict(tasks or {})

@@ -1,4 +1,5 @@
-"""A route that fails unexpectedly answers a plain 500: no trace, no detail, all of it logged.
+"""A route that fails unexpectedly answers a plain 500: no trace, no detail, all of it logged;
+settings out of range are refused when the application is built.
 
 The application runs in this process (Litestar through httpx's ASGI transport) on a driver
 made to fail, since no real store fails on demand this way.
@@ -7,6 +8,8 @@ made to fail, since no real store fails on demand this way.
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 import httpx
 import pytest
@@ -42,3 +45,21 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
     (record,) = [r for r in caplog.records if r.name == "flowstate.server"]
     assert record.exc_info is not None, "the trace goes to the log"
     assert "GET /api/v1/states/anything failed" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # A keep-alive of 0 would send comments in a tight loop.
+        {"keepalive": 0},
+        {"keepalive": -1.0},
+        {"keepalive": math.nan},
+        {"keepalive": "15"},
+        {"max_body_size": 10},
+        {"max_body_size": 2.5e6},
+    ],
+)
+async def test_settings_out_of_range_are_refused(settings: dict[str, Any]) -> None:
+    async with fs.Engine("memory://") as engine:
+        with pytest.raises(fs.InvalidCommandError, match=next(iter(settings))):
+            create_app(engine, **settings)

@@ -219,3 +219,10 @@ def test_recover_needs_flows(tmp_path: Path) -> None:
     assert result.returncode == 1
     needs = "--recover needs --flows or --tasks: recovered states run the server's flows"
     assert result.stderr.splitlines() == [f"flowstate: error: {needs}"]
+
+
+def test_a_keepalive_that_is_not_positive_is_refused(tmp_path: Path) -> None:
+    result = serve_refused(f"sqlite:///{tmp_path}/store.db", "--keepalive", "0")
+    assert result.returncode == 1
+    refused = "--keepalive must be a number of seconds > 0, not 0.0"
+    assert result.stderr.splitlines() == [f"flowstate: error: {refused}"]

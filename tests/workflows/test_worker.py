@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +143,9 @@ async def test_a_cancel_elsewhere_stops_the_step_a_worker_runs(engine: fs.Engine
 async def test_worker_arguments(engine: fs.Engine) -> None:
     with pytest.raises(fs.InvalidCommandError):
         Worker(engine, concurrency=0)
+    for drain_timeout in (-1.0, math.nan, "30"):
+        with pytest.raises(fs.InvalidCommandError, match="drain_timeout"):
+            Worker(engine, drain_timeout=drain_timeout)  # type: ignore[arg-type]
     worker = Worker(engine)
     async with worker:
         with pytest.raises(fs.ClosedError):
