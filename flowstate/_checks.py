@@ -4,6 +4,7 @@ anything, whatever the annotations say, and deserve a flowstate error rather tha
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -73,6 +74,33 @@ def is_text_map(mapping: Mapping[Any, object]) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def token_problem(token: object) -> str | None:
+    """Why ``token`` cannot be sent as ``Authorization: Bearer <token>``, or None when it can.
+
+    A token is compared after stripping surrounding whitespace, on both sides.
+    """
+    if not isinstance(token, str) or not token.strip():
+        return "a token must be a non-blank string"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in token.strip()):
+        return "a token cannot hold control characters (such as a line break)"
+    return None
+
+
+def env_token(name: str) -> str | None:
+    """The token in environment variable ``name``, stripped; None when it is unset or blank.
+
+    Raises:
+        ValueError: It holds a control character, so no HTTP header can carry it.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    problem = token_problem(value)
+    if problem is not None:
+        raise ValueError(f"${name}: {problem}")
+    return value
 
 
 def describe(value: object, limit: int = 60) -> str:

@@ -140,7 +140,8 @@ class MissingDependencyError(FlowstateError, ImportError):
 
 
 class InvalidURLError(FlowstateError, ValueError):
-    """A driver URL that cannot be parsed."""
+    """A driver URL that cannot be parsed, or a setting that goes with it (such as the remote
+    driver's token) that cannot be used."""
 
 
 class InvalidCommandError(FlowstateError, ValueError):

@@ -29,10 +29,13 @@ _LISTENING = re.compile(r"listening on (https?://\S+)")
 _running: set[ServeProcess] = set()
 
 
-def serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
+def serve_refused(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``flowstate serve`` with arguments it must refuse (it exits without listening),
-    without ``FLOWSTATE_TOKEN``; return the finished process with its output."""
-    env = {k: v for k, v in os.environ.items() if k != "FLOWSTATE_TOKEN"}
+    without ``FLOWSTATE_TOKEN`` unless ``env`` (more variables) sets it; return the finished
+    process with its output."""
+    env = {**{k: v for k, v in os.environ.items() if k != "FLOWSTATE_TOKEN"}, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "flowstate", "serve", *args],
         cwd=ROOT,

@@ -24,7 +24,6 @@ atomicity and its own outcome.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -33,6 +32,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import httpx
 import msgspec
 
+from flowstate._checks import env_token, token_problem
 from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
@@ -126,7 +126,16 @@ class HTTPDriver(Driver):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.ca = ca
-        self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        if token is None:
+            try:
+                token = env_token(TOKEN_ENV)
+            except ValueError as exc:
+                raise InvalidURLError(str(exc)) from None
+        elif problem := token_problem(token):
+            raise InvalidURLError(f"token: {problem}")
+        else:
+            token = token.strip()
+        self._token = token
         self._lifecycle = Lifecycle.UNOPENED
         self._client: httpx.AsyncClient | None = None
         self._group: asyncio.TaskGroup | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowstate import Engine
-from flowstate._checks import is_number
+from flowstate._checks import env_token, is_number, token_problem
 from flowstate.drivers.base import hide_password
 from flowstate.recovery import Delayer, Recoverer
 from flowstate.recovery._serve import (
@@ -123,19 +122,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def read_token(token_file: Path | None) -> str | None:
-    """The bearer token: the first line of ``token_file``, else ``$FLOWSTATE_TOKEN``.
+    """The bearer token: the text of ``token_file`` without surrounding whitespace, else
+    ``$FLOWSTATE_TOKEN`` (None when it is unset or blank).
 
     Raises:
-        ServeError: The file cannot be read or holds no token.
+        ServeError: The file cannot be read or holds no token, or the token holds a control
+            character (no HTTP header can carry it).
     """
     if token_file is None:
-        return os.environ.get(TOKEN_ENV) or None
+        try:
+            return env_token(TOKEN_ENV)
+        except ValueError as exc:
+            raise ServeError(str(exc)) from None
     try:
         token = token_file.read_text().strip()
     except OSError as exc:
         raise ServeError(f"cannot read the token file {str(token_file)!r}: {exc.strerror}") from exc
     if not token:
         raise ServeError(f"the token file {str(token_file)!r} is empty")
+    if problem := token_problem(token):
+        raise ServeError(f"the token file {str(token_file)!r}: {problem}")
     return token
 
 

@@ -103,7 +103,16 @@ async def test_the_remote_driver_sends_flowstate_token(
         async with fs.Engine(server.url):
             pass
     assert TOKEN not in str(info.value)
-    monkeypatch.setenv("FLOWSTATE_TOKEN", TOKEN)
+    monkeypatch.setenv("FLOWSTATE_TOKEN", "  ")  # blank: as if unset
+    with pytest.raises(fs.DriverError, match="FLOWSTATE_TOKEN"):
+        async with fs.Engine(server.url):
+            pass
+    monkeypatch.setenv("FLOWSTATE_TOKEN", f"{TOKEN[:4]}\n{TOKEN[4:]}")
+    with pytest.raises(fs.InvalidURLError, match=r"\$FLOWSTATE_TOKEN: .*control") as bad:
+        fs.Engine(server.url)
+    assert TOKEN[4:] not in str(bad.value)
+    # Surrounding whitespace (a line end from a file, say) is not part of the token.
+    monkeypatch.setenv("FLOWSTATE_TOKEN", f" {TOKEN}\n")
     async with fs.Engine(server.url) as engine:
         ctx = fs.StateCtx.new("with-token")
         await engine.do(fs.Commit(fs.Transit(ctx, "x")))
@@ -116,7 +125,7 @@ async def test_the_remote_driver_sends_flowstate_token(
 
 def test_the_server_reads_flowstate_token(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/store.db"
-    with ServeProcess(url, env={"FLOWSTATE_TOKEN": "from-env"}) as server:
+    with ServeProcess(url, env={"FLOWSTATE_TOKEN": " from-env\n"}) as server:
         assert "token required" in server.wait_line("listening on")
         assert httpx.get(f"{server.url}/api/v1/head").status_code == 401
         ok = httpx.get(f"{server.url}/api/v1/head", headers={"Authorization": "Bearer from-env"})
@@ -142,6 +151,16 @@ def test_token_file_problems(tmp_path: Path) -> None:
     empty = serve_refused(url, "--token-file", str(tmp_path / "empty"))
     assert empty.returncode == 1
     assert "is empty" in empty.stderr
+    (tmp_path / "two-lines").write_text("first\nsecond\n")
+    two = serve_refused(url, "--token-file", str(tmp_path / "two-lines"))
+    assert two.returncode == 1
+    assert "cannot hold control characters" in two.stderr
+    assert "second" not in two.stderr
+    blank_env = serve_refused(url, "--host", "0.0.0.0", env={"FLOWSTATE_TOKEN": " "})
+    assert "without a token" in blank_env.stderr, "a blank token is no token"
+    bad_env = serve_refused(url, env={"FLOWSTATE_TOKEN": "a\x01b"})
+    control = "a token cannot hold control characters (such as a line break)"
+    assert bad_env.stderr.splitlines() == [f"flowstate: error: $FLOWSTATE_TOKEN: {control}"]
 
 
 def test_loopback_addresses() -> None:

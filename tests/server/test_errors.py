@@ -63,3 +63,10 @@ async def test_settings_out_of_range_are_refused(settings: dict[str, Any]) -> No
     async with fs.Engine("memory://") as engine:
         with pytest.raises(fs.InvalidCommandError, match=next(iter(settings))):
             create_app(engine, **settings)
+
+
+@pytest.mark.parametrize("token", ["", "  ", "two\nlines"])
+async def test_a_token_that_no_header_can_carry_is_refused(token: str) -> None:
+    async with fs.Engine("memory://") as engine:
+        with pytest.raises(fs.InvalidCommandError, match="token"):
+            create_app(engine, token=token)
