@@ -52,6 +52,20 @@ def fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
+def ratio_text(row: Row) -> str:
+    """``0.83x (0.81-0.87)``: the ratio and its lowest and highest round, with more decimals
+    when two would round it onto the other side of its target (0.6997 is not 0.70)."""
+    assert row.ratio is not None
+    digits = 2
+    while (
+        row.target is not None
+        and digits < 6
+        and (round(row.ratio, digits) >= row.target) != row.met
+    ):
+        digits += 1
+    return f"{row.ratio:.{digits}f}x ({row.ratio_low:.{digits}f}-{row.ratio_high:.{digits}f})"
+
+
 def table(rows: list[Row]) -> str:
     """The results as a Markdown table, one section per comparison group."""
     lines = [
@@ -61,7 +75,7 @@ def table(rows: list[Row]) -> str:
     for row in rows:
         ratio = ""
         if row.ratio is not None:
-            ratio = f"{row.ratio:.2f}x ({row.ratio_low:.2f}-{row.ratio_high:.2f})"
+            ratio = ratio_text(row)
         target = ""
         verdict = "met" if row.met else "**not met**"
         if row.limit is not None:
