@@ -6,6 +6,7 @@ import asyncio
 import collections
 import datetime
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -78,8 +79,10 @@ class FlowManager:
     finished | failed | cancelled``, checked on every move), a JSON working state, an audit
     trail (its own committed history) and steps. Every method reads the flow, checks the move,
     and commits with compare-and-set; when another writer got there first it reads again and
-    retries, ``attempts`` times, then raises ``ConflictError``. Calls on one flow through one
-    manager are serialised, so concurrent calls in a process never lose an update.
+    retries, ``attempts`` times, then raises ``ConflictError``. Calls on one flow through the
+    managers of one engine (yours, and the ones pipeline executors use) are serialised, so
+    concurrent calls in a process never lose an update, and a cancel takes its turn between
+    two steps of a run that this process executes, however fast they come.
 
     A manager remembers the versions it committed last and commits against them without
     reading first; another writer's commit makes that attempt conflict, and it is retried
@@ -102,7 +105,7 @@ class FlowManager:
             raise fs.InvalidCommandError(f"attempts must be an int >= 1, not {attempts!r}")
         self.engine = engine
         self.attempts = attempts
-        self._locks = _KeyedLocks()
+        self._locks = _ENGINE_LOCKS.setdefault(engine, _KeyedLocks())
         self._latest: collections.OrderedDict[str, fs.StateCtx] = collections.OrderedDict()
         engine.flows.register(TIMER_FLOW, resume_on_timer)
 
@@ -1073,7 +1076,9 @@ def _timer_due(wait: dict[str, Any]) -> datetime.datetime:
 
 
 class _KeyedLocks:
-    """One asyncio lock per key, dropped once nobody holds or waits for it."""
+    """One asyncio lock per key, dropped once nobody holds or waits for it. Waiters get it in
+    the order they asked (an asyncio lock's), so no caller can take it twice in a row while
+    another one waits."""
 
     def __init__(self) -> None:
         self._locks: dict[str, list[Any]] = {}  # key -> [lock, users]
@@ -1112,3 +1117,7 @@ class _Hold:
         entry[1] -= 1
         if not entry[1]:
             del self._locks[self._key]
+
+
+#: The flow locks of each engine, shared by every FlowManager on it.
+_ENGINE_LOCKS: weakref.WeakKeyDictionary[fs.Engine, _KeyedLocks] = weakref.WeakKeyDictionary()

@@ -227,6 +227,30 @@ async def test_an_output_that_is_not_json_fails_the_attempt(flows: FlowManager) 
     assert (third.status, third.result) == ("completed", ["fine"])
 
 
+async def test_a_run_that_never_waits_can_be_cancelled(flows: FlowManager) -> None:
+    """Steps that never suspend, looping for ever: a cancel or a cancel request from this
+    process gets in between two of them, and wins the race for the run's revision."""
+    looped = asyncio.Event()
+
+    async def spin(step: StepContext) -> None:
+        if step.step_id == "b":
+            looped.set()
+
+    flows.register(
+        Pipeline("spin")
+        .add_step(Step("a", spin, on_success="b"))
+        .add_step(Step("b", spin, on_success="a"))
+    )
+    for stop in (flows.cancel, flows.request_cancel):
+        looped.clear()
+        run = await flows.execute("spin")
+        await asyncio.wait_for(looped.wait(), 20)
+        await stop(run.id)
+        done = await flows.result(run.id, timeout=20)
+        assert done.status == "cancelled"
+        assert done.cancel_requested is (stop == flows.request_cancel)
+
+
 async def test_request_cancel_stops_before_the_next_step(flows: FlowManager) -> None:
     started, release = asyncio.Event(), asyncio.Event()
     calls: Calls = collections.Counter()
