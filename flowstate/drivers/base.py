@@ -294,6 +294,9 @@ class Driver(abc.ABC):
     async def commit(self, request: CommitRequest) -> CommitResult:
         """Write every state of ``request`` atomically, if every ``expected_rev`` matches.
 
+        Commits one after another must let the event loop run other tasks: a driver whose
+        commits need no I/O still suspends its caller every so many commits.
+
         Raises:
             ConflictError: Some state's latest revision differed from ``expected_rev``; it
                 lists every such state, and nothing was written.

@@ -19,11 +19,12 @@ removed in bulk once they outnumber the live ones.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import heapq
 import itertools
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
     from typing import Self
 
 __all__ = ["MemoryDriver"]
+
+#: A run of commits lets other tasks run once every this many commits.
+YIELD_EVERY: Final = 64
 
 
 class _Entry:
@@ -95,6 +99,7 @@ class MemoryDriver(Driver):
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._lease_tokens = itertools.count(1)
         self._waiters = RevisionWaiters()
+        self._unyielded = 0  # commits since the last one that let other tasks run
         self._encoder = msgspec.msgpack.Encoder()
         self._state_decoder = msgspec.msgpack.Decoder(State)
         self._delay_decoder = msgspec.msgpack.Decoder(DelayedState)
@@ -196,6 +201,12 @@ class MemoryDriver(Driver):
                 self._delays.append((rev, encode(delayed)))
             revs.append(rev)
         self._waiters.advance(len(log))
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            # Nothing here waits for I/O: let other tasks run now and then, so that a flow
+            # committing step after step does not hold the event loop.
+            self._unyielded = 0
+            await asyncio.sleep(0)
         return CommitResult(revs=revs, committed_at=committed_at)
 
     def _drop(self, state_id: str, history: list[int]) -> None:

@@ -98,6 +98,16 @@ class DriverTests:
         assert revs == sorted(revs)
         assert await driver.head_rev() == max(revs)
 
+    async def test_a_run_of_commits_lets_other_tasks_run(self, driver: Driver) -> None:
+        """A flow committing step after step must not hold the event loop."""
+        other = asyncio.ensure_future(asyncio.sleep(0))
+        rev = 0
+        for _ in range(1000):
+            (rev,) = await _commit(driver, _write("busy", rev))
+            if other.done():
+                break
+        assert other.done(), "1,000 commits in a row never let another task run"
+
     async def test_expected_zero_means_must_not_exist(self, driver: Driver) -> None:
         (rev,) = await _commit(driver, _write("a"))
         with pytest.raises(fs.ConflictError) as info:
