@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryDriver"]
 
 #: A run of commits lets other tasks run once every this many commits.
-YIELD_EVERY: Final = 64
+YIELD_EVERY: Final = 256
 
 
 class _Entry:
