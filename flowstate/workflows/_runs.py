@@ -181,9 +181,6 @@ class PipelineExecutor:
         if outcome is None:
             decision.action = "stop"  # cancelled while it ran: the cancel ended the run
             return flow
-        # Let the event loop run other tasks once per step, even when neither the step nor
-        # the store suspends (the memory driver): a cancel of this run gets its turn.
-        await asyncio.sleep(0)
 
         def plan_done(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
             decision.action = "stop"
