@@ -76,31 +76,30 @@ def is_text_map(mapping: Mapping[Any, object]) -> bool:
     return True
 
 
-def token_problem(token: object) -> str | None:
-    """Why ``token`` cannot be sent as ``Authorization: Bearer <token>``, or None when it can.
+def bearer_token(token: object, source: str) -> str:
+    """``token`` as it is sent in ``Authorization: Bearer <token>`` and compared: without
+    surrounding whitespace. ``source`` names where it came from, for the error.
 
-    A token is compared after stripping surrounding whitespace, on both sides.
+    Raises:
+        ValueError: It is not a string, is blank, or holds a control character (no HTTP
+            header can carry it).
     """
-    if not isinstance(token, str) or not token.strip():
-        return "a token must be a non-blank string"
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in token.strip()):
-        return "a token cannot hold control characters (such as a line break)"
-    return None
+    if not isinstance(token, str) or not (stripped := token.strip()):
+        raise ValueError(f"{source}: a token must be a non-blank string")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in stripped):
+        raise ValueError(f"{source}: a token cannot hold control characters (such as a line break)")
+    return stripped
 
 
 def env_token(name: str) -> str | None:
-    """The token in environment variable ``name``, stripped; None when it is unset or blank.
+    """The token in environment variable ``name`` (see :func:`bearer_token`); None when it
+    is unset or blank.
 
     Raises:
         ValueError: It holds a control character, so no HTTP header can carry it.
     """
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    problem = token_problem(value)
-    if problem is not None:
-        raise ValueError(f"${name}: {problem}")
-    return value
+    value = os.environ.get(name, "")
+    return bearer_token(value, f"${name}") if value.strip() else None
 
 
 def describe(value: object, limit: int = 60) -> str:

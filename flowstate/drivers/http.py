@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import httpx
 import msgspec
 
-from flowstate._checks import env_token, token_problem
+from flowstate._checks import bearer_token, env_token
 from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
@@ -126,16 +126,10 @@ class HTTPDriver(Driver):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.ca = ca
-        if token is None:
-            try:
-                token = env_token(TOKEN_ENV)
-            except ValueError as exc:
-                raise InvalidURLError(str(exc)) from None
-        elif problem := token_problem(token):
-            raise InvalidURLError(f"token: {problem}")
-        else:
-            token = token.strip()
-        self._token = token
+        try:
+            self._token = env_token(TOKEN_ENV) if token is None else bearer_token(token, "token")
+        except ValueError as exc:
+            raise InvalidURLError(str(exc)) from None
         self._lifecycle = Lifecycle.UNOPENED
         self._client: httpx.AsyncClient | None = None
         self._group: asyncio.TaskGroup | None = None

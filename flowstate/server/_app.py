@@ -17,7 +17,7 @@ from litestar.types import Receive, Scope, Send
 
 import flowstate
 from flowstate import Engine
-from flowstate._checks import is_number, token_problem
+from flowstate._checks import bearer_token, is_number
 from flowstate._wire import Health
 from flowstate.drivers.base import SupportsLease
 from flowstate.errors import DriverError, DriverUnavailableError, InvalidCommandError
@@ -113,9 +113,10 @@ def create_app(
             ``keepalive`` or ``max_body_size`` is out of range.
     """
     if token is not None:
-        if problem := token_problem(token):
-            raise InvalidCommandError(f"token: {problem}")
-        token = token.strip()
+        try:
+            token = bearer_token(token, "token")
+        except ValueError as exc:
+            raise InvalidCommandError(str(exc)) from None
     if not is_number(keepalive, strict=True):
         raise InvalidCommandError(f"keepalive must be a number of seconds > 0, not {keepalive!r}")
     if type(max_body_size) is not int or max_body_size < MIN_BODY_SIZE:

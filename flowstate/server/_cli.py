@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowstate import Engine
-from flowstate._checks import env_token, is_number, token_problem
+from flowstate._checks import bearer_token, env_token, is_number
 from flowstate.drivers.base import hide_password
 from flowstate.recovery import Delayer, Recoverer
 from flowstate.recovery._serve import (
@@ -140,9 +140,10 @@ def read_token(token_file: Path | None) -> str | None:
         raise ServeError(f"cannot read the token file {str(token_file)!r}: {exc.strerror}") from exc
     if not token:
         raise ServeError(f"the token file {str(token_file)!r} is empty")
-    if problem := token_problem(token):
-        raise ServeError(f"the token file {str(token_file)!r}: {problem}")
-    return token
+    try:
+        return bearer_token(token, f"the token file {str(token_file)!r}")
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
 
 
 def load_tasks(spec: str) -> dict[str, StepFn]:
