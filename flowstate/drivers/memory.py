@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import datetime
 import heapq
 import itertools
 import time
@@ -50,7 +51,6 @@ from flowstate.errors import (
 )
 
 if TYPE_CHECKING:
-    import datetime
     from collections.abc import Iterator
     from typing import Self
 
@@ -60,19 +60,18 @@ __all__ = ["MemoryDriver"]
 YIELD_EVERY: Final = 256
 
 
-class _Entry:
-    """One stored version: the fields queries filter on, and the encoded State."""
+class _Entry(msgspec.Struct, gc=False):
+    """One stored version: the fields queries filter on, and the encoded State.
 
-    __slots__ = ("committed_at", "id", "labels", "raw", "rev")
+    Not tracked by the garbage collector (its fields hold no references back), so a store of
+    many versions adds nothing to the full collections a long run triggers.
+    """
 
-    def __init__(
-        self, rev: int, id: str, labels: dict[str, str], committed_at: datetime.datetime, raw: bytes
-    ) -> None:
-        self.rev = rev
-        self.id = id
-        self.labels = labels
-        self.committed_at = committed_at
-        self.raw = raw
+    rev: int
+    id: str
+    labels: dict[str, str]
+    committed_at: datetime.datetime
+    raw: bytes
 
 
 class MemoryDriver(Driver):
