@@ -127,7 +127,6 @@ import os
 import secrets
 import ssl
 import time
-import warnings
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote
@@ -138,7 +137,7 @@ import msgspec
 from aetcd import rpc
 
 from flowstate._checks import describe, is_int, is_number, is_text
-from flowstate._lifecycle import Lifecycle
+from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -882,19 +881,13 @@ class EtcdDriver(Driver):
     def __del__(self) -> None:
         if getattr(self, "_lifecycle", None) is not Lifecycle.OPENED:
             return
-        warnings.warn(
-            f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
+        warn_unclosed(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def _check(self) -> None:
         if self._lifecycle is not Lifecycle.OPENED:
-            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
-            raise ClosedError(f"the etcd driver is {state}")
+            raise not_open(self._lifecycle, "the etcd driver")
 
     async def open(self) -> None:
         """Connect, check the store's layout version and open the watch stream.

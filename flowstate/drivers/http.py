@@ -33,7 +33,7 @@ import httpx
 import msgspec
 
 from flowstate._checks import bearer_token, env_token
-from flowstate._lifecycle import Lifecycle
+from flowstate._lifecycle import Lifecycle, not_open
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate._wire import (
@@ -199,8 +199,7 @@ class HTTPDriver(Driver):
 
     def _check(self) -> httpx.AsyncClient:
         if self._lifecycle is not Lifecycle.OPENED or self._client is None:
-            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
-            raise ClosedError(f"the http driver for {self.url} is {state}")
+            raise not_open(self._lifecycle, f"the http driver for {self.url}")
         return self._client
 
     async def open(self) -> None:

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from flowstate._lifecycle import Lifecycle
+from flowstate._lifecycle import Lifecycle, not_open
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State, utcnow_ms
 from flowstate.drivers.base import (
@@ -134,8 +134,7 @@ class MemoryDriver(Driver):
 
     def _check(self) -> None:
         if self._lifecycle is not Lifecycle.OPENED:
-            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
-            raise ClosedError(f"the memory driver is {state}")
+            raise not_open(self._lifecycle, "the memory driver")
 
     async def open(self) -> None:
         if self._lifecycle is Lifecycle.CLOSED:

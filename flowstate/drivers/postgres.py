@@ -128,7 +128,6 @@ import datetime
 import hashlib
 import logging
 import re
-import warnings
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode
@@ -136,7 +135,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 import asyncpg
 import msgspec
 
-from flowstate._lifecycle import Lifecycle
+from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -792,19 +791,13 @@ class PostgresDriver(Driver):
     def __del__(self) -> None:
         if getattr(self, "_lifecycle", None) is not Lifecycle.OPENED:
             return
-        warnings.warn(
-            f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
+        warn_unclosed(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def _check(self) -> None:
         if self._lifecycle is not Lifecycle.OPENED:
-            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
-            raise ClosedError(f"the PostgreSQL driver is {state}")
+            raise not_open(self._lifecycle, "the PostgreSQL driver")
 
     async def open(self) -> None:
         """Connect, create or check the store's schema and start the committer.

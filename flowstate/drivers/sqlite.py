@@ -106,7 +106,6 @@ import sqlite3
 import stat
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, TypeVar
@@ -115,7 +114,7 @@ from urllib.parse import parse_qsl, quote, unquote
 import msgspec
 
 from flowstate._checks import describe, is_number, is_text
-from flowstate._lifecycle import Lifecycle
+from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
 from flowstate.drivers.base import (
@@ -714,12 +713,7 @@ class SQLiteDriver(Driver):
         worker = getattr(self, "_worker", None)
         if worker is None or getattr(self, "_lifecycle", None) is Lifecycle.CLOSED:
             return
-        warnings.warn(
-            f"{self!r} was never closed; use 'async with' or 'await driver.aclose()'",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
+        warn_unclosed(self)
         worker.stop()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -727,8 +721,7 @@ class SQLiteDriver(Driver):
     def _check(self) -> _Worker:
         worker = self._worker
         if self._lifecycle is not Lifecycle.OPENED or worker is None:
-            state = "closed" if self._lifecycle is Lifecycle.CLOSED else "not open"
-            raise ClosedError(f"the SQLite driver is {state}")
+            raise not_open(self._lifecycle, "the SQLite driver")
         return worker
 
     async def open(self) -> None:
