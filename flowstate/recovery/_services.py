@@ -118,6 +118,29 @@ class _Workers:
             await action(*args)
 
 
+class _Unsettled:
+    """The revisions of the delays a delayer has read but not settled (fired or dropped)."""
+
+    def __init__(self) -> None:
+        self._revs: list[int] = []  # a heap; settled revisions leave it lazily
+        self._live: set[int] = set()
+
+    def add(self, rev: int) -> None:
+        heapq.heappush(self._revs, rev)
+        self._live.add(rev)
+
+    def settle(self, rev: int) -> None:
+        self._live.discard(rev)
+
+    def cursor(self, seen: int) -> int:
+        """Where a next leader must start reading delays: before the oldest unsettled one,
+        or after ``seen`` (the last one read) when every one is settled."""
+        revs = self._revs
+        while revs and revs[0] not in self._live:
+            heapq.heappop(revs)
+        return revs[0] - 1 if revs else seen
+
+
 class _LeaderService:
     """Lifecycle, leader election, stats and a persisted cursor shared by both services."""
 
@@ -373,6 +396,9 @@ class Delayer(_LeaderService):
     fires at most once as flows see it, even across leader changes. A delay due in the past
     fires at once. Run it with ``async with Delayer(engine):``; one process per store leads.
 
+    Its persisted cursor stays before the oldest delay it has not settled (waiting to be due,
+    or being fired), so a new leader takes over every delay the old one left unfired.
+
     Args:
         engine: The engine whose flows fired states run on.
         lease_ttl: Seconds a dead leader keeps the lease; standbys take over after it.
@@ -388,18 +414,14 @@ class Delayer(_LeaderService):
         driver = self.engine.driver
         seen = await self._load_cursor()
         logger.info("%s fires delays from rev %d", self.holder, seen, extra={"cursor": seen})
-        pending: list[tuple[datetime.datetime, int, str, DelayedState]] = []
         async with asyncio.TaskGroup() as group:
-            await self._fire_due(driver, seen, pending, _Workers(group))
+            await self._fire_due(driver, seen, _Unsettled(), _Workers(group))
 
     async def _fire_due(
-        self,
-        driver: Driver,
-        seen: int,
-        pending: list[tuple[datetime.datetime, int, str, DelayedState]],
-        workers: _Workers,
+        self, driver: Driver, seen: int, unsettled: _Unsettled, workers: _Workers
     ) -> None:
         """Read new delays and start firing the due ones, until cancelled."""
+        pending: list[tuple[datetime.datetime, int, str, DelayedState]] = []
         while True:
             head = await driver.head_rev()
             more = True
@@ -407,14 +429,15 @@ class Delayer(_LeaderService):
                 page = await driver.get_delays(since_rev=seen, limit=500)
                 for delayed in page.delays:
                     heapq.heappush(pending, (delayed.at, delayed.rev, delayed.state.id, delayed))
+                    unsettled.add(delayed.rev)
                     seen = delayed.rev
                     self.stats.added += 1
                 more = page.more
             now = datetime.datetime.now(datetime.UTC)
             while pending and pending[0][0] <= now:
-                workers.start(self._fire, heapq.heappop(pending)[3])
+                workers.start(self._fire, heapq.heappop(pending)[3], unsettled)
             # Not the head: the cursor's own commit would move it and wake this loop again.
-            await self._save_cursor(pending[0][1] - 1 if pending else seen)
+            await self._save_cursor(unsettled.cursor(seen))
             wait = (pending[0][0] - now).total_seconds() if pending else None
             try:
                 async with asyncio.timeout(wait):
@@ -422,7 +445,7 @@ class Delayer(_LeaderService):
             except TimeoutError:
                 pass
 
-    async def _fire(self, delayed: DelayedState) -> None:
+    async def _fire(self, delayed: DelayedState, unsettled: _Unsettled) -> None:
         """Fire one due delay, trying again while the store fails."""
         state_id = delayed.state.id
         extra = {"state_id": state_id, "rev": delayed.rev, "to": delayed.to}
@@ -433,6 +456,7 @@ class Delayer(_LeaderService):
             try:
                 await self.engine.do(Commit(fire_step(ctx, delayed)))
             except ConflictError:
+                unsettled.settle(delayed.rev)
                 self.stats.dropped += 1
                 logger.debug("delay on %r dropped: the state moved on", state_id, extra=extra)
                 return
@@ -441,6 +465,7 @@ class Delayer(_LeaderService):
                 await asyncio.sleep(RETRY_FIRE)
                 continue
             break
+        unsettled.settle(delayed.rev)
         self.stats.fired += 1
         logger.debug("fired delay on %r", state_id, extra=extra)
         await self.engine.do(Execute(ctx))

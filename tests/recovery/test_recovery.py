@@ -265,3 +265,60 @@ async def test_delayer_fires_again_after_the_store_failed() -> None:
             await first(engine, ended("timer"))
         assert (delayer.stats.fired, delayer.stats.dropped) == (1, 0)
         assert [fault.fault for fault in driver.injected] == [Fault.FAIL]
+
+
+async def cursor_saved(engine: fs.Engine) -> None:
+    """Return once the delayer has saved its cursor (what a next leader starts from)."""
+    async with asyncio.timeout(20), engine.watch(id=fs.Delayer.cursor_id) as watcher:
+        async for _ in watcher:
+            return
+    raise AssertionError("the engine closed")
+
+
+async def test_a_new_leader_fires_a_delay_the_old_one_was_still_firing() -> None:
+    # The leader starts firing a due delay, saves its cursor, and stops before the fire is
+    # committed (here the store refuses the fire until then): the next leader must fire it.
+    async def wake(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    refusing = True
+    refused = asyncio.Event()
+
+    def refuse_fires(number: int, request: CommitRequest) -> Fault | None:
+        if refusing and any(FIRED in w.state.transition.annotations for w in request.writes):
+            refused.set()
+            return Fault.FAIL
+        return None
+
+    driver = FaultyDriver(MemoryDriver(), refuse_fires)
+    async with driver, fs.Engine(driver, flows={"wake": wake}) as engine:
+        ctx = fs.StateCtx.new("timer", labels=LABELS)
+        await engine.do(fs.Commit(fs.Pause(ctx, "x"), fs.Delay(ctx, "wake", seconds=0)))
+        async with fs.Delayer(engine, lease_ttl=LEASE_TTL):
+            await cursor_saved(engine)
+            await refused.wait()  # the fire is in flight
+        refusing = False
+        async with fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
+            await first(engine, ended("timer"))
+        assert delayer.stats.fired == 1
+
+
+@pytest.mark.slow
+async def test_a_new_leader_fires_a_delay_due_after_one_committed_later() -> None:
+    # A delay committed first but due last must not fall behind the cursor of a leader that
+    # stops before either is due.
+    async def wake(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine("memory://", flows={"wake": wake}) as engine:
+        late, early = (fs.StateCtx.new(i, labels=LABELS) for i in ("late", "early"))
+        await engine.do(
+            fs.Commit(fs.Pause(late, "x"), fs.Delay(late, "wake", seconds=3)),
+            fs.Commit(fs.Pause(early, "x"), fs.Delay(early, "wake", seconds=2)),
+        )
+        async with fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
+            await cursor_saved(engine)
+        assert delayer.stats.fired == 0, "the first leader stopped before any delay was due"
+        async with fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
+            await first(engine, ended("late"))
+        assert delayer.stats.fired == 2
