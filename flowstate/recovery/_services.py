@@ -131,6 +131,10 @@ class _Unsettled:
 
     def settle(self, rev: int) -> None:
         self._live.discard(rev)
+        if len(self._revs) > 2 * len(self._live) + 64:
+            # Settled revisions behind an old unsettled one pile up: drop them (a sorted
+            # list is a heap), so memory follows the unsettled delays, not every one read.
+            self._revs = sorted(self._live)
 
     def cursor(self, seen: int) -> int:
         """Where a next leader must start reading delays: before the oldest unsettled one,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import random
 from collections.abc import Callable
 
 import pytest
@@ -322,3 +323,23 @@ async def test_a_new_leader_fires_a_delay_due_after_one_committed_later() -> Non
         async with fs.Delayer(engine, lease_ttl=LEASE_TTL) as delayer:
             await first(engine, ended("late"))
         assert delayer.stats.fired == 2
+
+
+def test_the_delayers_bookkeeping_follows_the_unsettled_delays() -> None:
+    # One delay stays unsettled (due far ahead) while thousands after it are fired: the
+    # cursor stays before it, and memory follows the unsettled delays, not every one read.
+    from flowstate.recovery._services import _Unsettled
+
+    unsettled, live, rng = _Unsettled(), set(), random.Random(7)
+    for rev in range(1, 5001):
+        unsettled.add(rev)
+        live.add(rev)
+        if rev % 3 and len(live) > 1:
+            settled = rng.choice(sorted(live - {1}))
+            live.discard(settled)
+            unsettled.settle(settled)
+        assert unsettled.cursor(rev) == min(live) - 1
+        assert len(unsettled._revs) <= 2 * len(live) + 64
+    for rev in sorted(live):
+        unsettled.settle(rev)
+    assert unsettled.cursor(5000) == 5000, "all settled: after the last one read"
