@@ -352,6 +352,16 @@ class Recoverer(_LeaderService):
                 state, self.retry_after
             )
             heapq.heappush(due, (deadline, state.rev, state.id))
+            if len(due) > 2 * len(tracked) + 64:
+                # Each version of a running state left an entry; only the latest versions'
+                # count (the others are skipped when due): drop the others, so memory
+                # follows the running states, not every commit of the last retry_after.
+                due[:] = [
+                    entry
+                    for entry in due
+                    if (latest := tracked.get(entry[2])) is not None and latest.rev == entry[1]
+                ]
+                heapq.heapify(due)
         elif tracked.pop(state.id, None) is not None:
             self.stats.completed += 1
 

@@ -343,3 +343,21 @@ def test_the_delayers_bookkeeping_follows_the_unsettled_delays() -> None:
     for rev in sorted(live):
         unsettled.settle(rev)
     assert unsettled.cursor(5000) == 5000, "all settled: after the last one read"
+
+
+async def test_the_recoverers_due_list_follows_the_running_states() -> None:
+    # A busy store commits many versions of its running states within retry_after: the
+    # recoverer keeps what it needs for the latest ones, not an entry per commit.
+    async with fs.Engine("memory://") as engine:
+        recoverer = fs.Recoverer(engine, retry_after=120)
+        tracked: dict[str, fs.State] = {}
+        due: list[tuple[float, int, str]] = []
+        now = datetime.datetime.now(datetime.UTC)
+        for rev in range(1, 10_001):
+            state_id = f"job-{rev % 10}"
+            state = fs.State(id=state_id, rev=rev, committed_at=now)
+            state.transition = fs.Transition(to="work")
+            recoverer._track(state, tracked, due)
+            assert len(due) <= 2 * len(tracked) + 64
+        latest = {(s.rev, s.id) for s in tracked.values()}
+        assert latest <= {(rev, state_id) for _, rev, state_id in due}, "each latest is due"
