@@ -410,6 +410,9 @@ def _unpack(responses: Iterable[Any]) -> list[Any]:
 _UNAVAILABLE_CODES = frozenset(
     {rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED, rpc.StatusCode.CANCELLED}
 )
+#: What etcd 3.4 sends with code UNKNOWN when a request ran out of time (or was dropped)
+#: inside the server, as while a restarted member catches up: the same call may succeed.
+_UNKNOWN_BUT_TRANSIENT = ("context deadline exceeded", "context canceled")
 
 
 class _CompactedError(DriverError):
@@ -431,6 +434,8 @@ def _retryable(exc: BaseException) -> bool:
             # etcd's "too many requests" passes; "database space exceeded" needs an operator
             # and "message larger than max" never passes.
             return "too many requests" in (exc.details() or "")
+        if code == rpc.StatusCode.UNKNOWN:
+            return (exc.details() or "").startswith(_UNKNOWN_BUT_TRANSIENT)
         return code in _UNAVAILABLE_CODES
     return isinstance(
         exc,

@@ -438,6 +438,39 @@ async def test_commit_whose_answer_was_lost_is_acknowledged_once(etcd_url: str) 
         assert await driver.head_rev() == result.revs[0]
 
 
+class _TimesOut:
+    """A KV stub whose first ``Txn`` calls fail the way etcd 3.4 reports a request that ran
+    out of time inside the server (right after a restart, say): code UNKNOWN."""
+
+    def __init__(self, stub: Any, failures: int) -> None:
+        self._stub = stub
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    async def Txn(self, request: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            details = "context deadline exceeded"
+            raise rpc.AioRpcError(rpc.StatusCode.UNKNOWN, None, None, details=details)
+        return await self._stub.Txn(request, **kwargs)
+
+
+async def test_a_request_that_timed_out_in_the_server_is_retried(etcd_url: str) -> None:
+    async with EtcdDriver.from_url(unique_url(etcd_url)) as driver:
+        (rev,) = await _commit(driver, _write("s"))
+        client = driver._clients[0]
+        stub = client.kvstub
+        client.kvstub = timing_out = _TimesOut(stub, failures=2)
+        try:
+            page = await driver.get_states(fs.StatesQuery())
+        finally:
+            client.kvstub = stub
+        assert [state.rev for state in page.states] == [rev]
+        assert timing_out.failures == 0, "both failures were retried"
+
+
 async def test_errors_are_translated_and_chained(etcd_url: str) -> None:
     # A URL limit above the server's own lets the server refuse the request itself.
     url = unique_url(etcd_url) + f"?max_request_bytes={8 << 20}"
