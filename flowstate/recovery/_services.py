@@ -429,13 +429,12 @@ class Delayer(_LeaderService):
         seen = await self._load_cursor()
         logger.info("%s fires delays from rev %d", self.holder, seen, extra={"cursor": seen})
         async with asyncio.TaskGroup() as group:
-            await self._fire_due(driver, seen, _Unsettled(), _Workers(group))
+            await self._fire_due(driver, seen, _Workers(group))
 
-    async def _fire_due(
-        self, driver: Driver, seen: int, unsettled: _Unsettled, workers: _Workers
-    ) -> None:
+    async def _fire_due(self, driver: Driver, seen: int, workers: _Workers) -> None:
         """Read new delays and start firing the due ones, until cancelled."""
         pending: list[tuple[datetime.datetime, int, str, DelayedState]] = []
+        unsettled = _Unsettled()
         while True:
             head = await driver.head_rev()
             more = True
