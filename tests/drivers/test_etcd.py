@@ -396,20 +396,25 @@ async def test_two_drivers_contend_for_the_head(etcd_url: str) -> None:
             await one.wait_for_rev(max(seen))
 
 
-class _LosesAnswers:
-    """A KV stub whose ``Txn`` calls that write reach etcd, but whose answers get lost."""
+class _FaultyTxns:
+    """A KV stub that passes every call on to etcd's, except the ``Txn`` faults of a
+    subclass: ``faults`` of them, counted down as they happen."""
 
-    def __init__(self, stub: Any, losses: int) -> None:
+    def __init__(self, stub: Any, faults: int) -> None:
         self._stub = stub
-        self.losses = losses
+        self.faults = faults
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stub, name)
 
+
+class _LosesAnswers(_FaultyTxns):
+    """``Txn`` calls that write reach etcd, but their answers get lost."""
+
     async def Txn(self, request: Any, **kwargs: Any) -> Any:
         response = await self._stub.Txn(request, **kwargs)
-        if self.losses and request.compare:
-            self.losses -= 1
+        if self.faults and request.compare:
+            self.faults -= 1
             raise rpc.AioRpcError(rpc.StatusCode.UNAVAILABLE, None, None, details="lost answer")
         return response
 
@@ -419,7 +424,7 @@ async def test_commit_whose_answer_was_lost_is_acknowledged_once(etcd_url: str) 
         (first,) = await _commit(driver, _write("s"))
         client = driver._clients[0]
         stub = client.kvstub
-        client.kvstub = _LosesAnswers(stub, losses=2)
+        client.kvstub = _LosesAnswers(stub, faults=2)
         try:
             result = await driver.commit(
                 CommitRequest(writes=[_write("s", first, step="2"), _write("t")])
@@ -438,20 +443,13 @@ async def test_commit_whose_answer_was_lost_is_acknowledged_once(etcd_url: str) 
         assert await driver.head_rev() == result.revs[0]
 
 
-class _TimesOut:
-    """A KV stub whose first ``Txn`` calls fail the way etcd 3.4 reports a request that ran
-    out of time inside the server (right after a restart, say): code UNKNOWN."""
-
-    def __init__(self, stub: Any, failures: int) -> None:
-        self._stub = stub
-        self.failures = failures
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stub, name)
+class _TimesOut(_FaultyTxns):
+    """The first ``Txn`` calls fail the way etcd 3.4 reports a request that ran out of time
+    inside the server (right after a restart, say): code UNKNOWN."""
 
     async def Txn(self, request: Any, **kwargs: Any) -> Any:
-        if self.failures:
-            self.failures -= 1
+        if self.faults:
+            self.faults -= 1
             details = "context deadline exceeded"
             raise rpc.AioRpcError(rpc.StatusCode.UNKNOWN, None, None, details=details)
         return await self._stub.Txn(request, **kwargs)
@@ -462,13 +460,13 @@ async def test_a_request_that_timed_out_in_the_server_is_retried(etcd_url: str) 
         (rev,) = await _commit(driver, _write("s"))
         client = driver._clients[0]
         stub = client.kvstub
-        client.kvstub = timing_out = _TimesOut(stub, failures=2)
+        client.kvstub = timing_out = _TimesOut(stub, faults=2)
         try:
             page = await driver.get_states(fs.StatesQuery())
         finally:
             client.kvstub = stub
         assert [state.rev for state in page.states] == [rev]
-        assert timing_out.failures == 0, "both failures were retried"
+        assert timing_out.faults == 0, "both failures were retried"
 
 
 async def test_errors_are_translated_and_chained(etcd_url: str) -> None:
