@@ -118,6 +118,13 @@ class _Workers:
             await action(*args)
 
 
+def _outgrown(kept: int, live: int) -> bool:
+    """True when a lazily cleaned list holds ``kept`` entries for ``live`` ones that still
+    count: time to drop the stale ones, so its memory follows the live entries (amortised
+    O(1) per entry)."""
+    return kept > 2 * live + 64
+
+
 class _Unsettled:
     """The revisions of the delays a delayer has read but not settled (fired or dropped)."""
 
@@ -131,7 +138,7 @@ class _Unsettled:
 
     def settle(self, rev: int) -> None:
         self._live.discard(rev)
-        if len(self._revs) > 2 * len(self._live) + 64:
+        if _outgrown(len(self._revs), len(self._live)):
             # Settled revisions behind an old unsettled one pile up: drop them (a sorted
             # list is a heap), so memory follows the unsettled delays, not every one read.
             self._revs = sorted(self._live)
@@ -352,7 +359,7 @@ class Recoverer(_LeaderService):
                 state, self.retry_after
             )
             heapq.heappush(due, (deadline, state.rev, state.id))
-            if len(due) > 2 * len(tracked) + 64:
+            if _outgrown(len(due), len(tracked)):
                 # Each version of a running state left an entry; only the latest versions'
                 # count (the others are skipped when due): drop the others, so memory
                 # follows the running states, not every commit of the last retry_after.
