@@ -153,7 +153,7 @@ class LeaseClaim(msgspec.Struct, kw_only=True):
     """``POST /api/v1/leases/{name}/acquire``: who claims the lease, for how long."""
 
     holder: str
-    ttl: Annotated[float, msgspec.Meta(gt=0)]
+    ttl: Annotated[float, msgspec.Meta(ge=0)]
 
 
 class LeaseReply(msgspec.Struct, kw_only=True):

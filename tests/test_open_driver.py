@@ -26,7 +26,9 @@ def test_builtin_schemes() -> None:
     assert isinstance(fs.open_driver("MEMORY://"), MemoryDriver)
 
 
-@pytest.mark.parametrize("url", ["", "memory", "/tmp/x.db", "sqlite:/x.db"])
+@pytest.mark.parametrize(
+    "url", ["", "memory", "/tmp/x.db", "sqlite:/x.db", "sqlite:///\ud800.db", "memory://\udc80"]
+)
 def test_malformed_url(url: str) -> None:
     with pytest.raises(fs.InvalidURLError):
         fs.open_driver(url)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from flowstate._checks import is_text
 from flowstate._state import State
 from flowstate.errors import (
     FlowstateError,
@@ -429,6 +430,8 @@ def open_driver(url: str) -> Driver:
         raise InvalidURLError(
             f"{url!r} is not a driver URL; expected e.g. 'memory://' or 'sqlite:///flowstate.db'"
         )
+    if not is_text(url):
+        raise InvalidURLError(f"{url!r} is not valid Unicode text (it holds a lone surrogate)")
     scheme = url.split("://", 1)[0].lower()
     driver = _load(scheme).from_url(url)
     logger.debug("opened driver %s", hide_password(url))

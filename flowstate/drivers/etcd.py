@@ -140,6 +140,14 @@ from flowstate._checks import describe, is_int, is_number, is_text
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
+from flowstate.drivers._args import (
+    check_delays,
+    check_lease,
+    check_lease_claim,
+    check_lease_name,
+    check_read,
+    check_wait,
+)
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -1222,6 +1230,7 @@ class EtcdDriver(Driver):
         Raises:
             ClosedError: The driver is not open, or was closed while waiting.
         """
+        check_wait(rev)
         self._check()
         if self._head.rev >= rev:
             return
@@ -1700,6 +1709,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_read(state_id, rev)
         self._check()
         keys = self._keys
         deadline = self._deadline()
@@ -1751,6 +1761,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_read(state_id, rev, alias)
         self._check()
         start = self._keys.data(state_id, alias)
         request = _range(
@@ -2030,6 +2041,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_delays(since_rev, limit)
         self._check()
         return await self._snapshot_read(
             functools.partial(self._read_delays, since_rev, limit), "delay page"
@@ -2092,6 +2104,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_lease_claim(name, holder, ttl)
         self._check()
         deadline = self._deadline()
         key = self._keys.lease(name)
@@ -2138,6 +2151,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_lease(lease)
         self._check()
         deadline = self._deadline()
 
@@ -2174,6 +2188,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_lease(lease)
         self._check()
         await self._revoke(lease.token, self._deadline())
 
@@ -2199,6 +2214,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
+        check_lease_name(name)
         self._check()
         _, (current,) = await self._read([_range(self._keys.lease(name))], self._deadline())
         if not current.kvs:

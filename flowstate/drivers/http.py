@@ -9,7 +9,8 @@ were on the server: ``ConflictError`` with every conflict, ``NotFoundError``,
 
 URL: ``http[s]://host:port[/base-path][?timeout=S&ca=/path/ca.pem]``
 
-* ``timeout``: seconds a request may take (default 30; long polls add their own wait);
+* ``timeout``: seconds a request may take (default 30, from 0.001 to 3600; long polls add
+  their own wait);
 * ``ca``: a CA bundle to check an ``https`` server's certificate with.
 
 The bearer token comes from the ``FLOWSTATE_TOKEN`` environment variable (or the ``token``
@@ -47,6 +48,14 @@ from flowstate._wire import (
     ServerInfo,
     conflict_error,
 )
+from flowstate.drivers._args import (
+    check_delays,
+    check_lease,
+    check_lease_claim,
+    check_lease_name,
+    check_read,
+    check_wait,
+)
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -74,6 +83,8 @@ __all__ = ["HTTPDriver"]
 TOKEN_ENV: Final = "FLOWSTATE_TOKEN"
 #: Seconds one long poll of the server's head revision may wait.
 POLL_WAIT: Final = 25.0
+#: The smallest and largest ``timeout`` a URL may set, in seconds.
+TIMEOUT_RANGE: Final = (0.001, 3600.0)
 #: Commit requests in flight at once; further commits queue and go together in the next one.
 MAX_IN_FLIGHT: Final = 4
 
@@ -179,8 +190,11 @@ class HTTPDriver(Driver):
                     options["timeout"] = float(value)
                 except ValueError:
                     raise InvalidURLError(f"{url!r}: timeout must be a number") from None
-                if not options["timeout"] > 0:
-                    raise InvalidURLError(f"{url!r}: timeout must be positive")
+                low, high = TIMEOUT_RANGE
+                if not low <= options["timeout"] <= high:
+                    raise InvalidURLError(
+                        f"{url!r}: timeout must be a number of seconds from {low:g} to {high:g}"
+                    )
             elif key == "ca" and scheme == "https":
                 options["ca"] = value
             else:
@@ -454,6 +468,7 @@ class HTTPDriver(Driver):
     # -- reads -------------------------------------------------------------------------------
 
     async def get_state(self, state_id: str, rev: int = 0) -> State:
+        check_read(state_id, rev)
         params = {"rev": rev} if rev else None
         return await self._call("GET", f"/api/v1/states/{_segment(state_id)}", State, params=params)
 
@@ -482,6 +497,7 @@ class HTTPDriver(Driver):
             ClosedError: The driver was closed while waiting.
             DriverUnavailableError: The server cannot be reached.
         """
+        check_wait(rev)
         self._check()
         while self._head < rev:
             if self._polling:
@@ -520,30 +536,36 @@ class HTTPDriver(Driver):
                 follower.set_result(None)
 
     async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
+        check_read(state_id, rev, alias)
         path = f"/api/v1/states/{_segment(state_id)}/data/{_segment(alias)}"
         found = await self._call("GET", path, DataVersion, params={"rev": rev} if rev else None)
         return found.rev, found.blob
 
     async def get_delays(self, since_rev: int = 0, limit: int = 100) -> DelaysPage:
+        check_delays(since_rev, limit)
         params = {"since_rev": since_rev, "limit": limit}
         return await self._call("GET", "/api/v1/delays", DelaysPage, params=params)
 
     # -- leases (SupportsLease) --------------------------------------------------------------
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        check_lease_claim(name, holder, ttl)
         body = self._encode(LeaseClaim(holder=holder, ttl=ttl))
         path = f"/api/v1/leases/{_segment(name)}/acquire"
         return (await self._call("POST", path, LeaseReply, body=body)).lease
 
     async def renew_lease(self, lease: Lease) -> Lease | None:
+        check_lease(lease)
         path = f"/api/v1/leases/{_segment(lease.name)}/renew"
         return (await self._call("POST", path, LeaseReply, body=self._encode(lease))).lease
 
     async def release_lease(self, lease: Lease) -> None:
+        check_lease(lease)
         path = f"/api/v1/leases/{_segment(lease.name)}/release"
         await self._call("POST", path, LeaseReply, body=self._encode(lease))
 
     async def get_lease(self, name: str) -> Lease | None:
+        check_lease_name(name)
         return (await self._call("GET", f"/api/v1/leases/{_segment(name)}", LeaseReply)).lease
 
 

@@ -138,6 +138,14 @@ import msgspec
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
+from flowstate.drivers._args import (
+    check_delays,
+    check_lease,
+    check_lease_claim,
+    check_lease_name,
+    check_read,
+    check_wait,
+)
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -1230,6 +1238,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_read(state_id, rev)
         if "\x00" in state_id:
             self._check()
             raise NotFoundError(f"state {state_id!r} not found")  # no stored id holds NUL
@@ -1310,6 +1319,7 @@ class PostgresDriver(Driver):
         Raises:
             ClosedError: The driver is not open, or was closed while waiting.
         """
+        check_wait(rev)
         self._check()
         if self._waiters.head >= rev:
             return
@@ -1327,6 +1337,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_read(state_id, rev, alias)
         if "\x00" in state_id or "\x00" in alias:
             self._check()
             raise NotFoundError(f"state {state_id!r} has no data {alias!r}")  # none holds NUL
@@ -1351,6 +1362,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_delays(since_rev, limit)
         if limit < 1:
             more = await self._read("read", lambda c: c.fetchval(self._sql.any_delay, since_rev))
             return DelaysPage(delays=[], more=bool(more))
@@ -1428,6 +1440,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_lease_claim(name, holder, ttl)
         token = await self._read(
             "lease claim",
             lambda c: c.fetchval(self._sql.acquire_lease, name, holder, float(ttl)),
@@ -1447,6 +1460,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_lease(lease)
         token = await self._read(
             "lease renewal",
             lambda c: c.fetchval(self._sql.renew_lease, lease.name, lease.token),
@@ -1461,6 +1475,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_lease(lease)
         await self._read(
             "lease release",
             lambda c: c.execute(self._sql.release_lease, lease.name, lease.token),
@@ -1474,6 +1489,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
+        check_lease_name(name)
         row = await self._read("lease read", lambda c: c.fetchrow(self._sql.get_lease, name))
         if row is None:
             return None

@@ -117,6 +117,14 @@ from flowstate._checks import describe, is_number, is_text
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
+from flowstate.drivers._args import (
+    check_delays,
+    check_lease,
+    check_lease_claim,
+    check_lease_name,
+    check_read,
+    check_wait,
+)
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -915,6 +923,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_read(state_id, rev)
         self._check()
         decode = self._state_decoder.decode
 
@@ -964,6 +973,7 @@ class SQLiteDriver(Driver):
         Raises:
             ClosedError: The driver is not open, or was closed while waiting.
         """
+        check_wait(rev)
         worker = self._check()
         if self._waiters.head >= rev:
             return
@@ -985,6 +995,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_read(state_id, rev, alias)
         self._check()
 
         def read(conn: sqlite3.Connection) -> tuple[int, bytes]:
@@ -1006,6 +1017,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_delays(since_rev, limit)
         self._check()
         decode = self._state_decoder.decode
 
@@ -1040,6 +1052,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_lease_claim(name, holder, ttl)
         self._check()
 
         def claim(conn: sqlite3.Connection) -> Lease | None:
@@ -1071,6 +1084,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_lease(lease)
         self._check()
 
         def renew(conn: sqlite3.Connection) -> Lease | None:
@@ -1092,6 +1106,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_lease(lease)
         self._check()
 
         def release(conn: sqlite3.Connection) -> None:
@@ -1111,6 +1126,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
+        check_lease_name(name)
         self._check()
 
         def read(conn: sqlite3.Connection) -> Lease | None:

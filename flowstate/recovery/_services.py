@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define
 
-from flowstate._checks import RESERVED_PREFIX, is_int, is_number
+from flowstate._checks import RESERVED_PREFIX, is_int, is_number, is_rev
 from flowstate._commands import Commit, End, Execute, Noop, Transit
 from flowstate._lifecycle import Lifecycle
 from flowstate._state import State, StateCtx, internal_ctx
+from flowstate.drivers._args import MAX_LEASE_TTL
 from flowstate.drivers.base import DelayedState, Driver, SupportsLease
 from flowstate.errors import (
     ClosedError,
@@ -159,8 +160,11 @@ class _LeaderService:
     cursor_id: str
 
     def __init__(self, engine: Engine, *, lease_ttl: float) -> None:
-        if not is_number(lease_ttl, strict=True):
-            raise InvalidCommandError(f"lease_ttl must be a positive number, not {lease_ttl!r}")
+        if not is_number(lease_ttl, strict=True) or lease_ttl > MAX_LEASE_TTL:
+            raise InvalidCommandError(
+                f"lease_ttl must be a number of seconds above 0 and at most {MAX_LEASE_TTL:g}, "
+                f"not {lease_ttl!r}"
+            )
         self.engine = engine
         self.lease_ttl = float(lease_ttl)
         self.stats = RecoveryStats()
@@ -250,7 +254,18 @@ class _LeaderService:
         except NotFoundError:
             self._cursor_ctx = internal_ctx(self.cursor_id, labels=INTERNAL_LABEL)
             return 0
-        return int(self._cursor_ctx.current.annotations.get("cursor", "0"))
+        stored = self._cursor_ctx.current.annotations.get("cursor", "0")
+        if not (stored.isdecimal() and stored.isascii() and is_rev(int(stored))):
+            # Not one this service wrote. The cursor is only a shortcut: start from the
+            # beginning, which is always correct, and the next save puts a good one back.
+            logger.warning(
+                "the %s cursor in %r is %r, not a revision: starting from rev 0",
+                type(self).__name__,
+                self.cursor_id,
+                stored,
+            )
+            return 0
+        return int(stored)
 
     async def _save_cursor(self, cursor: int) -> None:
         ctx = self._cursor_ctx

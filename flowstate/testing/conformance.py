@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import flowstate as fs
-from flowstate.drivers.base import CommitRequest, Driver, StateWrite, SupportsLease
+from flowstate.drivers.base import CommitRequest, Driver, Lease, StateWrite, SupportsLease
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -460,6 +460,57 @@ class DriverTests:
                 await asyncio.sleep(0.1)
         assert await driver.renew_lease(lease) is None
         assert await driver.acquire_lease("short", "two", 30) is not None
+
+    async def test_bad_arguments_are_refused_before_the_store(self, driver: Driver) -> None:
+        # A driver's methods are public (the recovery services and the HTTP service call
+        # them directly): an argument no store can take gets a flowstate error on every
+        # driver, never an OverflowError, a UnicodeEncodeError or the backend's own error.
+        (rev,) = await _commit(driver, _write("a"))
+        too_big = 2**63
+        reads: list[tuple[str, tuple[Any, ...]]] = [
+            ("get_state", ("",)),
+            ("get_state", ("\ud800",)),
+            ("get_state", ("a", too_big)),
+            ("get_state", ("a", -1)),
+            ("get_data", ("a", "x", too_big)),
+            ("get_data", ("\udc80", "x")),
+            ("get_data", ("a", "\udc80")),
+            ("get_data", ("a", "")),
+            ("get_delays", (too_big,)),
+            ("get_delays", (-1,)),
+            ("get_delays", (0, 0)),
+            ("get_delays", (0, too_big)),
+            ("wait_for_rev", (too_big,)),
+            ("wait_for_rev", ("1",)),
+        ]
+        for name, args in reads:
+            with pytest.raises(fs.InvalidQueryError):
+                await getattr(driver, name)(*args)
+        if not isinstance(driver, SupportsLease):
+            return
+        claims: list[tuple[Any, Any, Any]] = [
+            ("", "h", 5),
+            ("\ud800", "h", 5),
+            ("l", "\ud800", 5),
+            ("l", "", 5),
+            ("l", "h", -1),
+            ("l", "h", float("nan")),
+            ("l", "h", float("inf")),
+            ("l", "h", 1e300),
+            ("l", "h", "5"),
+        ]
+        for claim in claims:
+            with pytest.raises(fs.InvalidCommandError):
+                await driver.acquire_lease(*claim)
+        forged = Lease(name="l", holder="h", token=too_big, ttl=5)
+        for method in (driver.renew_lease, driver.release_lease):
+            with pytest.raises(fs.InvalidCommandError):
+                await method(forged)
+        with pytest.raises(fs.InvalidQueryError):
+            await driver.get_lease("\udc80")
+        # None of it changed the store.
+        assert await driver.head_rev() == rev
+        assert await driver.get_lease("l") is None
 
     # -- engine: commands ------------------------------------------------------------------
 

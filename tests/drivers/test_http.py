@@ -90,8 +90,11 @@ def test_url(url: str, base: str, options: dict[str, object]) -> None:
     [
         ("http://", "expected http://host:port"),
         ("http://user:secret@host:1", "not in the URL"),
-        ("http://host:1?timeout=0", "timeout must be positive"),
+        ("http://host:1?timeout=0", "timeout must be a number of seconds from 0.001 to 3600"),
+        ("http://host:1?timeout=inf", "from 0.001 to 3600"),
+        ("http://host:1?timeout=nan", "from 0.001 to 3600"),
         ("http://host:1?timeout=soon", "timeout must be a number"),
+        ("http://host:1/\udc80", "not valid Unicode text"),
         ("http://host:1?ca=/x.pem", "unknown option 'ca'"),
         ("https://host:1?nope=1", "known options: timeout, ca"),
         ("http://host:99999", "out of range"),

@@ -355,7 +355,7 @@ async def test_leases(client: httpx.AsyncClient, run: str) -> None:
     wrong = await client.post("/api/v1/leases/other/renew", json=lease)
     assert_error(wrong, 400, "invalid_command")
     assert_error(
-        await client.post(f"{path}/acquire", json={"holder": "x", "ttl": 0}), 400, "bad_request"
+        await client.post(f"{path}/acquire", json={"holder": "x", "ttl": -1}), 400, "bad_request"
     )
     await client.post(f"{path}/release", json=lease)
     assert (await client.get(path)).json() == {"lease": None}
