@@ -6,9 +6,9 @@ from typing import Any
 
 import msgspec
 from attrs import asdict
-from litestar import Litestar, Router, get
+from litestar import Litestar, Response, Router, get
 from litestar.connection import ASGIConnection
-from litestar.enums import ScopeType
+from litestar.enums import MediaType, ScopeType
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -18,7 +18,7 @@ from litestar.types import Receive, Scope, Send
 import flowstate
 from flowstate import Engine
 from flowstate._checks import bearer_token, is_number
-from flowstate._wire import Health
+from flowstate._wire import ErrorBody, ErrorInfo, Health
 from flowstate.drivers.base import SupportsLease
 from flowstate.errors import DriverError, DriverUnavailableError, InvalidCommandError
 from flowstate.recovery import Delayer, Recoverer
@@ -29,8 +29,8 @@ from flowstate.server._context import (
     MIN_BODY_SIZE,
     ServerContext,
 )
-from flowstate.server._errors import EXCEPTION_HANDLERS
-from flowstate.server._escape import route_path
+from flowstate.server._errors import EXCEPTION_HANDLERS, send_error
+from flowstate.server._escape import check_query, route_path
 from flowstate.workflows import StepFn
 
 __all__ = ["FlowstateApp", "RecoveryInfo", "ServiceInfo", "create_app"]
@@ -78,8 +78,20 @@ class FlowstateApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP:
             raw = scope.get("raw_path")
-            if raw:
-                scope["path"] = route_path(raw)
+            try:
+                if raw:
+                    scope["path"] = route_path(raw)
+                check_query(scope.get("query_string", b""))
+            except UnicodeDecodeError:
+                await send_error(
+                    send,
+                    400,
+                    ErrorInfo(
+                        type="bad_request",
+                        message="the path or the query string is not UTF-8 once percent-decoded",
+                    ),
+                )
+                return
         await self.litestar(scope, receive, send)
 
 
@@ -152,10 +164,22 @@ def create_app(
             path="/schema",
             render_plugins=[JsonRenderPlugin()],
             use_handler_docstrings=True,
+            openapi_router=Router(path="/schema", route_handlers=[], after_request=_json_404),
         ),
         logging_config=None,
     )
     return FlowstateApp(context, litestar)
+
+
+async def _json_404(response: Response[Any]) -> Response[Any]:
+    """Litestar answers unknown paths under ``/schema`` with an HTML page: answer as every
+    other route does."""
+    if response.status_code != 404:
+        return response
+    info = ErrorInfo(type="no_route", message="the schema is at /schema/openapi.json")
+    return Response(
+        msgspec.json.encode(ErrorBody(error=info)), status_code=404, media_type=MediaType.JSON
+    )
 
 
 def _bearer(

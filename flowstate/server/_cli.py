@@ -135,9 +135,11 @@ def read_token(token_file: Path | None) -> str | None:
         except ValueError as exc:
             raise ServeError(str(exc)) from None
     try:
-        token = token_file.read_text().strip()
+        token = token_file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ServeError(f"cannot read the token file {str(token_file)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ServeError(f"the token file {str(token_file)!r} is not UTF-8 text") from None
     if not token:
         raise ServeError(f"the token file {str(token_file)!r} is empty")
     try:

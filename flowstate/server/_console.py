@@ -16,6 +16,8 @@ from litestar.enums import MediaType
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
+from flowstate.server._errors import not_found
+
 __all__ = ["CONSOLE_DIR", "SECURITY_HEADERS", "router"]
 
 #: The console's files.
@@ -59,5 +61,7 @@ def router() -> Router:
         opt={"public": True},
         after_request=_secure,
         include_in_schema=False,
+        # A path no file can have (one holding a NUL) fails the file lookup with ValueError.
+        exception_handlers={ValueError: not_found},
     )
     return Router(path="/", route_handlers=[page, files])

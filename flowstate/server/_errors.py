@@ -8,14 +8,20 @@ code; anything unexpected is a 500 whose details go to the server's log only.
 import logging
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.types import ExceptionHandlersMap
+from litestar.types import (
+    ExceptionHandlersMap,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Send,
+)
 
 from flowstate._wire import ErrorBody, ErrorInfo, error_info, error_status
 from flowstate.errors import FlowstateError
 
-__all__ = ["EXCEPTION_HANDLERS", "error_response"]
+__all__ = ["EXCEPTION_HANDLERS", "error_response", "not_found", "send_error"]
 
 logger = logging.getLogger("flowstate.server")
 
@@ -37,14 +43,49 @@ def error_response(
     return Response(ErrorBody(error=info), status_code=status, headers=headers)
 
 
+async def send_error(send: Send, status: int, info: ErrorInfo) -> None:
+    """Answer with an error from outside the application's routing (raw ASGI)."""
+    body = msgspec.json.encode(ErrorBody(error=info))
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(start)
+    await send(end)
+
+
+def not_found(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """404 for a path no route or file answers."""
+    return error_response(404, ErrorInfo(type="no_route", message="nothing is at this path"))
+
+
+def _where(request: Request[Any, Any, Any]) -> str:
+    # The path as a quoted literal: a client cannot start a line of the log with its own text.
+    return f"{request.method} {request.url.path!r}"
+
+
 def _flowstate_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     known = error_status(exc)
     if known is None:
         return _unexpected(request, exc)
     status, type_ = known
     if status >= 500:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        logger.warning("%s: %s", _where(request), exc)
     return error_response(status, error_info(exc, type_))
+
+
+def _recursion(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    if "deserializ" in str(exc):
+        # msgspec decoding a body nested deeper than the interpreter's recursion limit.
+        return error_response(
+            400, ErrorInfo(type="bad_request", message="the JSON body is nested too deeply")
+        )
+    return _unexpected(request, exc)
 
 
 def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -64,7 +105,7 @@ def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Err
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     # The trace is for the operator's log; the client learns only that it was not its fault.
-    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    logger.error("%s failed", _where(request), exc_info=exc)
     return error_response(
         500, ErrorInfo(type="internal", message="internal server error; see the server's log")
     )
@@ -73,5 +114,6 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Err
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     FlowstateError: _flowstate_error,
     HTTPException: _http_error,
+    RecursionError: _recursion,
     Exception: _flowstate_error,
 }

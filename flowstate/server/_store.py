@@ -12,6 +12,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 import flowstate
+from flowstate._checks import MAX_REV
 from flowstate._wire import (
     MAX_PAGE,
     CommitBatch,
@@ -24,6 +25,7 @@ from flowstate._wire import (
     error_info,
     error_status,
 )
+from flowstate.drivers._args import check_request
 from flowstate.drivers.base import CommitRequest, CommitResult, DelaysPage, Lease, SupportsLease
 from flowstate.errors import DriverError, FlowstateError, InvalidCommandError
 from flowstate.server._context import ServerContext, wait_for_rev
@@ -39,6 +41,10 @@ def router(ctx: ServerContext) -> Router:
     """The driver routes of ``ctx``'s store."""
     driver = ctx.engine.driver
 
+    async def checked_commit(request: CommitRequest) -> CommitResult:
+        check_request(request)
+        return await driver.commit(request)
+
     @get("/api/v1/info", summary="What the server is")
     async def info() -> ServerInfo:
         """The server's version, its store's driver and its limits."""
@@ -52,22 +58,28 @@ def router(ctx: ServerContext) -> Router:
     @post("/api/v1/commit", status_code=200, summary="Commit states atomically")
     async def commit(data: JSONBody[CommitRequest]) -> CommitResult:
         """Write every state of the commit if each one's stored latest revision is its
-        ``expected_rev``; otherwise write nothing and answer 409 listing every conflict."""
-        return await driver.commit(data)
+        ``expected_rev``; otherwise write nothing and answer 409 listing every conflict.
+        A write the engine could not have sent (an empty id, one id twice, a delay due
+        beyond the dates a store can hold...) is refused with 400 before anything is
+        written."""
+        return await checked_commit(data)
 
     @post("/api/v1/commits", status_code=200, summary="Apply several independent commits")
     async def commits(data: JSONBody[CommitBatch]) -> CommitBatchReply:
         """Apply each commit of the batch as ``POST /api/v1/commit`` would, concurrently (the
         store may group them into one transaction); one outcome per commit, in order."""
         results = await asyncio.gather(
-            *(driver.commit(request) for request in data.commits), return_exceptions=True
+            *(checked_commit(request) for request in data.commits), return_exceptions=True
         )
         return CommitBatchReply(outcomes=[_outcome(result) for result in results])
 
     @get("/api/v1/head", summary="The store's latest revision")
     async def head(
         wait_for: Annotated[
-            int, QueryParameter(ge=0, description="wait until the store reaches this revision")
+            int,
+            QueryParameter(
+                ge=0, le=MAX_REV, description="wait until the store reaches this revision"
+            ),
         ] = 0,
         seconds: Annotated[
             float, QueryParameter(name="timeout", ge=0, description=f"seconds (<= {MAX_WAIT:g})")

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ import uvicorn
 from flowstate.server._app import FlowstateApp
 
 __all__ = ["handle_signals", "make_server"]
+
+logger = logging.getLogger("flowstate.server")
 
 
 class _Server(uvicorn.Server):
@@ -48,7 +51,11 @@ def make_server(
 @contextlib.contextmanager
 def handle_signals(app: FlowstateApp, server: uvicorn.Server) -> Iterator[None]:
     """On SIGTERM or SIGINT: end watch streams and long polls, stop accepting, and let
-    in-flight requests finish. A second signal stops without waiting for them."""
+    in-flight requests finish. A second signal stops without waiting for them.
+
+    Once the server has stopped, further signals are ignored rather than handed back to
+    their default action, which would kill the process while it closes its engine and hands
+    its recovery leases over; the event loop restores the defaults when it closes."""
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -65,4 +72,8 @@ def handle_signals(app: FlowstateApp, server: uvicorn.Server) -> Iterator[None]:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
-                loop.remove_signal_handler(signum)
+                loop.add_signal_handler(signum, _already_stopping)
+
+
+def _already_stopping() -> None:
+    logger.info("already stopping")

@@ -44,7 +44,7 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
     assert "Traceback" not in response.text
     (record,) = [r for r in caplog.records if r.name == "flowstate.server"]
     assert record.exc_info is not None, "the trace goes to the log"
-    assert "GET /api/v1/states/anything failed" in record.getMessage()
+    assert "GET '/api/v1/states/anything' failed" in record.getMessage()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import httpx
@@ -226,3 +229,33 @@ def test_a_keepalive_that_is_not_positive_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     refused = "--keepalive must be a number of seconds > 0, not 0.0"
     assert result.stderr.splitlines() == [f"flowstate: error: {refused}"]
+
+
+def test_a_signal_while_the_server_closes_its_store_is_ignored() -> None:
+    # Once the HTTP server has stopped, the process closes its engine and hands its recovery
+    # leases over. A second SIGTERM then (an impatient supervisor) must not kill it by signal
+    # halfway through: the handlers stay installed until the event loop ends.
+    script = textwrap.dedent(
+        """
+        import asyncio, os, signal, types
+        from flowstate.server._uvicorn import handle_signals
+
+        async def main():
+            app = types.SimpleNamespace(context=types.SimpleNamespace(stopping=asyncio.Event()))
+            server = types.SimpleNamespace(should_exit=False, force_exit=False)
+            with handle_signals(app, server):
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(0.1)
+            assert server.should_exit
+            os.kill(os.getpid(), signal.SIGTERM)  # while closing the store, say
+            await asyncio.sleep(0.1)
+            print("closed cleanly")
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "closed cleanly\n"

@@ -1,0 +1,185 @@
+"""Requests no client should send get a 4xx JSON error, write nothing, and leave the server
+(and the recovery services it runs) as they were.
+
+One real ``flowstate serve --recover`` process on SQLite, with a token, serves the module.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serve_process import ServeProcess
+from tests.server.pipeline_tasks import __name__ as TASKS_MODULE
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+TOKEN = "bad-requests-token"
+MAX_REV = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    directory = tmp_path_factory.mktemp("bad-requests")
+    (directory / "token").write_text(TOKEN)
+    args = ("--token-file", str(directory / "token"), "--tasks", f"{TASKS_MODULE}:TASKS")
+    with ServeProcess(f"sqlite:///{directory}/store.db", *args, "--recover") as server:
+        server.wait_line("fires delays from rev")
+        yield server
+
+
+@pytest.fixture
+async def client(server: ServeProcess) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as client:
+        yield client
+
+
+def _write(state_id: str, **extra: Any) -> dict[str, Any]:
+    # An ended state: the server's recoverer has nothing to retry.
+    return {"state": {"id": state_id}, "expected_rev": 0, **extra}
+
+
+async def _head(client: httpx.AsyncClient) -> int:
+    rev: int = (await client.get("/api/v1/head")).json()["rev"]
+    return rev
+
+
+def _error(response: httpx.Response, status: int, type_: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["type"] == type_, error
+    message: str = error["message"]
+    return message
+
+
+@pytest.mark.parametrize(
+    ("writes", "says"),
+    [
+        ([_write("")], "non-empty string"),
+        ([_write("twice"), _write("twice")], "written twice"),
+        ([{**_write("bad-rev"), "expected_rev": -1}], "expected_rev"),
+        (
+            [_write("far", delay_to="later", delay_at="9999-12-31T23:59:59.999999-23:59")],
+            "no UTC equivalent",
+        ),
+        ([_write("year-one", delay_to="x", delay_at="0001-01-01T00:00:00+14:00")], "no UTC"),
+        ([_write("naive", delay_to="later", delay_at="2030-01-01T00:00:00")], "timezone-aware"),
+        ([_write("no-flow", delay_at="2030-01-01T00:00:00Z")], "a delay's flow"),
+        ([_write("no-time", delay_to="later")], "timezone-aware due time"),
+    ],
+)
+async def test_a_commit_the_engine_could_not_send_is_refused_whole(
+    client: httpx.AsyncClient, server: ServeProcess, writes: list[dict[str, Any]], says: str
+) -> None:
+    head = await _head(client)
+    innocent = _write(f"innocent-{uuid.uuid4().hex[:8]}")
+    single = await client.post("/api/v1/commit", json={"writes": [innocent, *writes]})
+    assert says in _error(single, 400, "invalid_command")
+    batch = await client.post("/api/v1/commits", json={"commits": [{"writes": writes}]})
+    assert batch.status_code == 200
+    (outcome,) = batch.json()["outcomes"]
+    assert outcome["error"]["type"] == "invalid_command"
+    assert says in outcome["error"]["message"]
+    assert await _head(client) == head, "nothing was written"
+    # The recovery services read delays and cursors from the store: they are still running.
+    health = (await client.get("/api/v1/recovery")).json()
+    assert health["delayer"]["is_leader"]
+    assert health["recoverer"]["is_leader"]
+    assert server.process is not None
+    assert server.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", f"/api/v1/states/a?rev={MAX_REV + 1}", None),
+        ("GET", f"/api/v1/states/a/data/x?rev={MAX_REV + 1}", None),
+        ("GET", f"/api/v1/delays?since_rev={MAX_REV + 1}", None),
+        ("GET", f"/api/v1/head?wait_for={MAX_REV + 1}&timeout=0", None),
+        ("POST", "/api/v1/leases/l/renew", {"name": "l", "holder": "h", "token": MAX_REV + 1}),
+        ("POST", "/api/v1/leases/l/release", {"name": "l", "holder": "h", "token": MAX_REV + 1}),
+        ("POST", "/api/v1/leases/l/acquire", {"holder": "h", "ttl": 1e300}),
+        ("POST", "/api/v1/states/query", {"labels": [{"k": str(n)} for n in range(65)]}),
+        ("POST", "/api/v1/states/query", {"labels": {f"k{n}": "v" for n in range(65)}}),
+    ],
+)
+async def test_numbers_and_filters_no_store_can_take_are_a_400(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    if body is not None and "token" in body:
+        body["ttl"] = 5
+    response = await client.request(method, path, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] in ("invalid_query", "invalid_command", "bad_request")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/commit",
+        "/api/v1/states/query",
+        "/api/v1/flows/execute",
+        "/api/v1/flows/some-flow/resume",
+    ],
+)
+async def test_a_body_nested_too_deeply_is_a_400(client: httpx.AsyncClient, path: str) -> None:
+    nested = "[" * 5000 + "]" * 5000
+    response = await client.post(
+        path, content=f'{{"x": {nested}}}', headers={"content-type": "application/json"}
+    )
+    assert "nested too deeply" in _error(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/states/%ED%A0%80",  # an encoded lone surrogate
+        "/api/v1/states/%FF",
+        "/api/v1/states?label=k%3D%ED%A0%80",
+        "/api/v1/states?id=%C3",
+    ],
+)
+async def test_a_path_or_query_that_is_not_utf8_is_a_400(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    # Read with replacement characters, %ED%A0%80 would name the state "\ufffd\ufffd\ufffd".
+    await client.post("/api/v1/commit", json={"writes": [_write("\ufffd\ufffd\ufffd")]})
+    response = await client.get(httpx.URL(path))
+    assert "not UTF-8" in _error(response, 400, "bad_request")
+
+
+async def test_odd_paths_are_json_404s_and_cannot_write_the_log(server: ServeProcess) -> None:
+    forged = "2026-01-01 00:00:00,000 INFO flowstate.server: FORGED LINE"
+    async with httpx.AsyncClient(base_url=server.url) as anonymous:
+        # The console's files need no token; a NUL in a file name cannot name one.
+        nul = await anonymous.get(httpx.URL(f"/console/%00%0A{forged.replace(' ', '%20')}"))
+        _error(nul, 404, "no_route")
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        _error(await client.get("/schema/swagger"), 404, "no_route")
+        _error(await client.get("/schema/nothing/here"), 404, "no_route")
+        assert (await client.get("/schema/openapi.json")).json()["info"]["title"] == "flowstate"
+        # Whatever was logged about these requests, no client text starts a line of the log.
+        await client.get("/health")
+    assert not any(line.startswith("2026-01-01") for line in server.lines), server.output
+
+
+def test_a_token_file_that_is_not_text_is_named(tmp_path: Path) -> None:
+    from tests.serve_process import serve_refused
+
+    (tmp_path / "token").write_bytes(b"\xff\xfe binary")
+    refused = serve_refused(
+        f"sqlite:///{tmp_path}/store.db", "--token-file", str(tmp_path / "token")
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"flowstate: error: the token file {str(tmp_path / 'token')!r} is not UTF-8 text"
+    ]
