@@ -2,6 +2,7 @@
 
 import datetime
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import msgspec
 
@@ -9,10 +10,14 @@ from flowstate._checks import MAX_REV, describe, is_int, is_rev, is_text, is_tex
 from flowstate._state import State
 from flowstate.errors import InvalidQueryError
 
-__all__ = ["MAX_LIMIT", "StatesPage", "StatesQuery"]
+__all__ = ["MAX_LABEL_MAPS", "MAX_LABEL_PAIRS", "MAX_LIMIT", "StatesPage", "StatesQuery"]
 
 #: The largest page size a query may ask for.
 MAX_LIMIT = 2**31 - 1
+#: The most label mappings a query may OR together, and the most pairs one mapping may hold:
+#: bounds every driver can evaluate (a store turns each pair into an index lookup).
+MAX_LABEL_MAPS = 64
+MAX_LABEL_PAIRS = 64
 
 
 class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
@@ -22,6 +27,7 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
         id: Only versions of this state (its history); None: versions of every state.
         labels: One mapping (a version matches when its labels contain every pair) or a list
             of mappings (a version matches when any of them matches). Empty: every version.
+            At most :attr:`MAX_LABEL_MAPS` mappings of at most :attr:`MAX_LABEL_PAIRS` pairs.
         since_rev: Only versions with a revision greater than this (exclusive).
         since_latest: Start at the latest matching version (inclusive); ignores ``since_rev``.
         since_time: Only versions committed at or after this time (timezone-aware).
@@ -29,6 +35,11 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
         limit: Page size, at least 1. A page never splits one revision, so a page may hold
             more than ``limit`` versions when several states share a revision (etcd).
     """
+
+    #: The most label mappings one query may OR together.
+    MAX_LABEL_MAPS: ClassVar[int] = MAX_LABEL_MAPS
+    #: The most pairs one label mapping may hold.
+    MAX_LABEL_PAIRS: ClassVar[int] = MAX_LABEL_PAIRS
 
     id: str | None = None
     labels: dict[str, str] | list[dict[str, str]] = msgspec.field(default_factory=dict)
@@ -74,11 +85,19 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
             raise InvalidQueryError(
                 f"labels must be a dict or a list of dicts, not {describe(given)}"
             )
+        if len(label_sets) > MAX_LABEL_MAPS:
+            raise InvalidQueryError(
+                f"labels: at most {MAX_LABEL_MAPS} mappings may be OR-ed, not {len(label_sets)}"
+            )
         copies = []
         for labels in label_sets:
             if not isinstance(labels, Mapping) or not is_text_map(labels):
                 raise InvalidQueryError(
                     f"labels must map str to str (valid Unicode text), not {describe(labels)}"
+                )
+            if len(labels) > MAX_LABEL_PAIRS:
+                raise InvalidQueryError(
+                    f"labels: a mapping may hold at most {MAX_LABEL_PAIRS} pairs, not {len(labels)}"
                 )
             copies.append(dict(labels))
         # Stored as plain dicts, so that later changes to the caller's mappings change nothing.

@@ -174,8 +174,9 @@ class InvalidTransitionError(FlowstateError):
 
     def __init__(self, flow_id: str, from_status: str, to_status: str | None) -> None:
         self.flow_id = flow_id
-        self.from_status = from_status
-        self.to_status = to_status
+        # Plain strings (a status may come as a str enum, whose repr would show in messages).
+        self.from_status = str(from_status)
+        self.to_status = None if to_status is None else str(to_status)
         super().__init__(self._message())
 
     def _message(self) -> str:

@@ -314,6 +314,17 @@ async def engine() -> AsyncIterator[fs.Engine]:
         ("get_states", (), {"labels": {"\udcff": "v"}}),
         ("get_states", (), {"limit": 2**63}),
         ("get_states", ("not a query",), {}),
+        # Filters no store evaluates in one query: SQLite's compound SELECT stops at 500.
+        (
+            "get_states",
+            (),
+            {"labels": [{"k": str(n)} for n in range(fs.StatesQuery.MAX_LABEL_MAPS + 1)]},
+        ),
+        (
+            "get_states",
+            (),
+            {"labels": {str(n): "v" for n in range(fs.StatesQuery.MAX_LABEL_PAIRS + 1)}},
+        ),
     ],
 )
 async def test_bad_queries_are_refused(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 import flowstate as fs
+from flowstate._state import internal_ctx
 from flowstate.drivers.base import CommitRequest, Driver
 from flowstate.drivers.faulty import Fault, FaultyDriver
 from flowstate.drivers.memory import MemoryDriver
@@ -177,6 +178,30 @@ async def test_recoverer_resumes_from_its_cursor(new_driver: Callable[[], Driver
             await start_job(engine, "late", "work")
             await first(engine, ended("late"))
         assert again.stats.added == 1, "history before the cursor was not read again"
+
+
+@pytest.mark.parametrize("stored", ["abc", "-5", "1e3", "٣", str(2**63)])
+async def test_a_cursor_that_is_not_a_revision_means_from_the_start(
+    new_driver: Callable[[], Driver], stored: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Anyone with write access to the store (through `flowstate serve`, say) can write the
+    # cursor states. A service that cannot read its cursor starts from the beginning, which
+    # is always correct, rather than failing to lead.
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    async with fs.Engine(new_driver(), flows={"work": work}) as engine:
+        await start_job(engine, "before-the-cursor", "work")
+        for cursor_id in (fs.Recoverer.cursor_id, fs.Delayer.cursor_id):
+            cursor = internal_ctx(cursor_id, labels={"flowstate.internal": "recovery"})
+            cursor.current.annotations["cursor"] = stored
+            await engine.do(fs.Commit(fs.Noop(cursor)))
+        async with fast_recoverer(engine) as recoverer, fs.Delayer(engine, lease_ttl=LEASE_TTL):
+            await first(engine, ended("before-the-cursor"))
+            assert recoverer.stats.added == 1
+    warnings = [r.getMessage() for r in caplog.records if "not a revision" in r.getMessage()]
+    assert len(warnings) == 2, caplog.text
+    assert all(f"is {stored!r}, not a revision: starting from rev 0" in w for w in warnings)
 
 
 async def test_delays_fire_once_when_due(new_driver: Callable[[], Driver]) -> None:
