@@ -173,6 +173,10 @@ class Watcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
         if any(stop.done() for stop in stops):
+            if not waiter.cancelled():
+                # Closing the engine closes its driver too, which may fail the wait in the
+                # same turn: that error says nothing more, but must be retrieved.
+                waiter.exception()
             return False
         waiter.result()  # re-raise a driver failure
         return True

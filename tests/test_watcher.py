@@ -10,6 +10,7 @@ order, once the store is back.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -300,6 +301,35 @@ async def test_closing_the_engine_ends_a_retrying_watcher(
     async with asyncio.timeout(5):
         with pytest.raises(StopAsyncIteration):
             await first
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite:///{tmp_path}/store-{n}.db?create=1"])
+async def test_closing_the_engine_under_a_waiting_watcher_leaves_no_error_behind(
+    tmp_path: Path, url: str
+) -> None:
+    # Closing the engine closes the driver it owns, which fails the watcher's pending wait
+    # in the same turn as the engine's own stop: that error must be retrieved, not left to
+    # "Task exception was never retrieved" when the wait is collected.
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        for n in range(5):
+            engine = fs.Engine(url.format(tmp_path=tmp_path, n=n))
+            await engine.open()
+            watcher = engine.watch()
+            waiting = asyncio.ensure_future(anext(watcher))
+            await asyncio.sleep(0)  # the watcher reads, finds nothing, and waits
+            await asyncio.sleep(0)
+            await engine.aclose()
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(waiting, 5)
+            del watcher, waiting
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unhandled == []
 
 
 @pytest.mark.parametrize("bad", [-1, float("inf"), float("nan"), "5", True])
