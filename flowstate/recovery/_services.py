@@ -53,8 +53,9 @@ class RecoveryStats:
         added: Running states the recoverer started tracking; delays the delayer read.
         completed: Tracked states that came to rest (ended, paused or delayed) by themselves.
         retried: States the recoverer re-committed and executed again.
-        dropped: States force-ended after their last attempt (recoverer); delays whose state
-            had moved on, so they did not fire (delayer).
+        dropped: States force-ended (or handed to their on_exhausted flow) after their last
+            attempt (recoverer); delays whose state had moved on, so they did not fire
+            (delayer).
         fired: Delays that fired (delayer).
         leader_changes: How often this process won or lost leadership.
     """
@@ -72,7 +73,8 @@ def recovery_step(ctx: StateCtx, max_attempts: int) -> Transit | End:
 
     The same transition again with the next attempt number, or, once the state's attempts
     (its own ``max_attempts`` setting, else ``max_attempts``) are spent, ``End`` with the
-    reason in the state annotation ``flowstate.recovery.ended``.
+    reason in the state annotation ``flowstate.recovery.ended`` (or a transit to the
+    state's ``on_exhausted`` flow, unless that is the flow whose attempts are spent).
     """
     state = ctx.committed
     done = settings.attempt(state)
@@ -80,6 +82,9 @@ def recovery_step(ctx: StateCtx, max_attempts: int) -> Transit | End:
         ctx.current.annotations[settings.ENDED_REASON] = (
             f"still running {state.transition.to!r} after {done} retries"
         )
+        on_exhausted = state.annotations.get(settings.ON_EXHAUSTED)
+        if on_exhausted and on_exhausted != state.transition.to:
+            return Transit(ctx, on_exhausted)
         return End(ctx)
     return Transit(ctx, state.transition.to, annotations={settings.ATTEMPT: str(done + 1)})
 
@@ -418,6 +423,18 @@ class Recoverer(_LeaderService):
             logger.warning(
                 "force-ended stalled state %r after %d retries", state_id, done, extra=extra
             )
+            return
+        if step.to != state.transition.to:
+            # Still running, at its on_exhausted flow: the watcher tracks the new version.
+            self.stats.dropped += 1
+            logger.warning(
+                "stalled state %r handed to its on_exhausted flow %r after %d retries",
+                state_id,
+                step.to,
+                done,
+                extra=extra,
+            )
+            await self.engine.do(Execute(ctx))
             return
         self.stats.retried += 1
         logger.info("retrying stalled state %r (attempt %d)", state_id, done + 1, extra=extra)

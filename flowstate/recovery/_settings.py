@@ -5,13 +5,20 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from flowstate._checks import is_int, is_number
+from flowstate._checks import is_int, is_number, is_text
 from flowstate.errors import InvalidCommandError
 
 if TYPE_CHECKING:
     from flowstate._state import State, StateCtx
 
-__all__ = ["attempt", "disable", "is_disabled", "set_max_attempts", "set_retry_after"]
+__all__ = [
+    "attempt",
+    "disable",
+    "is_disabled",
+    "set_max_attempts",
+    "set_on_exhausted",
+    "set_retry_after",
+]
 
 #: State annotation: "true" when the recoverer must leave the state alone.
 DISABLED = "flowstate.recovery.disabled"
@@ -23,6 +30,8 @@ MAX_ATTEMPTS = "flowstate.recovery.max_attempts"
 ATTEMPT = "flowstate.recovery.attempt"
 #: State annotation written when the recoverer force-ends a state: why.
 ENDED_REASON = "flowstate.recovery.ended"
+#: State annotation: the flow the recoverer transits the state to when its attempts are spent.
+ON_EXHAUSTED = "flowstate.recovery.on_exhausted"
 
 
 def disable(ctx: StateCtx) -> None:
@@ -54,6 +63,21 @@ def set_max_attempts(ctx: StateCtx, attempts: int) -> None:
     if not is_int(attempts) or attempts < 0:
         raise InvalidCommandError(f"max_attempts must be an int >= 0, not {attempts!r}")
     ctx.current.annotations[MAX_ATTEMPTS] = str(attempts)
+
+
+def set_on_exhausted(ctx: StateCtx, flow_id: str) -> None:
+    """When the state's attempts are spent, transit it to flow ``flow_id`` instead of ending
+    it, so that the flow can settle what the state stands for (a layer above, say, marks its
+    record failed). The reason is in the state annotation ``flowstate.recovery.ended``, as
+    for a force-end. Should ``flow_id`` itself stall until its attempts are spent, the
+    state is force-ended. Takes effect when the ctx is next committed.
+
+    Raises:
+        InvalidCommandError: ``flow_id`` is not a non-empty string of valid Unicode text.
+    """
+    if not flow_id or not is_text(flow_id):
+        raise InvalidCommandError(f"on_exhausted needs a flow id, not {flow_id!r}")
+    ctx.current.annotations[ON_EXHAUSTED] = flow_id
 
 
 def attempt(state: State) -> int:

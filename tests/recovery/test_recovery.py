@@ -87,6 +87,43 @@ async def test_force_ended_after_max_attempts(new_driver: Callable[[], Driver]) 
         assert (stats.retried, stats.dropped) == (2, 1)
 
 
+async def test_spent_attempts_hand_the_state_to_its_on_exhausted_flow(
+    new_driver: Callable[[], Driver],
+) -> None:
+    settled: list[str] = []
+
+    async def broken(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        raise RuntimeError("this flow always fails")
+
+    async def settle(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        settled.append(ctx.current.annotations[_settings.ENDED_REASON])
+        return fs.Commit(fs.End(ctx))
+
+    async def stalls_too(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        raise RuntimeError("so does this one")
+
+    flows = {"broken": broken, "settle": settle, "stalls-too": stalls_too}
+    async with fs.Engine(new_driver(), flows=flows) as engine:
+        settles, loops = (fs.StateCtx.new(i, labels=LABELS) for i in ("settles", "loops"))
+        for ctx, on_exhausted in ((settles, "settle"), (loops, "stalls-too")):
+            fs.recovery.set_max_attempts(ctx, 1)
+            fs.recovery.set_on_exhausted(ctx, on_exhausted)
+            await engine.do(fs.Commit(fs.Transit(ctx, "broken")))
+        async with fast_recoverer(engine) as recoverer:
+            done = await first(engine, ended("settles"))
+            looped = await first(engine, ended("loops"))
+            stats = recoverer.stats
+    assert settled == ["still running 'broken' after 1 retries"]
+    assert _settings.ENDED_REASON in done.annotations
+    # The on_exhausted flow stalled in turn: its own attempts spent, the state is ended.
+    assert (
+        looped.annotations[_settings.ENDED_REASON] == "still running 'stalls-too' after 1 retries"
+    )
+    assert stats.dropped == 3
+    with pytest.raises(fs.InvalidCommandError):
+        fs.recovery.set_on_exhausted(fs.StateCtx.new("x"), "")
+
+
 async def test_resting_states_are_left_alone(new_driver: Callable[[], Driver]) -> None:
     calls: list[str] = []
 
