@@ -136,25 +136,38 @@ def stage(ctx: fs.StateCtx, change: Change) -> fs.Commit:
             event[EVENT_PAYLOAD] = encode(change.payload)
         if change.more:
             event[MORE_EVENTS] = encode([[kind, payload] for kind, payload in change.more])
+    delay_at = change.delay_at
+    if delay_at is None and change.status is FlowStatus.WAITING:
+        # A change that keeps a timer wait (update_state, record_step, request_cancel) binds
+        # the timer to the new version: the delay bound to the old one can no longer fire.
+        delay_at = _timer_of(record)
     move: fs.Command
     if change.status.is_terminal:
         move = fs.End(ctx, annotations=event)
     elif change.flow is not None:
         move = fs.Transit(ctx, change.flow, annotations=event)
-    elif change.delay_at is not None:
+    elif delay_at is not None:
         move = fs.Pause(ctx, TIMER_FLOW, annotations=event)
     else:
         move = fs.Pause(ctx, REST_FLOW, annotations=event)
-    if change.delay_at is None and not change.also and not change.data:
+    if delay_at is None and not change.also and not change.data:
         return fs.Commit(move)
     commands: list[fs.Command] = [move]
-    if change.delay_at is not None:
-        commands.append(fs.Delay(ctx, TIMER_FLOW, until=change.delay_at))
+    if delay_at is not None:
+        commands.append(fs.Delay(ctx, TIMER_FLOW, until=delay_at))
     for alias, blob in change.data.items():
         ctx.data[alias] = fs.Data(blob=blob)
         commands.append(fs.StoreData(ctx, alias))
     commands += [fs.Noop(other) for other in change.also]
     return fs.Commit(*commands)
+
+
+def _timer_of(record: Record) -> datetime.datetime | None:
+    """When the flow's timer wait is due; None when it waits for something else."""
+    wait = record.wait
+    if not wait or wait.get("kind") != "timer" or not isinstance(wait.get("at"), str):
+        return None
+    return datetime.datetime.fromisoformat(wait["at"])
 
 
 def flow_run_flow(flow: ManagedFlow, record: Record) -> str | None:

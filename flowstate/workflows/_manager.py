@@ -14,6 +14,7 @@ import attrs
 import msgspec
 
 import flowstate as fs
+from flowstate._checks import is_text
 from flowstate.errors import CancelPendingError
 from flowstate.workflows._changes import (
     Change,
@@ -27,6 +28,7 @@ from flowstate.workflows._changes import (
 )
 from flowstate.workflows._model import (
     CONTROLLER,
+    EXHAUSTED_FLOW,
     FLOW_ID,
     OWNER,
     RUNTIME,
@@ -108,6 +110,7 @@ class FlowManager:
         self._locks = _ENGINE_LOCKS.setdefault(engine, _KeyedLocks())
         self._latest: collections.OrderedDict[str, fs.StateCtx] = collections.OrderedDict()
         engine.flows.register(TIMER_FLOW, resume_on_timer)
+        engine.flows.register(EXHAUSTED_FLOW, fail_exhausted_run)
 
     def __repr__(self) -> str:
         return f"FlowManager({self.engine!r}, attempts={self.attempts})"
@@ -471,12 +474,18 @@ class FlowManager:
         """A ctx on a step's latest version (from this manager's last commit if it made
         one), or on a new step."""
         ctx = self._latest.pop(sid, None)
-        if ctx is not None:
-            return ctx
-        try:
-            return await self.engine.get_state(sid)
-        except fs.NotFoundError:
-            return fs.StateCtx.new(sid)
+        if ctx is None:
+            try:
+                ctx = await self.engine.get_state(sid)
+            except fs.NotFoundError:
+                return fs.StateCtx.new(sid)
+        if not is_step(ctx.committed):
+            # Step ids share the id space with every other state (a flow may be named
+            # "a/steps/x" too): never overwrite a state that is not this step.
+            raise fs.InvalidCommandError(
+                f"the step's id {sid!r} is taken by a state that is not a step"
+            )
+        return ctx
 
     # -- pipelines -----------------------------------------------------------------------------
 
@@ -889,6 +898,7 @@ def new_flow(
         # A run bounds its own retries (each step's attempts, crashed ones included); the
         # recoverer's limit is a backstop for a run no process can execute.
         fs.recovery.set_max_attempts(ctx, RUN_RECOVERY_ATTEMPTS)
+        fs.recovery.set_on_exhausted(ctx, EXHAUSTED_FLOW)
     payload = {
         "status": str(status),
         "controller": controller,
@@ -1016,6 +1026,23 @@ async def resume_on_timer(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
     return stage(ctx, change)
 
 
+async def fail_exhausted_run(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+    """The flow the recoverer hands a pipeline run to once its recovery attempts are spent
+    (no process could run it: its pipeline is registered nowhere, or every attempt
+    crashed): fail the run, naming why (event ``failed``)."""
+    state = ctx.committed
+    if not is_flow(state):
+        return fs.Commit(fs.End(ctx))
+    flow = flow_of(state)
+    record = read_record(state)
+    if flow.status.is_terminal:
+        return fs.Commit(fs.End(ctx))
+    why = state.annotations.get(fs.recovery.ENDED_REASON, "its recovery attempts are spent")
+    step = (record.run or {}).get("step")
+    details = {} if step is None else {"step": step}
+    return stage(ctx, failed(flow, record, f"no process could run it: {why}", **details))
+
+
 # -- argument checks --------------------------------------------------------------------------
 
 
@@ -1038,9 +1065,9 @@ def _check_id(flow_id: object) -> None:
 
 
 def _check_text(value: object, name: str, *, empty: bool = True) -> None:
-    if not isinstance(value, str) or (not empty and not value):
+    if not is_text(value) or (not empty and not value):
         need = "a non-empty string" if not empty else "a string"
-        raise fs.InvalidCommandError(f"{name} must be {need}, not {value!r}")
+        raise fs.InvalidCommandError(f"{name} must be {need} of valid Unicode text, not {value!r}")
 
 
 def _timer_due(wait: dict[str, Any]) -> datetime.datetime:
@@ -1072,7 +1099,12 @@ def _timer_due(wait: dict[str, Any]) -> datetime.datetime:
         raise fs.InvalidCommandError(f"a timer's 'at' is not an ISO 8601 time: {at!r}") from None
     if due.tzinfo is None:
         raise fs.InvalidCommandError(f"a timer's 'at' needs a timezone (e.g. 'Z'): {at!r}")
-    return due.astimezone(datetime.UTC)
+    try:
+        return due.astimezone(datetime.UTC)
+    except OverflowError:
+        raise fs.InvalidCommandError(
+            f"a timer's 'at' has no UTC time that a datetime can hold: {at!r}"
+        ) from None
 
 
 class _KeyedLocks:

@@ -256,6 +256,9 @@ MORE_EVENTS = "flow.event.more"
 REST_FLOW = "flowstate.workflows.rest"
 #: The flow a timer wait's delay leads to: it resumes the flow.
 TIMER_FLOW = "flowstate.workflows.timer"
+#: The flow the recoverer hands a pipeline run to once its recovery attempts are spent: it
+#: fails the run (a bare force-end would leave the run "running" for ever).
+EXHAUSTED_FLOW = "flowstate.workflows.exhausted"
 
 
 class Record(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -120,7 +120,11 @@ class Step:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` before the next one."""
-        return float(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+        try:
+            wait = math.ldexp(float(self.backoff), attempt - 1)  # backoff * 2 ** (attempt - 1)
+        except OverflowError:
+            wait = math.inf  # far past any cap (a step with more than a thousand retries)
+        return float(min(wait, self.max_backoff))
 
 
 class Pipeline:
@@ -265,11 +269,14 @@ class Pipeline:
         """
         problems: list[str] = []
         raw: object = definition
-        if isinstance(raw, str | bytes):
-            try:
-                raw = msgspec.json.decode(raw)
-            except msgspec.DecodeError as exc:
-                raise DefinitionError([f"the definition is not JSON: {exc}"]) from None
+        try:
+            # As JSON text, whatever it came as: a mapping is copied, and text that is not
+            # valid Unicode (a lone surrogate, bytes that are not UTF-8) is a problem here.
+            if not isinstance(raw, str | bytes):
+                raw = msgspec.json.encode(raw)
+            raw = msgspec.json.decode(raw)
+        except (msgspec.DecodeError, msgspec.EncodeError, TypeError, UnicodeError) as exc:
+            raise DefinitionError([f"the definition is not JSON: {exc}"]) from None
         if not isinstance(raw, Mapping):
             raise DefinitionError(["the definition must be a JSON object"])
         flow = raw.get("flow")
@@ -357,5 +364,5 @@ class Pipeline:
         problems += pipeline._problems if problems else pipeline.problems()
         if problems:
             raise DefinitionError(problems)
-        pipeline.definition = msgspec.json.decode(msgspec.json.encode(raw))
+        pipeline.definition = dict(raw)
         return pipeline

@@ -27,6 +27,8 @@ import attrs
 import flowstate as fs
 from flowstate.workflows._changes import Change, cancelled, failed
 from flowstate.workflows._model import (
+    RUNTIME,
+    STATUS,
     FlowStatus,
     FlowStep,
     ManagedFlow,
@@ -104,6 +106,12 @@ class PipelineExecutor:
         self._cancelled: set[str] = set()
         self._hand_back: set[str] = set()
         self._waits: set[str] = set()
+        # The attempt each run runs in this process, from its claim to its end's commit.
+        self._live: dict[str, tuple[str, int]] = {}
+        # Per engine, the task that cancels attempts of runs cancelled elsewhere.
+        self._followers: weakref.WeakKeyDictionary[fs.Engine, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"PipelineExecutor({self.pipeline.id!r})"
@@ -144,8 +152,9 @@ class PipelineExecutor:
         task = self._tasks.get(run_id)
         if task is None:
             return False
-        self._cancelled.add(run_id)
-        task.cancel()
+        if run_id not in self._cancelled:  # cancelled once, however many ask
+            self._cancelled.add(run_id)
+            task.cancel()
         return True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -177,16 +186,40 @@ class PipelineExecutor:
         """Run the attempt ``decision`` claimed on ``flow`` and commit its outcome (with what
         the run does next); return the run as committed."""
         step_id, attempt = decision.step, decision.attempt
-        outcome = await self._attempt(flow, step_id, attempt)
-        if outcome is None:
-            decision.action = "stop"  # cancelled while it ran: the cancel ended the run
-            return flow
+        self._follow_cancels(manager.engine, flow.revision)
+        self._live[flow.id] = (step_id, attempt)
+        try:
+            outcome = await self._attempt(flow, step_id, attempt)
+            if outcome is None:
+                decision.action = "stop"  # cancelled while it ran: the cancel ended the run
+                return flow
 
-        def plan_done(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
-            decision.action = "stop"
-            return self._plan_done(flow, record, step_id, attempt, outcome, decision)
+            def plan_done(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
+                decision.action = "stop"
+                return self._plan_done(flow, record, step_id, attempt, outcome, decision)
 
-        return await manager._mutate(flow.id, plan_done)
+            return await manager._mutate(flow.id, plan_done)
+        finally:
+            del self._live[flow.id]
+
+    def _follow_cancels(self, engine: fs.Engine, since_rev: int) -> None:
+        """Make sure cancels committed after ``since_rev`` through any engine or process
+        reach the attempts running here (a cancel through this process reaches them at once).
+        One watcher per engine, started with the first attempt and ending with the engine."""
+        follower = self._followers.get(engine)
+        if follower is None or follower.done():
+            self._followers[engine] = asyncio.ensure_future(self._cancels(engine, since_rev))
+
+    async def _cancels(self, engine: fs.Engine, since_rev: int) -> None:
+        labels = {RUNTIME: "pipeline", STATUS: FlowStatus.CANCELLED.value}
+        try:
+            async with engine.watch(labels=labels, since_rev=since_rev) as cancelled:
+                async for state in cancelled:
+                    if state.id in self._tasks:
+                        self.cancel_local(state.id)
+        except fs.FlowstateError as exc:
+            # The engine closed, or its store failed: the next attempt starts a new one.
+            logger.debug("stopped following cancels: %s", exc)
 
     async def _wait(self, run_id: str, until: float) -> None:
         """Sleep until a retry is due; a cancel in this process ends the sleep early."""
@@ -225,12 +258,17 @@ class PipelineExecutor:
             seconds = time.perf_counter() - started
             return _Outcome("error", error=f"timed out after {step.timeout}s", seconds=seconds)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling() and flow.id not in self._cancelled:
+                # Nothing cancelled this task: the step raised CancelledError itself.
+                seconds = time.perf_counter() - started
+                return _Outcome("error", error="CancelledError raised by the step", seconds=seconds)
             if not self._cancelled_here(flow.id):
                 raise
             return None
         except Exception as exc:  # noqa: BLE001 (any error of a step is its outcome)
             seconds = time.perf_counter() - started
-            return _Outcome("error", error=f"{type(exc).__name__}: {exc}", seconds=seconds)
+            return _Outcome("error", error=_describe(exc), seconds=seconds)
         finally:
             self._release(flow.id)
         seconds = time.perf_counter() - started
@@ -268,13 +306,15 @@ class PipelineExecutor:
     ) -> Change | None:
         """Claim the run's next attempt, or say why not."""
         run = record.run
-        if flow.status.is_terminal or run is None:
-            return None
+        if flow.status.is_terminal or run is None or flow.id in self._hand_back:
+            return None  # over, or handed back (a stopping worker) before its first claim
         phase, step_id, attempt = run["phase"], run["step"], run["attempt"]
         extra: list[tuple[str, dict[str, Any]]] = []
         if phase == STARTED:
-            if fs.recovery.attempt(state) == 0:
-                return None  # a live executor runs it; the recoverer says when it is not
+            if fs.recovery.attempt(state) == 0 or self._live.get(flow.id) == (step_id, attempt):
+                # A live executor runs it: the recoverer says when it is not, but a step
+                # that outlasts its retry_after still runs here, and will commit its end.
+                return None
             # Its executor stopped mid-attempt: that attempt failed.
             error = f"attempt {attempt} stopped without an outcome (its process stopped)"
             extra.append(("step_failed", {"step": step_id, "attempt": attempt, "error": error}))
@@ -325,6 +365,9 @@ class PipelineExecutor:
             return self._branch(flow, record, step_id, "failure", reason, [first], decision)
         payload["error"] = outcome.error
         step = self.pipeline.step(step_id)
+        if record.cancel_requested:
+            # Asked to stop: no retry.
+            return _first(cancelled(flow, record, how="requested"), [("step_failed", payload)])
         if attempt <= step.retries:
             delay = step.delay(attempt)
             due = _now() + datetime.timedelta(seconds=delay)
@@ -360,6 +403,10 @@ class PipelineExecutor:
     ) -> Change:
         """Where the run goes after ``step_id`` ended with ``outcome``, with ``events`` first."""
         target = self.pipeline.next_of(step_id, outcome)
+        if target and record.cancel_requested:
+            # Asked to stop: neither the next step nor a finish (as finish() refuses while a
+            # cancel is pending). A failure with nowhere to go still fails the run.
+            return _first(cancelled(flow, record, how="requested"), events)
         if target == END:
             record.run = {"step": None, "attempt": 0, "phase": PENDING}
             return _first(
@@ -368,8 +415,6 @@ class PipelineExecutor:
         if not target:
             record.run = {"step": None, "attempt": 0, "phase": PENDING}
             return _first(failed(flow, record, reason, step=step_id), events)
-        if record.cancel_requested:
-            return _first(cancelled(flow, record, how="requested"), events)
         if flow.id in self._hand_back:
             # Stopping: leave the next step for another executor to claim.
             record.run = {"step": target, "attempt": 0, "phase": PENDING}
@@ -421,6 +466,17 @@ def _first(change: Change, events: list[tuple[str, dict[str, Any]]]) -> Change:
         flow=change.flow,
         more=(*rest, (change.event, change.payload), *change.more),
     )
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of a step's error, as text every store can keep (a message may hold
+    lone surrogates, e.g. from bytes decoded with ``surrogateescape``)."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 (a broken __str__ must not break the run)
+        message = f"<{type(exc).__name__} whose message cannot be read>"
+    text = f"{type(exc).__name__}: {message}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def claimable(state: fs.State) -> bool:

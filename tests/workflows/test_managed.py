@@ -364,6 +364,51 @@ async def test_a_cancel_before_the_timer_wins(engine: fs.Engine, flows: FlowMana
     assert "resumed" not in [e.kind for e in await flows.events(flow.id)]
 
 
+@pytest.mark.parametrize("change", ["update_state", "record_step", "request_cancel"])
+async def test_a_timer_outlives_changes_that_keep_the_wait(
+    engine: fs.Engine, flows: FlowManager, change: str
+) -> None:
+    # Changes that keep the status move the flow to a new version; the timer moves with it
+    # (the delay bound to the old version can no longer fire), and still fires once.
+    flow = await flow_in(flows, "running")
+    waiting = await flows.wait(flow.id, {"kind": "timer", "seconds": 0.3})
+    if change == "update_state":
+        await flows.update_state(flow.id, {"note": "while waiting"})
+    elif change == "record_step":
+        await flows.record_step(
+            StepObservation(flow_id=flow.id, run_id="r1", task="t", status="running")
+        )
+    else:
+        await flows.request_cancel(flow.id)
+    kept = await flows.get(flow.id)
+    assert (kept.status, kept.wait) == ("waiting", waiting.wait), "the wait is unchanged"
+    async with (
+        fs.Delayer(engine) as delayer,
+        asyncio.timeout(10),
+        flows.watch(id=flow.id, status="running", since_rev=kept.revision) as seen,
+    ):
+        resumed = await anext(seen)
+        assert delayer.stats.fired == 1
+    assert resumed.wait is None
+    events = await flows.events(flow.id)
+    assert [e.payload for e in events if e.kind == "resumed"] == [{"by": "timer"}]
+
+
+async def test_a_step_id_taken_by_another_state_is_refused(
+    engine: fs.Engine, flows: FlowManager
+) -> None:
+    # Step ids ("<flow>/steps/<run>") share the id space with flows: never overwrite one.
+    flow = await flows.create_mirrored(controller="agent", id="a")
+    squatter = await flows.create(controller="c", id="a/steps/x", state={"keep": 1})
+    head = await engine.driver.head_rev()
+    with pytest.raises(fs.InvalidCommandError, match="taken by a state that is not a step"):
+        await flows.record_step(
+            StepObservation(flow_id=flow.id, run_id="x", task="t", status="running")
+        )
+    assert await engine.driver.head_rev() == head
+    assert (await flows.get(squatter.id)).state == {"keep": 1}
+
+
 async def test_a_timer_racing_a_resume_resumes_once(engine: fs.Engine, flows: FlowManager) -> None:
     async with fs.Delayer(engine):
         for _ in range(5):
@@ -557,6 +602,9 @@ async def test_bad_input_writes_nothing(engine: fs.Engine, flows: FlowManager) -
         {"kind": "timer", "at": "tomorrow"},
         {"kind": "timer", "at": "2030-01-01T00:00:00"},
         {"kind": "timer", "at": "2030-01-01T00:00:00Z", "seconds": 3},
+        # Times whose UTC equivalent lies outside the dates a datetime can hold.
+        {"kind": "timer", "at": "9999-12-31T23:00:00-05:00"},
+        {"kind": "timer", "at": "0001-01-01T00:30:00+05:00"},
     ]
     for wait in waits:
         with pytest.raises(fs.InvalidCommandError):
@@ -566,9 +614,20 @@ async def test_bad_input_writes_nothing(engine: fs.Engine, flows: FlowManager) -
         {"controller": 7},
         {"controller": "c", "owner": None},
     ]
+    # Text no store can keep (a lone surrogate) in any string argument.
+    bad_args += [{"controller": "c", name: "bad \ud800"} for name in ("goal", "origin", "owner")]
+    bad_args.append({"controller": "c", "current_step": "\udc80"})
     for kwargs in bad_args:
         with pytest.raises(fs.InvalidCommandError):
             await flows.create(**kwargs)
+    with pytest.raises(fs.InvalidCommandError):
+        await flows.update_state(flow.id, {}, next_step="\ud800")
+    with pytest.raises(fs.InvalidCommandError):
+        await flows.fail(flow.id, "reason \ud800")
+    for field in ("task", "error", "child_session_key"):
+        observation = {"flow_id": flow.id, "run_id": "r", "task": "t", "status": "running"}
+        with pytest.raises(fs.InvalidCommandError):
+            await flows.record_step(StepObservation(**{**observation, field: "\udcff"}))
     for flow_id in ["", "flowstate.reserved"]:
         with pytest.raises(fs.InvalidCommandError):
             await flows.create(controller="c", id=flow_id)

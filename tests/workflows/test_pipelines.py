@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import flowstate as fs
+import flowstate.workflows._manager as manager_module
 from flowstate.drivers.base import Driver
 from flowstate.workflows import (
     DefinitionError,
@@ -119,6 +120,27 @@ async def test_errors_are_retried_with_backoff(flows: FlowManager) -> None:
 async def test_backoff_doubles_up_to_its_cap() -> None:
     step = Step("s", recorder(collections.Counter()), backoff=0.5, max_backoff=3)
     assert [step.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    # Far past where 2 ** attempt leaves the floats: still the cap.
+    assert [step.delay(n) for n in (1025, 5000, 10**30)] == [3.0, 3.0, 3.0]
+    assert Step("z", recorder(collections.Counter()), backoff=0).delay(10**6) == 0.0
+
+
+async def test_an_error_message_that_is_not_valid_text_fails_the_attempt(
+    flows: FlowManager,
+) -> None:
+    # Messages built from bytes decoded with surrogateescape hold lone surrogates, which no
+    # store keeps: the attempt fails with the message escaped, and the run goes on.
+    async def undecodable(step: StepContext) -> Any:
+        raise RuntimeError(b"bad \xff byte".decode("utf-8", "surrogateescape"))
+
+    flows.register(Pipeline("escaped").add_step(Step("s", undecodable, retries=1, backoff=0)))
+    run = await flows.execute("escaped")
+    done = await flows.result(run.id, timeout=20)
+    assert done.status == "failed"
+    steps = await flows.steps(run.id)
+    assert [(s.attempt, s.status, s.error) for s in steps] == [
+        (n, "failed", "RuntimeError: bad \\udcff byte") for n in (1, 2)
+    ]
 
 
 async def test_exhausted_retries_fail_the_run_naming_step_and_error(flows: FlowManager) -> None:
@@ -279,6 +301,86 @@ async def test_request_cancel_stops_before_the_next_step(flows: FlowManager) -> 
     assert events[-1].payload["how"] == "requested"
 
 
+async def test_a_step_that_raises_cancelled_error_itself_fails_its_attempt(
+    flows: FlowManager,
+) -> None:
+    # Nothing cancelled the attempt: the step's own CancelledError is an error like any.
+    async def gives_up(step: StepContext) -> Any:
+        raise asyncio.CancelledError
+
+    flows.register(Pipeline("gives-up").add_step(Step("s", gives_up, retries=1, backoff=0)))
+    run = await flows.execute("gives-up")
+    done = await flows.result(run.id, timeout=20)
+    assert done.status == "failed"
+    assert [(s.attempt, s.status, s.error) for s in await flows.steps(run.id)] == [
+        (n, "failed", "CancelledError raised by the step") for n in (1, 2)
+    ]
+
+
+@pytest.mark.parametrize("last", ["end", "error"])
+async def test_request_cancel_during_the_last_attempt_cancels(
+    flows: FlowManager, last: str
+) -> None:
+    # Neither a finish (finish() refuses while a cancel is pending) nor a retry follows.
+    started, release = asyncio.Event(), asyncio.Event()
+    calls: Calls = collections.Counter()
+
+    async def only(step: StepContext) -> Any:
+        calls[(step.step_id, step.attempt)] += 1
+        started.set()
+        await release.wait()
+        if last == "error":
+            raise RuntimeError("down")
+        return "done"
+
+    flows.register(Pipeline(f"last-{last}").add_step(Step("only", only, retries=3, backoff=30)))
+    run = await flows.execute(f"last-{last}")
+    await started.wait()
+    await flows.request_cancel(run.id)
+    release.set()
+    done = await flows.result(run.id, timeout=10)
+    assert done.status == "cancelled"
+    assert calls == {("only", 1): 1}, "no retry"
+    kinds = [e.kind for e in await flows.events(run.id)]
+    ended = "step_completed" if last == "end" else "step_failed"
+    assert kinds[-3:] == ["cancel_requested", ended, "cancelled"]
+
+
+async def test_a_step_that_outlasts_retry_after_is_not_run_again_beside_itself(
+    flows: FlowManager,
+) -> None:
+    # The recoverer retries a run whose version has not moved for retry_after; in the
+    # process whose attempt is still running, that retry does not start the step again.
+    running = 0
+    most = 0
+    recovered = asyncio.Event()
+
+    async def slow(step: StepContext) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await recovered.wait()
+        finally:
+            running -= 1
+        return "done"
+
+    flows.register(Pipeline("slow").add_step(Step("slow", slow, retries=3)))
+    engine = flows.engine
+    async with fs.Recoverer(engine, retry_after=0.1, lease_ttl=1, tick=0.02) as recoverer:
+        run = await flows.execute("slow")
+        async with asyncio.timeout(20), engine.watch(id=run.id) as versions:
+            async for version in versions:
+                if fs.recovery.attempt(version) >= 2:
+                    break  # retried twice while its step runs
+        recovered.set()
+        done = await flows.result(run.id, timeout=20)
+        assert recoverer.stats.retried >= 2
+    assert done.status == "finished"
+    assert most == 1
+    assert [(s.attempt, s.status) for s in await flows.steps(run.id)] == [(1, "completed")]
+
+
 async def test_request_cancel_ends_a_backoff_wait(flows: FlowManager) -> None:
     failed = asyncio.Event()
 
@@ -321,6 +423,54 @@ async def test_cancel_cancels_the_running_step(flows: FlowManager) -> None:
     events = await flows.events(run.id)
     assert events[-1].kind == "cancelled"
     assert events[-1].payload == {"how": "cancel", "requested": False, "step": "wait"}
+
+
+async def test_a_cancel_through_another_engine_cancels_the_running_step(
+    engine: fs.Engine, flows: FlowManager
+) -> None:
+    # As a cancel from another process would: the engine running the step learns of it
+    # through the store, not through the manager that cancelled.
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def forever(step: StepContext) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    flows.register(Pipeline("elsewhere").add_step(Step("wait", forever)))
+    run = await flows.execute("elsewhere")
+    await started.wait()
+    async with fs.Engine(engine.driver) as other:
+        done = await FlowManager(other).cancel(run.id)
+    assert done.status == "cancelled"
+    await asyncio.wait_for(stopped.wait(), 10)
+    (step,) = await flows.steps(run.id)
+    assert step.status == "cancelled"
+
+
+async def test_a_run_no_process_can_run_fails_once_its_recovery_is_spent(
+    engine: fs.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its pipeline registered nowhere the recoverer runs: the recoverer retries the run,
+    # then hands it to the flow that fails it, so that its status does not stay "running".
+    monkeypatch.setattr(manager_module, "RUN_RECOVERY_ATTEMPTS", 2)
+    elsewhere = FlowManager(engine)
+    pipeline = Pipeline("unknown").add_step(Step("s", recorder(collections.Counter())))
+    elsewhere.register(pipeline)
+    run = await elsewhere.execute("unknown", enqueue=True)
+    engine.flows.unregister(pipeline.flow_id)
+    async with fs.Recoverer(engine, retry_after=0.05, lease_ttl=1, tick=0.02):
+        done = await elsewhere.result(run.id, timeout=20)
+    assert done.status == "failed"
+    (event,) = [e for e in await elsewhere.events(run.id) if e.kind == "failed"]
+    assert event.payload["reason"] == (
+        f"no process could run it: still running {pipeline.flow_id!r} after 2 retries"
+    )
+    assert event.payload["step"] == "s"
+    assert [f.id for f in await elsewhere.list(status="running")] == []
 
 
 async def test_a_crashed_run_is_retried_from_its_step(new_driver: Callable[[], Driver]) -> None:
@@ -556,6 +706,20 @@ def test_a_definition_reports_every_problem_at_once() -> None:
     for definition in ["{not json", "[]", {"flow": []}, {"flow": {"tasks": []}}]:
         with pytest.raises(DefinitionError):
             Pipeline.from_definition(definition, tasks={})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "definition",
+    [
+        b'{"flow": {"id": "\xff"}}',
+        '{"flow": {"id": "\ud800"}}',
+        {"flow": {"id": "p", "start_task": "\udc80", "tasks": [{"name": "\udc80"}]}},
+        {"flow": {"id": "p", "tasks": [{"name": "a", "fn": object()}]}},
+    ],
+)
+def test_a_definition_that_is_not_json_text_is_a_definition_error(definition: Any) -> None:
+    with pytest.raises(DefinitionError, match="the definition is not JSON"):
+        Pipeline.from_definition(definition, tasks={"a": recorder(collections.Counter())})
 
 
 def test_builder_problems_are_reported_at_registration() -> None:
