@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import logging
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ from flowstate.workflows import (
     Worker,
     workflow_flows,
 )
+from flowstate.workflows._model import events_of, flow_of, is_flow
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -118,18 +120,31 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, not {value}")
-        return value
+class _Labels(argparse.Action):
+    """Collects ``--label KEY=VALUE`` options into one mapping. A key given twice with two
+    values is a usage error: a query asks for one value per label key, and silently keeping
+    the last one would answer a question nobody asked."""
 
-    parse.__name__ = "number"  # argparse names the type in its error messages
-    return parse
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(values, tuple)
+        key, value = values
+        labels: dict[str, str] = dict(getattr(namespace, self.dest) or {})
+        if labels.get(key, value) != value:
+            parser.error(
+                f"argument {option_string}: label {key!r} given twice, as {labels[key]!r} "
+                f"and {value!r}; a label has one value"
+            )
+        labels[key] = value
+        setattr(namespace, self.dest, labels)
+
+
+_count = recover_service.count_option
 
 
 def _add_url(parser: argparse.ArgumentParser) -> None:
@@ -141,8 +156,8 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
         "--label",
         metavar="KEY=VALUE",
         type=_label,
-        action="append",
-        default=[],
+        action=_Labels,
+        default={},
         help="only versions with this label; repeat it to require several labels",
     )
     parser.add_argument(
@@ -714,12 +729,14 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
     _add_url(parser)
     parser.add_argument(
         "--flows",
+        type=recover_service.spec_option,
         metavar="MODULE:ATTR",
         help="the flows and pipelines to run: a mapping of flow ids to flows (add "
         f"flowstate.workflows.workflow_flows(*pipelines) to it for pipelines), {_CODE_WARNING}",
     )
     parser.add_argument(
         "--tasks",
+        type=recover_service.spec_option,
         metavar="MODULE:ATTR",
         help="step functions by task name, for runs of JSON pipeline definitions, " + _CODE_WARNING,
     )
@@ -733,7 +750,7 @@ def _configure_worker(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drain-timeout",
         metavar="S",
-        type=float,
+        type=recover_service.seconds_option(positive=False),
         default=30.0,
         help="on SIGTERM, wait up to S seconds for running steps to end (default 30)",
     )
@@ -778,12 +795,17 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
     _add_url(parser)
     parser.add_argument(
         "--tasks",
+        type=recover_service.spec_option,
         metavar="MODULE:ATTR",
         required=True,
         help="step functions by task name, " + _CODE_WARNING,
     )
     parser.add_argument("--input", metavar="JSON", default="null", help="the run's input")
     parser.add_argument("--owner", default="", help="whom the run belongs to")
+
+
+#: Seconds ``flowstate run`` rides out an unreachable store before it gives up (exit 1).
+RUN_OUTAGE = 30.0
 
 
 async def _run_run(args: argparse.Namespace) -> int:
@@ -798,28 +820,80 @@ async def _run_run(args: argparse.Namespace) -> int:
     except msgspec.DecodeError as exc:
         raise CommandError(f"--input is not JSON: {exc}") from exc
     pipeline = Pipeline.from_definition(definition, tasks=tasks)
+    _quiet_logs()
+    out = _Output()
     async with fs.Engine(args.url) as engine:
         manager = FlowManager(engine)
         manager.register(pipeline)
-        async with manager.watch(since_rev=await engine.driver.head_rev()) as versions:
-            run = await manager.execute(pipeline.id, input=run_input, owner=args.owner)
-            print(f"run {run.id} of {pipeline.id!r} started", flush=True)
-            seen = 0
+        since = await engine.driver.head_rev()
+        run = await manager.execute(pipeline.id, input=run_input, owner=args.owner, enqueue=True)
+        out.say(f"run {run.id} of {pipeline.id!r} started")
+        async with asyncio.TaskGroup() as group:
+            executing = group.create_task(_execute_run(engine, run.id))
+            status = await _follow_run(engine, run.id, since, out)
+            # Ended: by this process's last commit, or by a cancel from elsewhere, which
+            # leaves a step running here that no run waits for any more.
+            executing.cancel()
+        return 0 if status == "finished" else EXIT_ERROR
+
+
+def _quiet_logs() -> None:
+    """Keep flowstate's log records off stderr, where Python prints warnings and errors
+    (with their tracebacks) when nobody configured logging: ``run`` prints the run's events
+    on stdout and, when it cannot go on, one line on stderr."""
+    if not logging.getLogger().handlers:
+        logging.getLogger("flowstate").addHandler(logging.NullHandler())
+
+
+async def _execute_run(engine: fs.Engine, run_id: str) -> None:
+    """Run the run in this task, not in the engine's background, where a failure would only
+    be logged and ``run`` would wait for the run's end forever.
+
+    When this process cannot go on (the store is unreachable when a step's end must be
+    committed), the run stays running in the store, where the recoverer (or a worker with
+    the run's tasks) takes it over.
+    """
+    left = f"run {run_id} stays running in the store, for a recoverer or a worker to take over"
+    try:
+        await engine.execute(await engine.get_state(run_id))
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # cancelled from outside: Ctrl-C, or the run's follower failed
+        raise CommandError(f"the run's executor raised CancelledError; {left}") from None
+    except fs.DriverError as exc:
+        raise CommandError(f"cannot reach the store to go on: {exc}; {left}") from exc
+
+
+async def _follow_run(engine: fs.Engine, run_id: str, since: int, out: _Output) -> str:
+    """Print the run's events as they are committed; return its terminal status."""
+    try:
+        async with engine.watch(
+            id=run_id, since_rev=since, unavailable_timeout=RUN_OUTAGE
+        ) as versions:
             async for version in versions:
-                if version.id != run.id:
+                if not is_flow(version):
                     continue
-                events = await manager.events(run.id)
-                for event in events[seen:]:
-                    print(_describe(event), flush=True)
-                seen = len(events)
-                if version.status.is_terminal:
-                    return 0 if version.status == "finished" else EXIT_ERROR
-    return EXIT_ERROR
+                for event in events_of(version):
+                    out.say(_describe(event))
+                status = flow_of(version).status
+                if status.is_terminal:
+                    return str(status)
+    except fs.DriverUnavailableError as exc:
+        raise CommandError(
+            f"the store was unreachable for {RUN_OUTAGE:g} s: {exc}; run {run_id} may still "
+            "be running there"
+        ) from exc
+    raise CommandError(f"the engine closed before run {run_id} ended")
 
 
 def _describe(event: FlowEvent) -> str:
+    """One line for an event: a step's events name the step and the attempt, the run's
+    end its reason (``failed``) or how it was stopped (``cancelled``)."""
     payload = event.payload
-    step = f" {payload['step']} (attempt {payload['attempt']})" if "step" in payload else ""
+    step = ""
+    if "attempt" in payload:
+        step = f" {payload.get('step')} (attempt {payload['attempt']})"
     detail = ""
     if "output" in payload:
         detail = f": {_json.encode(payload['output']).decode()}"
@@ -827,6 +901,8 @@ def _describe(event: FlowEvent) -> str:
         detail = f": {payload['error']}"
     elif "reason" in payload:
         detail = f": {payload['reason']}"
+    elif "how" in payload:
+        detail = f" ({payload['how']})"
     return f"{_utc(event.at)}  {event.kind}{step}{detail}"
 
 

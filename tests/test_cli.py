@@ -17,6 +17,9 @@ import flowstate as fs
 from flowstate.cli import COMMANDS, main
 from flowstate.drivers.base import CommitRequest, StateWrite
 from flowstate.drivers.sqlite import SQLiteDriver
+from flowstate.workflows import FlowManager
+from tests.processes import end_process
+from tests.serve_process import ServeProcess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -379,3 +382,187 @@ def test_demo_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
     states = asyncio.run(orders())
     assert len(states) == 4
     assert all(state.is_ended for state in states)
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+APP = "tests.workflows.pipeline_app"
+ONE_TASK = {"flow": {"id": "one", "start_task": "task1", "tasks": [{"name": "task1"}]}}
+
+
+def _definition(tmp_path: Path) -> str:
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(ONE_TASK))
+    return str(path)
+
+
+def test_run_prints_the_failure_that_ends_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    release = tmp_path / "release"
+    release.touch()  # the step ends at once
+    url = _url(tmp_path / "s.db")
+    run_input = json.dumps({"release": str(release)})
+    args = ["run", _definition(tmp_path), url, "--tasks", f"{APP}:FAILING", "--input", run_input]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    last = captured.out.splitlines()[-1]
+    assert last.split()[2:4] == ["failed:", "step"]
+    assert last.endswith("returned a failure: {'status': 'failure', 'reason': 'out of stock'}")
+
+
+def test_run_prints_the_cancel_that_ends_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _url(tmp_path / "s.db")
+    run_input = json.dumps({"url": url})
+    args = ["run", _definition(tmp_path), url, "--tasks", f"{APP}:CANCEL_REQUESTED"]
+    assert main([*args, "--input", run_input]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines()[-1].split()[2:] == ["cancelled", "(requested)"]
+
+
+@pytest.mark.slow  # a process, so that a hang fails the test instead of stopping the session
+def test_run_ends_when_a_step_cancels_itself(tmp_path: Path) -> None:
+    # A CancelledError the step raises itself is its error, like any other: no hang.
+    url = _url(tmp_path / "s.db")
+    result = _run("run", _definition(tmp_path), url, "--tasks", f"{APP}:SELF_CANCELLING")
+    assert result.returncode == 1
+    assert result.stderr == ""
+    last = result.stdout.splitlines()[-1]
+    assert last.endswith(
+        "failed: step 'task1' failed after 1 attempts: CancelledError raised by the step"
+    )
+
+
+@pytest.mark.slow
+def test_run_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    url = _url(tmp_path / "s.db")
+    run_input = json.dumps({"release": str(release)})
+    command = ["run", _definition(tmp_path), url, "--tasks", f"{APP}:FAILING"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "flowstate", *command, "--input", run_input],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as run:
+        assert run.stdout is not None
+        assert run.stderr is not None
+        run_id = run.stdout.readline().split()[1].decode()
+        run.stdout.close()  # as `| head -1` does
+        release.touch()  # only now does the step end, and the run print more
+        assert run.wait(timeout=60) == 1, "the run's own outcome: it failed"
+        assert run.stderr.read() == b""
+
+    assert asyncio.run(_status(url, run_id)) == "failed", "the run went on to its end"
+
+
+@pytest.mark.slow
+def test_run_ends_in_one_line_when_the_store_goes_away(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    run_input = json.dumps({"release": str(release)})
+    with ServeProcess(_url(tmp_path / "s.db")) as server:
+        command = ["run", _definition(tmp_path), server.url, "--tasks", f"{APP}:FAILING"]
+        run = subprocess.Popen(
+            [sys.executable, "-m", "flowstate", *command, "--input", run_input],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert run.stdout is not None
+            for line in run.stdout:
+                if "step_started" in line:
+                    break
+            assert server.stop() == 0
+            release.touch()  # the step ends, and its end cannot be committed
+            _, err = run.communicate(timeout=60)
+        finally:
+            end_process(run, signal.SIGKILL, 30)  # type: ignore[arg-type]
+    assert run.returncode == 1
+    assert err.count("\n") == 1, err
+    assert err.startswith("flowstate: error: cannot reach the store to go on: ")
+    assert "stays running in the store" in err
+
+
+async def _status(url: str, run_id: str) -> str:
+    async with fs.Engine(url) as engine:
+        return str((await FlowManager(engine).get(run_id)).status)
+
+
+# -- command lines checked before anything is opened ---------------------------------------------
+
+FLOWS = "tests.recovery.process_flows:flows"
+
+
+@pytest.mark.parametrize("command", ["states", "watch"])
+def test_a_label_key_given_two_values_is_a_usage_error(
+    command: str, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, store, "--label", "kind=zzz", "--label", "kind=order"]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert "argument --label: label 'kind' given twice, as 'zzz' and 'order'" in err
+
+
+def test_a_label_given_twice_with_one_value_is_fine(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["states", store, "--label", "kind=order", "--label", "kind=order", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [(s["id"], s["rev"]) for s in page["states"]] == [("a", 1), ("a", 3)]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["worker", "URL", "--flows", FLOWS, "--drain-timeout", "-1"], "--drain-timeout"),
+        (["worker", "URL", "--flows", FLOWS, "--drain-timeout", "nan"], "--drain-timeout"),
+        (["recover", "URL", "--flows", FLOWS, "--retry-after", "-1"], "--retry-after"),
+        (["recover", "URL", "--flows", FLOWS, "--retry-after", "0"], "--retry-after"),
+        (["recover", "URL", "--flows", FLOWS, "--lease-ttl", "0"], "--lease-ttl"),
+        (["recover", "URL", "--flows", FLOWS, "--lease-ttl", "nan"], "--lease-ttl"),
+        (["recover", "URL", "--flows", FLOWS, "--lease-ttl", "inf"], "--lease-ttl"),
+        (["recover", "URL", "--flows", FLOWS, "--lease-ttl", "86401"], "--lease-ttl"),
+        (["recover", "URL", "--flows", FLOWS, "--max-attempts", "-1"], "--max-attempts"),
+        (["serve", "URL", "--port", "-1"], "--port"),
+        (["serve", "URL", "--port", "70000"], "--port"),
+        (["serve", "URL", "--recover", "--flows", FLOWS, "--lease-ttl", "inf"], "--lease-ttl"),
+        (["serve", "URL", "--flows", "x"], "--flows"),
+        (["serve", "URL", "--tasks", ".rel:X"], "--tasks"),
+        (["recover", "URL", "--flows", "x"], "--flows"),
+        (["worker", "URL", "--flows", "x"], "--flows"),
+        (["worker", "URL", "--tasks", "x"], "--tasks"),
+        (["worker", "URL", "--tasks", "mod:"], "--tasks"),
+        (["run", "flow.json", "URL", "--tasks", "x"], "--tasks"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors(
+    args: list[str], option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "never.db"
+    assert main([_url(store) if arg == "URL" else arg for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert f"argument {option}: " in err
+    assert not store.exists(), "a bad command line opens no store"
+
+
+def test_modules_that_cannot_load_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "typo_flows.py").write_text("def flow(:\n")
+    (tmp_path / "sync_tasks.py").write_text(
+        "def fetch(step):\n    return {}\n\nTASKS = {'a': fetch}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = _url(tmp_path / "s.db")
+    assert main(["worker", url, "--flows", "typo_flows:FLOWS"]) == 1
+    _one_line_error(capsys, "importing 'typo_flows' failed: SyntaxError: ")
+    assert main(["worker", url, "--tasks", "sync_tasks:TASKS"]) == 1
+    _one_line_error(
+        capsys, "'sync_tasks:TASKS' is not a mapping of task names to async functions: 'a'"
+    )
+    assert not (tmp_path / "s.db").exists()

@@ -58,11 +58,12 @@ def check_read(state_id: object, rev: object, alias: object = None) -> None:
 
 
 def check_delays(since_rev: object, limit: object) -> None:
-    """For ``get_delays``: a revision to read after, and a page size."""
+    """For ``get_delays``: a revision to read after, and a page size (0 asks only whether
+    there are delays after ``since_rev``: an empty page whose ``more`` says so)."""
     _rev(since_rev, "since_rev", InvalidQueryError)
-    if not is_int(limit) or not 1 <= limit <= MAX_LIMIT:  # type: ignore[operator]
+    if not is_int(limit) or not 0 <= limit <= MAX_LIMIT:  # type: ignore[operator]
         raise InvalidQueryError(
-            f"limit must be an int from 1 to {MAX_LIMIT}, not {describe(limit)}"
+            f"limit must be an int from 0 to {MAX_LIMIT}, not {describe(limit)}"
         )
 
 

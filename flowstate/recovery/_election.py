@@ -92,12 +92,20 @@ class Election:
                     await self._release(held)
 
     async def _campaign(self) -> Lease:
+        """Try for the lease every ``poll`` seconds until it is won. A store outage is
+        logged when it starts and when it ends, not at every try."""
+        unreachable = False
         while True:
             try:
                 lease = await self.driver.acquire_lease(self.name, self.holder, self.ttl)
             except DriverError as exc:
-                logger.warning("cannot reach the store to campaign for %r: %s", self.name, exc)
-                lease = None
+                log = logger.debug if unreachable else logger.warning
+                log("cannot reach the store to campaign for %r, retrying: %s", self.name, exc)
+                unreachable, lease = True, None
+            else:
+                if unreachable:
+                    logger.warning("the store answers again: campaigning for %r", self.name)
+                unreachable = False
             if lease is not None:
                 return lease
             await asyncio.sleep(self.poll)
@@ -123,8 +131,13 @@ class Election:
     async def _lead(self, lead: Callable[[], Awaitable[None]]) -> None:
         try:
             await lead()
-        except (DriverError, ClosedError) as exc:
-            # Give the lease up so that a healthier process can lead.
+        except* (DriverError, ClosedError) as failed:
+            # Give the lease up so that a healthier process can lead; this one campaigns
+            # again, and leads again once the store answers. ``lead()`` runs task groups,
+            # so the store's error may come wrapped in an exception group: look inside.
+            exc = failed.exceptions[0]
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
             logger.error("leader work for %r failed: %s", self.name, exc)  # noqa: TRY400
             raise _LeadershipLost from exc
         raise _LeadershipLost  # lead() is not expected to return; treat it like a loss

@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +21,11 @@ from flowstate.recovery import Delayer, Recoverer
 from flowstate.recovery._serve import (
     FlowsSpecError,
     add_service_arguments,
+    count_option,
     import_from_working_directory,
     load_flows,
+    setup_logging,
+    spec_option,
 )
 from flowstate.recovery._serve import load_tasks as load_task_spec
 from flowstate.server._context import DEFAULT_KEEPALIVE, DEFAULT_MAX_BODY_SIZE, MIN_BODY_SIZE
@@ -64,15 +66,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the address to listen on (default 127.0.0.1; others need a token)",
     )
     parser.add_argument(
-        "--port", type=int, default=8080, help="the port (default 8080; 0 picks a free one)"
+        "--port",
+        type=count_option(0, 65535),
+        default=8080,
+        help="the port (default 8080; 0 picks a free one)",
     )
     parser.add_argument(
         "--flows",
+        type=spec_option,
         metavar="MODULE:ATTR",
         help="the flows the server's engine runs: a module and a mapping (or FlowRegistry)",
     )
     parser.add_argument(
         "--tasks",
+        type=spec_option,
         metavar="MODULE:ATTR",
         help="the step functions of pipelines posted to /api/v1/flows/execute: a module and a "
         "mapping of task names to async functions",
@@ -217,12 +224,7 @@ def check_tls(cert: Path | None, key: Path | None) -> None:
 
 
 def _setup_logging() -> None:
-    if not any(isinstance(h, logging.StreamHandler) for h in logging.getLogger().handlers):
-        logging.basicConfig(
-            stream=sys.stderr,
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    setup_logging()
     # One line per start and stop is ours; uvicorn's own start-up chatter is not needed.
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
@@ -231,7 +233,7 @@ async def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; exit 0 once in-flight requests have finished.
 
     Raises:
-        ServeError: The command line cannot work (no token off loopback, bad port, ...).
+        ServeError: The command line cannot work (no token off loopback, no TLS key, ...).
         FlowsSpecError: ``--flows`` does not name flows.
     """
     token = read_token(args.token_file)
@@ -240,8 +242,6 @@ async def run(args: argparse.Namespace) -> int:
             f"refusing to listen on {args.host} without a token: anyone who can reach it "
             f"could read and change the store; set {TOKEN_ENV} or pass --token-file"
         )
-    if not 0 <= args.port <= 65535:
-        raise ServeError(f"--port must be 0..65535, not {args.port}")
     if args.max_body_size < MIN_BODY_SIZE:
         raise ServeError(
             f"--max-body-size must be at least {MIN_BODY_SIZE}, not {args.max_body_size}"

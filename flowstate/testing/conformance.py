@@ -478,7 +478,7 @@ class DriverTests:
             ("get_data", ("a", "")),
             ("get_delays", (too_big,)),
             ("get_delays", (-1,)),
-            ("get_delays", (0, 0)),
+            ("get_delays", (0, -1)),
             ("get_delays", (0, too_big)),
             ("wait_for_rev", (too_big,)),
             ("wait_for_rev", ("1",)),

@@ -14,7 +14,7 @@ import flowstate as fs
 from flowstate._checks import is_number
 from flowstate._lifecycle import Lifecycle
 from flowstate.workflows._manager import FlowManager
-from flowstate.workflows._model import RECORD, TIMER_FLOW, read_record
+from flowstate.workflows._model import EXHAUSTED_FLOW, RECORD, TIMER_FLOW, read_record
 from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
 from flowstate.workflows._runs import PipelineExecutor, claimable
 
@@ -33,15 +33,19 @@ CLAIM: Final = "flowstate.worker"
 
 def workflow_flows(*pipelines: Pipeline) -> dict[str, fs.Flow]:
     """The flows a process needs for managed flows and ``pipelines``: the flow that resumes
-    timer waits, and each pipeline's executor. Put them in the flows of a recoverer, a
+    timer waits, the one that fails a run whose recovery attempts are spent, and each
+    pipeline's executor. Put them in the flows of a recoverer, a
     worker or ``flowstate recover --flows`` so that they can run them.
 
     Raises:
         DefinitionError: A pipeline has problems.
     """
-    from flowstate.workflows._manager import resume_on_timer
+    from flowstate.workflows._manager import fail_exhausted_run, resume_on_timer
 
-    flows: dict[str, fs.Flow] = {TIMER_FLOW: resume_on_timer}
+    flows: dict[str, fs.Flow] = {
+        TIMER_FLOW: resume_on_timer,
+        EXHAUSTED_FLOW: fail_exhausted_run,
+    }
     for pipeline in pipelines:
         pipeline.validate()
         flows[pipeline.flow_id] = PipelineExecutor(pipeline)
@@ -68,8 +72,11 @@ class WorkerStats:
 class Worker:
     """Runs the pipeline runs and plain flows that other processes commit.
 
-    It follows the store with a watcher from the moment it starts (and picks up the pipeline
-    runs still running at that moment), and runs at most ``concurrency`` executions at once:
+    It follows the store with a watcher from the moment it starts, and runs at most
+    ``concurrency`` executions at once. At start-up it also picks up the work committed
+    while no worker was watching (the pipeline runs still running then, and, when it has
+    plain flows, every state whose latest version runs one of them), a page at a time and
+    only as fast as it has room for, so that a long backlog costs it no memory:
 
     * a **pipeline run** (of a pipeline registered on the engine, or one whose run carries
       its JSON definition, when ``tasks`` has its functions) is executed step by step; every
@@ -81,9 +88,10 @@ class Worker:
       its next step is claimed afresh, by whichever worker wins.
 
     ``aclose()`` (or leaving ``async with``) stops taking work and hands back what it holds:
-    a pipeline run stops after its running step (whose end it still commits), a plain step
-    finishes; what has not ended after ``drain_timeout`` seconds is cancelled and left to
-    the recoverer.
+    work still waiting for a free slot is handed back untouched (nothing is committed for
+    it, so the next worker to start takes it), a pipeline run stops after its running step
+    (whose end it still commits), a plain step finishes; what has not ended after
+    ``drain_timeout`` seconds is cancelled and left to the recoverer.
 
     Args:
         engine: An open engine with the flows and pipelines to run.
@@ -118,6 +126,8 @@ class Worker:
         self._lifecycle = Lifecycle.UNOPENED
         self._slots = asyncio.Semaphore(concurrency)
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._begun: set[str] = set()  # ids in _active whose work holds a slot
+        self._freed = asyncio.Event()  # set when work leaves _active
         self._again: dict[str, fs.State] = {}
         self._executing: dict[str, PipelineExecutor] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -161,7 +171,23 @@ class Worker:
         self._follow.cancel()
         for run_id, executor in self._executing.items():
             executor.stop_after_step(run_id)
+        # Work still waiting for a slot has not started: nothing of it is committed, so
+        # dropping it hands it back as it was, and the next worker to start picks it up.
+        queued = [
+            task
+            for state_id, task in self._active.items()
+            if state_id not in self._begun and not task.done()
+        ]
+        for task in queued:
+            task.cancel()
+        self.stats.handed_back += len(queued)
         waiting = [task for task in self._active.values() if not task.done()]
+        logger.info(
+            "worker %s stops taking work: %d handed back untouched, %d to finish",
+            self.name,
+            len(queued),
+            len(waiting) - len(queued),
+        )
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=self.drain_timeout)
             for task in late:
@@ -177,11 +203,36 @@ class Worker:
         head = await engine.driver.head_rev()
         async with engine.watch(since_rev=head, limit=500) as watcher:
             self._started.set()
-            query = self._manager.query(runtime="pipeline", status="running")
-            async for state in engine.iter_states(query):
+            async for state in engine.iter_states(self._backlog()):
+                if state.rev > head:
+                    break  # committed since the watcher started: it delivers those
+                await self._room()
                 await self._consider(state)
             async for state in watcher:
                 await self._consider(state)
+
+    def _backlog(self) -> fs.StatesQuery:
+        """The latest versions that may hold work committed before this worker watched.
+
+        Pipeline runs carry labels that find them; a plain flow's state carries none that
+        says so, so a worker with plain flows reads every state's latest version (a page
+        at a time) and keeps the running ones at its flows.
+        """
+        flows = self.engine.flows
+        plain = any(
+            flow_id != TIMER_FLOW and not isinstance(flows.get(flow_id), PipelineExecutor)
+            for flow_id in flows
+        )
+        if plain:
+            return fs.StatesQuery(latest_only=True, limit=500)
+        return self._manager.query(runtime="pipeline", status="running", limit=500)
+
+    async def _room(self) -> None:
+        """Wait until fewer than ``concurrency`` executions are held, so that the start-up
+        backlog is read only as fast as it is worked off."""
+        while len(self._active) >= self.concurrency:
+            self._freed.clear()
+            await self._freed.wait()
 
     async def _consider(self, state: fs.State) -> None:
         """Start work on a version a watcher delivered, if it is work for this worker."""
@@ -204,8 +255,10 @@ class Worker:
                 self._start(state, self._run_pipeline(executor, state))
         elif to != TIMER_FLOW and to in self.engine.flows:
             annotations = state.transition.annotations
-            if CLAIM in annotations or fs.recovery.attempt(state):
-                return  # claimed by a worker, or retried by the recoverer, which runs it
+            if CLAIM in annotations or fs.recovery.attempt(state) or state.is_delayed:
+                # Claimed by a worker, retried by the recoverer (which runs it), or waiting
+                # for its delay (a commit now would cancel it).
+                return
             self._start(state, self._run_plain(state))
 
     def _start(self, state: fs.State, work: Any) -> None:
@@ -215,12 +268,15 @@ class Worker:
     async def _hold(self, state_id: str, work: Any) -> None:
         try:
             async with self._slots:
+                self._begun.add(state_id)
                 await work
         except Exception:
             logger.exception("worker %s: work on %r failed", self.name, state_id)
         finally:
             work.close()  # never awaited when cancelled while waiting for a slot
             self._active.pop(state_id, None)
+            self._begun.discard(state_id)
+            self._freed.set()
         again = self._again.pop(state_id, None)
         if again is not None and self._lifecycle is Lifecycle.OPENED:
             await self._consider(again)

@@ -15,7 +15,8 @@ import pytest
 
 import flowstate as fs
 from flowstate.recovery import _settings
-from tests.processes import Process
+from tests.processes import LEADS, Process
+from tests.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -171,6 +172,42 @@ async def test_sigterm_hands_leadership_over_at_once(
     took = asyncio.get_running_loop().time() - stopped_at
     assert took < LEASE_TTL, f"handover after a clean stop took {took:.2f}s"
     assert any("hands leadership back" in line for line in leader.lines)
+
+
+async def test_a_leader_rides_out_a_store_outage(tmp_path: Path, processes: list[Process]) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    server = ServeProcess(url)
+    await asyncio.to_thread(server.__enter__)
+    try:
+        service = await recover(processes, server.url, "recover")
+        leases = ("flowstate.recoverer", "flowstate.delayer")
+
+        def leads_all(times: int) -> Callable[[list[str]], bool]:
+            def check(lines: list[str]) -> bool:
+                found = collections.Counter(m.group(2) for m in map(LEADS.search, lines) if m)
+                return all(found[lease] >= times for lease in leases)
+
+            return check
+
+        await service.wait_for(leads_all(1))
+        assert await asyncio.to_thread(server.stop) == 0
+        await asyncio.to_thread(server.close)
+        await service.wait_for(
+            lambda lines: sum("lost leadership" in line for line in lines) == len(leases)
+        )
+        port = server.url.rsplit(":", 1)[1]
+        server = ServeProcess(url, "--port", port)  # the same address: the store is back
+        await asyncio.to_thread(server.__enter__)
+        await service.wait_for(leads_all(2))
+        assert service.proc.returncode is None, "still serving"
+        async with fs.Engine(server.url) as engine:  # and it works again: a delay fires
+            ctx = fs.StateCtx.new("timer")
+            await engine.do(fs.Commit(fs.Pause(ctx, "wait"), fs.Delay(ctx, "wake", seconds=0)))
+            await wait_ended(engine, {"timer"})
+        assert await service.close(signal.SIGTERM) == 0
+        assert not any("HTTP Request" in line for line in service.lines), "no request log"
+    finally:
+        await asyncio.to_thread(server.close)
 
 
 def test_flows_spec_errors() -> None:

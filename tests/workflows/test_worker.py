@@ -151,3 +151,89 @@ async def test_worker_arguments(engine: fs.Engine) -> None:
         with pytest.raises(fs.ClosedError):
             await worker.__aenter__()
     await worker.aclose()
+
+
+async def test_a_stopping_worker_starts_none_of_its_queued_work(engine: fs.Engine) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    async def first(step: StepContext) -> Any:
+        calls[(step.run_id, step.step_id)] += 1
+        entered.set()
+        await release.wait()
+        return None
+
+    async def then(step: StepContext) -> Any:
+        calls[(step.run_id, step.step_id)] += 1
+        return None
+
+    pipeline = Pipeline("gate").add_step(Step("first", first)).add_step(Step("then", then))
+    manager = FlowManager(engine)
+    manager.register(pipeline)
+    held, queued = [await manager.execute("gate", enqueue=True) for _ in range(2)]
+    async with fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as other:
+        worker = Worker(other, concurrency=1)
+        await worker.__aenter__()
+        await entered.wait()
+        running = {run.id for run in (held, queued) if calls[(run.id, "first")]}
+        assert running == {held.id}, "the first run committed holds the only slot"
+        closing = asyncio.create_task(worker.aclose())
+        await asyncio.sleep(0)  # one turn of the loop: aclose runs up to its drain wait
+        release.set()  # the running step ends while the worker drains
+        await closing
+    assert [e.kind for e in await manager.events(queued.id)] == ["created"], "left untouched"
+    assert [e.kind for e in await manager.events(held.id)] == [
+        "created",
+        "step_started",
+        "step_completed",
+    ], "the held run stopped at its next step boundary"
+    async with (
+        fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as another,
+        Worker(another),
+    ):
+        for run in (held, queued):
+            assert (await manager.result(run.id, timeout=30)).status == "finished"
+    assert calls == {(run.id, step): 1 for run in (held, queued) for step in ("first", "then")}
+
+
+async def test_a_worker_picks_up_plain_steps_committed_before_it_started(
+    engine: fs.Engine,
+) -> None:
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    async def pick(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        calls[(ctx.id, "pick")] += 1
+        return fs.Commit(fs.Transit(ctx, "pack"))
+
+    async def pack(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        calls[(ctx.id, "pack")] += 1
+        return fs.Commit(fs.End(ctx))
+
+    ids = [f"order-{i}" for i in range(12)]
+    for state_id in ids:
+        ctx = fs.StateCtx.new(state_id, labels={"kind": "order"})
+        await engine.do(fs.Commit(fs.Transit(ctx, "pick" if state_id < "order-6" else "pack")))
+    # Neither running at one of the worker's flows: left alone.
+    await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new("elsewhere"), "not-here")))
+    later = fs.StateCtx.new("later")
+    await engine.do(fs.Commit(fs.Transit(later, "pick"), fs.Delay(later, "pick", seconds=3600)))
+    flows = {"pick": pick, "pack": pack}
+    async with (
+        fs.Engine(engine.driver, flows=flows) as other,
+        engine.watch(labels={"kind": "order"}, latest_only=True) as watcher,
+        Worker(other, concurrency=2),
+    ):
+        ended: set[str] = set()
+        async with asyncio.timeout(30):
+            async for state in watcher:
+                if state.is_ended:
+                    ended.add(state.id)
+                    if ended == set(ids):
+                        break
+    picked = {state_id for state_id in ids if state_id < "order-6"}
+    assert calls == {
+        **{(state_id, "pick"): 1 for state_id in picked},
+        **{(state_id, "pack"): 1 for state_id in ids},
+    }
+    assert (await engine.get_state("elsewhere")).current.transition.to == "not-here"
+    assert (await engine.get_state("later")).current.is_delayed, "its delay still pending"

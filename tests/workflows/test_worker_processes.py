@@ -12,6 +12,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.workflows import FlowManager, ManagedFlow
+from flowstate.workflows._worker import CLAIM
 from tests.processes import Process
 from tests.workflows.pipeline_app import CRASHY, SHARED, SLOW
 
@@ -42,7 +43,9 @@ def pids(log: Path) -> set[str]:
     return {line.split()[0] for line in log.read_text().splitlines()}
 
 
-async def worker(processes: list[Process], url: str, name: str, log: Path, *extra: str) -> Process:
+async def worker(
+    processes: list[Process], url: str, name: str, log: Path, *extra: str, flows: str = "FLOWS"
+) -> Process:
     process = await Process.start(
         name,
         "-m",
@@ -50,7 +53,7 @@ async def worker(processes: list[Process], url: str, name: str, log: Path, *extr
         "worker",
         url,
         "--flows",
-        f"{APP}:FLOWS",
+        f"{APP}:{flows}",
         *extra,
         env={"FLOWSTATE_TEST_LOG": str(log)},
     )
@@ -155,6 +158,45 @@ async def test_sigterm_hands_back_at_the_next_step(
     ran = executions(log)
     assert ran == {(run.id, "first", 1): 1, (run.id, "second", 1): 1}
     assert any("stopped" in line for line in first.lines)
+
+
+async def test_a_stopped_worker_hands_plain_steps_to_the_next_one(
+    store_url: str, tmp_path: Path, processes: list[Process]
+) -> None:
+    log, release = tmp_path / "steps.log", tmp_path / "release"
+    first = await worker(processes, store_url, "worker-1", log, "--concurrency", "1", flows="PLAIN")
+    ids = {"order-1", "order-2"}
+    async with fs.Engine(store_url) as engine:
+        for state_id in sorted(ids):
+            ctx = fs.StateCtx.new(state_id, annotations={"release": str(release)})
+            await engine.do(fs.Commit(fs.Transit(ctx, "pick")))
+        async with asyncio.timeout(30):
+            while not executions(log):  # noqa: ASYNC110 (a file, not an event)
+                await asyncio.sleep(0.01)
+        ((held, _, _),) = executions(log)  # its one slot runs one step
+        (waiting,) = ids - {held}
+        first.proc.send_signal(signal.SIGTERM)
+        await first.wait_for(lambda lines: any("stops taking work" in line for line in lines))
+        release.touch()  # the held step ends while the worker drains
+        assert await first.proc.wait() == 0
+        assert executions(log) == {(held, "pick", 1): 1}, "nothing started after SIGTERM"
+        untouched = [version async for version in engine.iter_states(id=waiting)]
+        assert [version.transition.to for version in untouched] == ["pick"], "never claimed"
+        handed_back = (await engine.get_state(held)).current
+        assert handed_back.transition.to == "pack"
+        assert CLAIM not in handed_back.transition.annotations
+
+        # Both were committed while no worker watched: the next worker finds them.
+        async with engine.watch(latest_only=True) as watcher:
+            await worker(processes, store_url, "worker-2", log, flows="PLAIN")
+            ended: set[str] = set()
+            async with asyncio.timeout(30):
+                async for state in watcher:
+                    if state.is_ended:
+                        ended.add(state.id)
+                        if ended == ids:
+                            break
+    assert executions(log) == {(i, step, 1): 1 for i in ids for step in ("pick", "pack")}
 
 
 async def test_flowstate_run_follows_a_json_definition(
