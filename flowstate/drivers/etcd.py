@@ -140,14 +140,7 @@ from flowstate._checks import describe, is_int, is_number, is_text
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
-from flowstate.drivers._args import (
-    check_delays,
-    check_lease,
-    check_lease_claim,
-    check_lease_name,
-    check_read,
-    check_wait,
-)
+from flowstate.drivers import _args
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -1230,7 +1223,7 @@ class EtcdDriver(Driver):
         Raises:
             ClosedError: The driver is not open, or was closed while waiting.
         """
-        check_wait(rev)
+        _args.check_wait(rev)
         self._check()
         if self._head.rev >= rev:
             return
@@ -1709,7 +1702,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_read(state_id, rev)
+        _args.check_read(state_id, rev)
         self._check()
         keys = self._keys
         deadline = self._deadline()
@@ -1761,7 +1754,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_read(state_id, rev, alias)
+        _args.check_read(state_id, rev, alias)
         self._check()
         start = self._keys.data(state_id, alias)
         request = _range(
@@ -2041,7 +2034,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_delays(since_rev, limit)
+        _args.check_delays(since_rev, limit)
         self._check()
         return await self._snapshot_read(
             functools.partial(self._read_delays, since_rev, limit), "delay page"
@@ -2104,7 +2097,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_lease_claim(name, holder, ttl)
+        _args.check_lease_claim(name, holder, ttl)
         self._check()
         deadline = self._deadline()
         key = self._keys.lease(name)
@@ -2151,7 +2144,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_lease(lease)
+        _args.check_lease(lease)
         self._check()
         deadline = self._deadline()
 
@@ -2188,7 +2181,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_lease(lease)
+        _args.check_lease(lease)
         self._check()
         await self._revoke(lease.token, self._deadline())
 
@@ -2214,7 +2207,7 @@ class EtcdDriver(Driver):
             DriverUnavailableError: etcd could not be reached within ``timeout``.
             DriverError: etcd failed otherwise.
         """
-        check_lease_name(name)
+        _args.check_lease_name(name)
         self._check()
         _, (current,) = await self._read([_range(self._keys.lease(name))], self._deadline())
         if not current.kvs:

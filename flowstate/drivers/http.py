@@ -48,14 +48,7 @@ from flowstate._wire import (
     ServerInfo,
     conflict_error,
 )
-from flowstate.drivers._args import (
-    check_delays,
-    check_lease,
-    check_lease_claim,
-    check_lease_name,
-    check_read,
-    check_wait,
-)
+from flowstate.drivers import _args
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -468,7 +461,7 @@ class HTTPDriver(Driver):
     # -- reads -------------------------------------------------------------------------------
 
     async def get_state(self, state_id: str, rev: int = 0) -> State:
-        check_read(state_id, rev)
+        _args.check_read(state_id, rev)
         params = {"rev": rev} if rev else None
         return await self._call("GET", f"/api/v1/states/{_segment(state_id)}", State, params=params)
 
@@ -497,7 +490,7 @@ class HTTPDriver(Driver):
             ClosedError: The driver was closed while waiting.
             DriverUnavailableError: The server cannot be reached.
         """
-        check_wait(rev)
+        _args.check_wait(rev)
         self._check()
         while self._head < rev:
             if self._polling:
@@ -536,36 +529,36 @@ class HTTPDriver(Driver):
                 follower.set_result(None)
 
     async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
-        check_read(state_id, rev, alias)
+        _args.check_read(state_id, rev, alias)
         path = f"/api/v1/states/{_segment(state_id)}/data/{_segment(alias)}"
         found = await self._call("GET", path, DataVersion, params={"rev": rev} if rev else None)
         return found.rev, found.blob
 
     async def get_delays(self, since_rev: int = 0, limit: int = 100) -> DelaysPage:
-        check_delays(since_rev, limit)
+        _args.check_delays(since_rev, limit)
         params = {"since_rev": since_rev, "limit": limit}
         return await self._call("GET", "/api/v1/delays", DelaysPage, params=params)
 
     # -- leases (SupportsLease) --------------------------------------------------------------
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
-        check_lease_claim(name, holder, ttl)
+        _args.check_lease_claim(name, holder, ttl)
         body = self._encode(LeaseClaim(holder=holder, ttl=ttl))
         path = f"/api/v1/leases/{_segment(name)}/acquire"
         return (await self._call("POST", path, LeaseReply, body=body)).lease
 
     async def renew_lease(self, lease: Lease) -> Lease | None:
-        check_lease(lease)
+        _args.check_lease(lease)
         path = f"/api/v1/leases/{_segment(lease.name)}/renew"
         return (await self._call("POST", path, LeaseReply, body=self._encode(lease))).lease
 
     async def release_lease(self, lease: Lease) -> None:
-        check_lease(lease)
+        _args.check_lease(lease)
         path = f"/api/v1/leases/{_segment(lease.name)}/release"
         await self._call("POST", path, LeaseReply, body=self._encode(lease))
 
     async def get_lease(self, name: str) -> Lease | None:
-        check_lease_name(name)
+        _args.check_lease_name(name)
         return (await self._call("GET", f"/api/v1/leases/{_segment(name)}", LeaseReply)).lease
 
 

@@ -33,14 +33,7 @@ import msgspec
 from flowstate._lifecycle import Lifecycle, not_open
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State, utcnow_ms
-from flowstate.drivers._args import (
-    check_delays,
-    check_lease,
-    check_lease_claim,
-    check_lease_name,
-    check_read,
-    check_wait,
-)
+from flowstate.drivers import _args
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -255,7 +248,7 @@ class MemoryDriver(Driver):
 
     async def get_state(self, state_id: str, rev: int = 0) -> State:
         self._check()
-        check_read(state_id, rev)
+        _args.check_read(state_id, rev)
         if rev == 0:
             rev = self._latest.get(state_id, 0)
             if not rev:
@@ -327,12 +320,12 @@ class MemoryDriver(Driver):
 
     async def wait_for_rev(self, rev: int) -> None:
         self._check()
-        check_wait(rev)
+        _args.check_wait(rev)
         await self._waiters.wait(rev)
 
     async def get_data(self, state_id: str, alias: str, rev: int = 0) -> tuple[int, bytes]:
         self._check()
-        check_read(state_id, rev, alias)
+        _args.check_read(state_id, rev, alias)
         versions = self._data.get((state_id, alias), [])
         if rev:
             versions = versions[: bisect.bisect_right(versions, rev, key=lambda v: v[0])]
@@ -343,7 +336,7 @@ class MemoryDriver(Driver):
 
     async def get_delays(self, since_rev: int = 0, limit: int = 100) -> DelaysPage:
         self._check()
-        check_delays(since_rev, limit)
+        _args.check_delays(since_rev, limit)
         start = bisect.bisect_right(self._delays, since_rev, key=lambda d: d[0])
         log = self._log
         delays_after = itertools.islice(self._delays, start, None)
@@ -354,7 +347,7 @@ class MemoryDriver(Driver):
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
         self._check()
-        check_lease_claim(name, holder, ttl)
+        _args.check_lease_claim(name, holder, ttl)
         now = time.monotonic()
         held = self._leases.get(name)
         if held is not None and held[1] > now and held[0].holder != holder:
@@ -365,7 +358,7 @@ class MemoryDriver(Driver):
 
     async def renew_lease(self, lease: Lease) -> Lease | None:
         self._check()
-        check_lease(lease)
+        _args.check_lease(lease)
         now = time.monotonic()
         held = self._leases.get(lease.name)
         if held is None or held[0].token != lease.token or held[1] <= now:
@@ -375,14 +368,14 @@ class MemoryDriver(Driver):
 
     async def release_lease(self, lease: Lease) -> None:
         self._check()
-        check_lease(lease)
+        _args.check_lease(lease)
         held = self._leases.get(lease.name)
         if held is not None and held[0].token == lease.token:
             del self._leases[lease.name]
 
     async def get_lease(self, name: str) -> Lease | None:
         self._check()
-        check_lease_name(name)
+        _args.check_lease_name(name)
         held = self._leases.get(name)
         if held is None or held[1] <= time.monotonic():
             return None

@@ -138,14 +138,7 @@ import msgspec
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
-from flowstate.drivers._args import (
-    check_delays,
-    check_lease,
-    check_lease_claim,
-    check_lease_name,
-    check_read,
-    check_wait,
-)
+from flowstate.drivers import _args
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -1238,7 +1231,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_read(state_id, rev)
+        _args.check_read(state_id, rev)
         if "\x00" in state_id:
             self._check()
             raise NotFoundError(f"state {state_id!r} not found")  # no stored id holds NUL
@@ -1319,7 +1312,7 @@ class PostgresDriver(Driver):
         Raises:
             ClosedError: The driver is not open, or was closed while waiting.
         """
-        check_wait(rev)
+        _args.check_wait(rev)
         self._check()
         if self._waiters.head >= rev:
             return
@@ -1337,7 +1330,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_read(state_id, rev, alias)
+        _args.check_read(state_id, rev, alias)
         if "\x00" in state_id or "\x00" in alias:
             self._check()
             raise NotFoundError(f"state {state_id!r} has no data {alias!r}")  # none holds NUL
@@ -1362,7 +1355,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_delays(since_rev, limit)
+        _args.check_delays(since_rev, limit)
         if limit < 1:
             more = await self._read("read", lambda c: c.fetchval(self._sql.any_delay, since_rev))
             return DelaysPage(delays=[], more=bool(more))
@@ -1440,7 +1433,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_lease_claim(name, holder, ttl)
+        _args.check_lease_claim(name, holder, ttl)
         token = await self._read(
             "lease claim",
             lambda c: c.fetchval(self._sql.acquire_lease, name, holder, float(ttl)),
@@ -1460,7 +1453,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_lease(lease)
+        _args.check_lease(lease)
         token = await self._read(
             "lease renewal",
             lambda c: c.fetchval(self._sql.renew_lease, lease.name, lease.token),
@@ -1475,7 +1468,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_lease(lease)
+        _args.check_lease(lease)
         await self._read(
             "lease release",
             lambda c: c.execute(self._sql.release_lease, lease.name, lease.token),
@@ -1489,7 +1482,7 @@ class PostgresDriver(Driver):
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
         """
-        check_lease_name(name)
+        _args.check_lease_name(name)
         row = await self._read("lease read", lambda c: c.fetchrow(self._sql.get_lease, name))
         if row is None:
             return None

@@ -117,14 +117,7 @@ from flowstate._checks import describe, is_number, is_text
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
-from flowstate.drivers._args import (
-    check_delays,
-    check_lease,
-    check_lease_claim,
-    check_lease_name,
-    check_read,
-    check_wait,
-)
+from flowstate.drivers import _args
 from flowstate.drivers.base import (
     CommitRequest,
     CommitResult,
@@ -923,7 +916,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_read(state_id, rev)
+        _args.check_read(state_id, rev)
         self._check()
         decode = self._state_decoder.decode
 
@@ -973,7 +966,7 @@ class SQLiteDriver(Driver):
         Raises:
             ClosedError: The driver is not open, or was closed while waiting.
         """
-        check_wait(rev)
+        _args.check_wait(rev)
         worker = self._check()
         if self._waiters.head >= rev:
             return
@@ -995,7 +988,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_read(state_id, rev, alias)
+        _args.check_read(state_id, rev, alias)
         self._check()
 
         def read(conn: sqlite3.Connection) -> tuple[int, bytes]:
@@ -1017,7 +1010,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_delays(since_rev, limit)
+        _args.check_delays(since_rev, limit)
         self._check()
         decode = self._state_decoder.decode
 
@@ -1052,7 +1045,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_lease_claim(name, holder, ttl)
+        _args.check_lease_claim(name, holder, ttl)
         self._check()
 
         def claim(conn: sqlite3.Connection) -> Lease | None:
@@ -1084,7 +1077,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_lease(lease)
+        _args.check_lease(lease)
         self._check()
 
         def renew(conn: sqlite3.Connection) -> Lease | None:
@@ -1106,7 +1099,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_lease(lease)
+        _args.check_lease(lease)
         self._check()
 
         def release(conn: sqlite3.Connection) -> None:
@@ -1126,7 +1119,7 @@ class SQLiteDriver(Driver):
             ClosedError: The driver is not open.
             DriverError: SQLite failed.
         """
-        check_lease_name(name)
+        _args.check_lease_name(name)
         self._check()
 
         def read(conn: sqlite3.Connection) -> Lease | None:

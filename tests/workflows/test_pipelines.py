@@ -23,6 +23,7 @@ from flowstate.workflows import (
     Step,
     StepContext,
 )
+from tests.workflows.steps import Forever
 
 pytestmark = pytest.mark.anyio
 
@@ -402,22 +403,13 @@ async def test_request_cancel_ends_a_backoff_wait(flows: FlowManager) -> None:
 
 
 async def test_cancel_cancels_the_running_step(flows: FlowManager) -> None:
-    started, stopped = asyncio.Event(), asyncio.Event()
-
-    async def forever(step: StepContext) -> Any:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever = Forever()
     flows.register(Pipeline("forever").add_step(Step("wait", forever)))
     run = await flows.execute("forever")
-    await started.wait()
+    await forever.started.wait()
     done = await flows.cancel(run.id)
     assert done.status == "cancelled"
-    await asyncio.wait_for(stopped.wait(), 10)
+    await asyncio.wait_for(forever.stopped.wait(), 10)
     (step,) = await flows.steps(run.id)
     assert step.status == "cancelled"
     events = await flows.events(run.id)
@@ -430,23 +422,14 @@ async def test_a_cancel_through_another_engine_cancels_the_running_step(
 ) -> None:
     # As a cancel from another process would: the engine running the step learns of it
     # through the store, not through the manager that cancelled.
-    started, stopped = asyncio.Event(), asyncio.Event()
-
-    async def forever(step: StepContext) -> Any:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever = Forever()
     flows.register(Pipeline("elsewhere").add_step(Step("wait", forever)))
     run = await flows.execute("elsewhere")
-    await started.wait()
+    await forever.started.wait()
     async with fs.Engine(engine.driver) as other:
         done = await FlowManager(other).cancel(run.id)
     assert done.status == "cancelled"
-    await asyncio.wait_for(stopped.wait(), 10)
+    await asyncio.wait_for(forever.stopped.wait(), 10)
     (step,) = await flows.steps(run.id)
     assert step.status == "cancelled"
 

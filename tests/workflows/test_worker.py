@@ -14,6 +14,7 @@ import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.workflows import FlowManager, Pipeline, Step, StepContext, Worker, workflow_flows
 from flowstate.workflows._worker import CLAIM
+from tests.workflows.steps import Forever, until_ended
 
 pytestmark = pytest.mark.anyio
 
@@ -44,13 +45,7 @@ async def test_workers_run_each_plain_step_once(new_driver: Callable[[], Driver]
             for state_id in ids:
                 ctx = fs.StateCtx.new(state_id, labels={"kind": "order"})
                 await producer.do(fs.Commit(fs.Transit(ctx, "pick")))
-            ended: set[str] = set()
-            async with asyncio.timeout(30):
-                async for state in watcher:
-                    if state.is_ended:
-                        ended.add(state.id)
-                        if ended == set(ids):
-                            break
+            await until_ended(watcher, ids)
         assert calls == {(i, step): 1 for i in ids for step in ("pick", "pack")}
         assert first.stats.steps + second.stats.steps == 40
         versions = [v async for v in producer.iter_states(id="order-0")]
@@ -113,16 +108,7 @@ async def test_a_worker_picks_up_runs_waiting_when_it_starts(engine: fs.Engine) 
 
 
 async def test_a_cancel_elsewhere_stops_the_step_a_worker_runs(engine: fs.Engine) -> None:
-    started, stopped = asyncio.Event(), asyncio.Event()
-
-    async def forever(step: StepContext) -> Any:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever = Forever()
     pipeline = Pipeline("forever").add_step(Step("wait", forever))
     async with (
         fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as other,
@@ -133,10 +119,10 @@ async def test_a_cancel_elsewhere_stops_the_step_a_worker_runs(engine: fs.Engine
         submitter = FlowManager(engine)
         submitter.register(pipeline)
         run = await submitter.execute("forever", enqueue=True)
-        await started.wait()
+        await forever.started.wait()
         engine.flows.unregister(pipeline.flow_id)
         await submitter.cancel(run.id)
-        await asyncio.wait_for(stopped.wait(), 10)
+        await asyncio.wait_for(forever.stopped.wait(), 10)
     assert (await submitter.get(run.id)).status == "cancelled"
 
 
@@ -223,13 +209,7 @@ async def test_a_worker_picks_up_plain_steps_committed_before_it_started(
         engine.watch(labels={"kind": "order"}, latest_only=True) as watcher,
         Worker(other, concurrency=2),
     ):
-        ended: set[str] = set()
-        async with asyncio.timeout(30):
-            async for state in watcher:
-                if state.is_ended:
-                    ended.add(state.id)
-                    if ended == set(ids):
-                        break
+        await until_ended(watcher, ids)
     picked = {state_id for state_id in ids if state_id < "order-6"}
     assert calls == {
         **{(state_id, "pick"): 1 for state_id in picked},
