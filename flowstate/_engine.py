@@ -415,6 +415,9 @@ class Engine:
             result = await self.execute(ctx)
         except ClosedError:
             logger.debug("background execution of state %r stopped: engine closed", ctx.id)
+        except FlowNotFoundError as exc:
+            # Not a bug in a flow (whose trace would help): this engine lacks the flow.
+            logger.error("background execution of state %r failed: %s", ctx.id, exc)  # noqa: TRY400
         except Exception:
             logger.exception("background execution of state %r failed", ctx.id)
         else:

@@ -68,6 +68,33 @@ async def test_background_failures_are_logged(
         await asyncio.sleep(0)  # the failing task finishes its except block
     assert "background execution of state 's' failed" in caplog.text
     assert "kaboom" in caplog.text
+    (record,) = [r for r in caplog.records if r.name == "flowstate"]
+    assert record.exc_info is not None, "a flow's bug comes with its trace"
+
+
+async def test_a_missing_flow_in_the_background_is_one_line(
+    engine: fs.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not a bug in a flow: the engine lacks the flow (a recoverer without it, say), and a
+    # trace would only repeat at every retry.
+    ctx = fs.StateCtx.new("s")
+    await engine.do(fs.Commit(fs.Transit(ctx, "nowhere")))
+    logged = asyncio.Event()
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.set()  # type: ignore[method-assign]
+    logging.getLogger("flowstate").addHandler(handler)
+    try:
+        with caplog.at_level(logging.ERROR, logger="flowstate"):
+            await engine.do(fs.Execute(ctx))
+            await asyncio.wait_for(logged.wait(), 10)
+    finally:
+        logging.getLogger("flowstate").removeHandler(handler)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "background execution of state 's' failed: no flow registered under 'nowhere'; "
+        "register it with engine.flows"
+    )
+    assert record.exc_info is None
 
 
 async def test_execute_follows_returned_execute_to_another_state(engine: fs.Engine) -> None:

@@ -81,15 +81,16 @@ def router(ctx: ServerContext) -> Router:
                 ge=0, le=MAX_REV, description="wait until the store reaches this revision"
             ),
         ] = 0,
-        seconds: Annotated[
-            float, QueryParameter(name="timeout", ge=0, description=f"seconds (<= {MAX_WAIT:g})")
+        # Named as the query parameter is, so that a bad value's error names it.
+        timeout: Annotated[  # noqa: ASYNC109
+            float, QueryParameter(ge=0, description=f"seconds (<= {MAX_WAIT:g})")
         ] = 30.0,
     ) -> Head:
         """The latest revision. With ``wait_for``, a long poll: the answer comes once the
         store reaches that revision, or after ``timeout`` seconds, or when the server stops
         (look at ``rev`` to tell)."""
         if wait_for:
-            await wait_for_rev(ctx, wait_for, min(seconds, MAX_WAIT))
+            await wait_for_rev(ctx, wait_for, min(timeout, MAX_WAIT))
         return Head(rev=await driver.head_rev())
 
     @get("/api/v1/delays", summary="Delays in commit order")

@@ -516,6 +516,11 @@ class FlowManager:
                 pipeline was built in Python: register it instead).
             DefinitionError: The definition needs a function ``tasks`` lacks, or is invalid.
         """
+        given: object = run
+        if not isinstance(given, fs.State):
+            raise fs.InvalidCommandError(
+                f"adopt takes a run's stored version (a State), not {type(given).__name__}"
+            )
         flow_id = run.transition.to
         if not is_flow(run) or not flow_id.startswith(FLOW_PREFIX):
             raise fs.NotFoundError(f"{run.id!r} is not a pipeline run")

@@ -148,11 +148,15 @@ class Pipeline:
         self.id = id
         self.name = name or id
         self._start = start
+        self._problems: list[str] = []
+        named: object = name
+        if not isinstance(named, str):
+            self._problems.append(f"a pipeline's name must be a string, not {name!r}")
+            self.name = id
         self._steps: dict[str, Step] = {}
         self._order: list[Step] = []
         # The step each step's success goes to when it names none: the one added after it.
         self._following: dict[str, str] = {}
-        self._problems: list[str] = []
         #: The JSON definition the pipeline was built from, if it was.
         self.definition: dict[str, Any] | None = None
 
@@ -363,6 +367,6 @@ class Pipeline:
         # pipeline adds what only a step can tell (a negative timeout...).
         problems += pipeline._problems if problems else pipeline.problems()
         if problems:
-            raise DefinitionError(problems)
+            raise DefinitionError(list(dict.fromkeys(problems)))  # each problem once
         pipeline.definition = dict(raw)
         return pipeline

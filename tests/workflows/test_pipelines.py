@@ -548,6 +548,8 @@ async def test_bad_requests(engine: fs.Engine, flows: FlowManager) -> None:
         await flows.result(run.id, timeout=0.05)
     with pytest.raises(fs.InvalidCommandError):
         flows.register("not a pipeline")  # type: ignore[arg-type]
+    with pytest.raises(fs.InvalidCommandError, match="takes a run's stored version"):
+        await flows.adopt(run, {})  # type: ignore[arg-type] # a snapshot, not its State
 
 
 # -- definitions -------------------------------------------------------------------------------
@@ -720,6 +722,18 @@ def test_builder_problems_are_reported_at_registration() -> None:
     assert "(6 problems)" in str(info.value)
     with pytest.raises(DefinitionError, match=r"\(1 problem\): .*no steps"):
         Pipeline("empty").validate()
+    with pytest.raises(DefinitionError, match="a pipeline's name must be a string, not 5"):
+        Pipeline("named", name=5).add_step(Step("a", recorder(calls))).validate()  # type: ignore[arg-type]
+
+
+def test_a_problem_found_twice_is_reported_once() -> None:
+    twice = {"flow": {"id": "p", "start_task": "t", "tasks": [{"name": "t"}, {"name": "t"}]}}
+    with pytest.raises(DefinitionError) as info:
+        Pipeline.from_definition(twice, tasks={})
+    assert sorted(info.value.problems) == [
+        "no function for task 't' (pass it in tasks=)",
+        "two tasks are called 't'",
+    ]
 
 
 async def test_step_times_are_commit_times(flows: FlowManager) -> None:
