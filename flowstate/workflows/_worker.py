@@ -31,11 +31,16 @@ logger = logging.getLogger("flowstate.workflows")
 CLAIM: Final = "flowstate.worker"
 
 
+#: The workflow layer's own flows, which the delayer and the recoverer run (a worker's
+#: plain flows are the others).
+_LAYER_FLOWS: Final = frozenset({TIMER_FLOW, EXHAUSTED_FLOW})
+
+
 def workflow_flows(*pipelines: Pipeline) -> dict[str, fs.Flow]:
     """The flows a process needs for managed flows and ``pipelines``: the flow that resumes
     timer waits, the one that fails a run whose recovery attempts are spent, and each
-    pipeline's executor. Put them in the flows of a recoverer, a
-    worker or ``flowstate recover --flows`` so that they can run them.
+    pipeline's executor. Put them in the flows of a recoverer, a worker or ``flowstate
+    recover --flows`` so that they can run them.
 
     Raises:
         DefinitionError: A pipeline has problems.
@@ -220,7 +225,7 @@ class Worker:
         """
         flows = self.engine.flows
         plain = any(
-            flow_id != TIMER_FLOW and not isinstance(flows.get(flow_id), PipelineExecutor)
+            flow_id not in _LAYER_FLOWS and not isinstance(flows.get(flow_id), PipelineExecutor)
             for flow_id in flows
         )
         if plain:
@@ -253,7 +258,7 @@ class Worker:
             executor = await self._executor_for(state)
             if executor is not None:
                 self._start(state, self._run_pipeline(executor, state))
-        elif to != TIMER_FLOW and to in self.engine.flows:
+        elif to not in _LAYER_FLOWS and to in self.engine.flows:
             annotations = state.transition.annotations
             if CLAIM in annotations or fs.recovery.attempt(state) or state.is_delayed:
                 # Claimed by a worker, retried by the recoverer (which runs it), or waiting

@@ -217,3 +217,15 @@ async def test_a_worker_picks_up_plain_steps_committed_before_it_started(
     }
     assert (await engine.get_state("elsewhere")).current.transition.to == "not-here"
     assert (await engine.get_state("later")).current.is_delayed, "its delay still pending"
+
+
+async def test_a_worker_with_only_pipelines_reads_only_runs_at_start_up(
+    engine: fs.Engine,
+) -> None:
+    # The layer's own flows (timer waits, spent runs) are not plain flows: with them and
+    # pipelines alone, the start-up backlog is the running runs, found by their labels,
+    # not every state's latest version.
+    pipeline = Pipeline("only").add_step(Step("s", Forever()))
+    async with fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as other:
+        backlog = Worker(other)._backlog()
+    assert backlog.labels == {"flow.runtime": "pipeline", "flow.status": "running"}
