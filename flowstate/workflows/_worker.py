@@ -325,6 +325,10 @@ class Worker:
             return
         self.stats.steps += 1
         command = await engine.flows[to](ctx, engine)
+        if not isinstance(command, fs.Command):
+            raise fs.InvalidCommandError(
+                f"flow {to!r} returned {command!r}; a flow must return a Command"
+            )
         try:
             if isinstance(command, fs.Transit | fs.Resume | fs.End | fs.Pause):
                 await engine.do(fs.Commit(command))

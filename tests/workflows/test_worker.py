@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -229,3 +230,27 @@ async def test_a_worker_with_only_pipelines_reads_only_runs_at_start_up(
     async with fs.Engine(engine.driver, flows=workflow_flows(pipeline)) as other:
         backlog = Worker(other)._backlog()
     assert backlog.labels == {"flow.runtime": "pipeline", "flow.status": "running"}
+
+
+async def test_a_plain_flow_that_returns_no_command_is_named(
+    engine: fs.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    returned = asyncio.Event()
+
+    async def bad(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        returned.set()
+        return 42  # type: ignore[return-value]
+
+    ctx = fs.StateCtx.new("odd")
+    await engine.do(fs.Commit(fs.Transit(ctx, "bad")))
+    logged = asyncio.Event()
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.set()  # type: ignore[method-assign]
+    logging.getLogger("flowstate.workflows").addHandler(handler)
+    try:
+        async with fs.Engine(engine.driver, flows={"bad": bad}) as other, Worker(other):
+            await asyncio.wait_for(logged.wait(), 10)
+    finally:
+        logging.getLogger("flowstate.workflows").removeHandler(handler)
+    assert returned.is_set()
+    assert "flow 'bad' returned 42; a flow must return a Command" in caplog.text
