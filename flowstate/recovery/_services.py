@@ -74,17 +74,17 @@ def recovery_step(ctx: StateCtx, max_attempts: int) -> Transit | End:
     The same transition again with the next attempt number, or, once the state's attempts
     (its own ``max_attempts`` setting, else ``max_attempts``) are spent, ``End`` with the
     reason in the state annotation ``flowstate.recovery.ended`` (or a transit to the
-    state's ``on_exhausted`` flow, unless that is the flow whose attempts are spent).
+    state's ``on_exhausted`` flow, unless that is the flow whose attempts are spent, with
+    the reason in that transition's annotation ``flowstate.recovery.ended``).
     """
     state = ctx.committed
     done = settings.attempt(state)
     if done >= settings.max_attempts_of(state, max_attempts):
-        ctx.current.annotations[settings.ENDED_REASON] = (
-            f"still running {state.transition.to!r} after {done} retries"
-        )
+        reason = f"still running {state.transition.to!r} after {done} retries"
         on_exhausted = state.annotations.get(settings.ON_EXHAUSTED)
         if on_exhausted and on_exhausted != state.transition.to:
-            return Transit(ctx, on_exhausted)
+            return Transit(ctx, on_exhausted, annotations={settings.ENDED_REASON: reason})
+        ctx.current.annotations[settings.ENDED_REASON] = reason
         return End(ctx)
     return Transit(ctx, state.transition.to, annotations={settings.ATTEMPT: str(done + 1)})
 

@@ -28,7 +28,8 @@ RETRY_AFTER = "flowstate.recovery.retry_after"
 MAX_ATTEMPTS = "flowstate.recovery.max_attempts"
 #: Transition annotation: how many times the current transition was retried.
 ATTEMPT = "flowstate.recovery.attempt"
-#: State annotation written when the recoverer force-ends a state: why.
+#: State annotation written when the recoverer force-ends a state: why (a transition
+#: annotation, when it hands the state to its on_exhausted flow instead).
 ENDED_REASON = "flowstate.recovery.ended"
 #: State annotation: the flow the recoverer transits the state to when its attempts are spent.
 ON_EXHAUSTED = "flowstate.recovery.on_exhausted"
@@ -68,9 +69,10 @@ def set_max_attempts(ctx: StateCtx, attempts: int) -> None:
 def set_on_exhausted(ctx: StateCtx, flow_id: str) -> None:
     """When the state's attempts are spent, transit it to flow ``flow_id`` instead of ending
     it, so that the flow can settle what the state stands for (a layer above, say, marks its
-    record failed). The reason is in the state annotation ``flowstate.recovery.ended``, as
-    for a force-end. Should ``flow_id`` itself stall until its attempts are spent, the
-    state is force-ended. Takes effect when the ctx is next committed.
+    record failed). The reason is in that transition's annotation
+    ``flowstate.recovery.ended`` (:data:`ENDED_REASON`). Should ``flow_id`` itself stall
+    until its attempts are spent, the state is force-ended. Takes effect when the ctx is
+    next committed.
 
     Raises:
         InvalidCommandError: ``flow_id`` is not a non-empty string of valid Unicode text.

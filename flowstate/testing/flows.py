@@ -525,6 +525,10 @@ class _Run:
             if isinstance(step, End):
                 self.trace.append(f"  force-ended {state_id!r} after {done} retries")
                 return
+            if step.to != stalled.transition.to:
+                what = f"{state_id!r} handed to its on_exhausted flow after {done} retries"
+                await self._execute(engine, ctx, what)
+                return
             await self._execute(engine, ctx, f"retry {done + 1} of {state_id!r}")
 
         return work
@@ -573,22 +577,12 @@ class _Run:
 
     async def _check_no_tasks_left(self) -> None:
         me = asyncio.current_task()
-        for _ in range(_TURNS_TO_END):
-            # A task that ends by itself once it gets a turn after its engine closed (a
-            # watcher noticing the close) was not left running.
-            if all(task is me or task.done() for task in asyncio.all_tasks()):
-                return
-            await asyncio.sleep(0)
         left = [task for task in asyncio.all_tasks() if task is not me and not task.done()]
         for task in left:
             task.cancel()
         if left:
             await asyncio.wait(left)
             raise AssertionError(f"the flows left tasks running: {left}")
-
-
-#: Event-loop turns the tasks of closed engines get to end by themselves.
-_TURNS_TO_END = 10
 
 
 def _describe_write(state: State) -> str:

@@ -1042,7 +1042,8 @@ async def fail_exhausted_run(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
     record = read_record(state)
     if flow.status.is_terminal:
         return fs.Commit(fs.End(ctx))
-    why = state.annotations.get(fs.recovery.ENDED_REASON, "its recovery attempts are spent")
+    spent = "its recovery attempts are spent"
+    why = state.transition.annotations.get(fs.recovery.ENDED_REASON, spent)
     step = (record.run or {}).get("step")
     details = {} if step is None else {"step": step}
     return stage(ctx, failed(flow, record, f"no process could run it: {why}", **details))

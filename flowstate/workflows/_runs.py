@@ -58,6 +58,13 @@ BACKOFF: Final = "backoff"
 DEFINITION: Final = "pipeline"
 
 
+#: Seconds a step runs (give or take as much again) before its process follows the store's
+#: cancels for it (a watcher of cancelled runs per engine, while such steps run): a cancel
+#: through another process stops a longer step; a shorter one ends first, and the cancel
+#: discards its end.
+FOLLOW_CANCELS_AFTER: Final = 0.2
+
+
 def new_progress(pipeline: Pipeline) -> dict[str, Any]:
     """The progress a new run of ``pipeline`` starts with."""
     return {"step": pipeline.start, "attempt": 0, "phase": PENDING}
@@ -108,10 +115,8 @@ class PipelineExecutor:
         self._waits: set[str] = set()
         # The attempt each run runs in this process, from its claim to its end's commit.
         self._live: dict[str, tuple[str, int]] = {}
-        # Per engine, the task that cancels attempts of runs cancelled elsewhere.
-        self._followers: weakref.WeakKeyDictionary[fs.Engine, asyncio.Task[None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per engine: the attempts running on it, and what follows cancels for them.
+        self._engines: weakref.WeakKeyDictionary[fs.Engine, _Attempts] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"PipelineExecutor({self.pipeline.id!r})"
@@ -186,8 +191,11 @@ class PipelineExecutor:
         """Run the attempt ``decision`` claimed on ``flow`` and commit its outcome (with what
         the run does next); return the run as committed."""
         step_id, attempt = decision.step, decision.attempt
-        self._follow_cancels(manager.engine, flow.revision)
+        attempts = self._engines.get(manager.engine)
+        if attempts is None:
+            attempts = self._engines[manager.engine] = _Attempts(self, manager.engine)
         self._live[flow.id] = (step_id, attempt)
+        attempts.began(flow.id, flow.revision)
         try:
             outcome = await self._attempt(flow, step_id, attempt)
             if outcome is None:
@@ -201,25 +209,7 @@ class PipelineExecutor:
             return await manager._mutate(flow.id, plan_done)
         finally:
             del self._live[flow.id]
-
-    def _follow_cancels(self, engine: fs.Engine, since_rev: int) -> None:
-        """Make sure cancels committed after ``since_rev`` through any engine or process
-        reach the attempts running here (a cancel through this process reaches them at once).
-        One watcher per engine, started with the first attempt and ending with the engine."""
-        follower = self._followers.get(engine)
-        if follower is None or follower.done():
-            self._followers[engine] = asyncio.ensure_future(self._cancels(engine, since_rev))
-
-    async def _cancels(self, engine: fs.Engine, since_rev: int) -> None:
-        labels = {RUNTIME: "pipeline", STATUS: FlowStatus.CANCELLED.value}
-        try:
-            async with engine.watch(labels=labels, since_rev=since_rev) as cancelled:
-                async for state in cancelled:
-                    if state.id in self._tasks:
-                        self.cancel_local(state.id)
-        except fs.FlowstateError as exc:
-            # The engine closed, or its store failed: the next attempt starts a new one.
-            logger.debug("stopped following cancels: %s", exc)
+            attempts.ended(flow.id)
 
     async def _wait(self, run_id: str, until: float) -> None:
         """Sleep until a retry is due; a cancel in this process ends the sleep early."""
@@ -451,6 +441,60 @@ class PipelineExecutor:
             flow=self.pipeline.flow_id,
         )
         return _first(started, events)
+
+
+class _Attempts:
+    """The attempts an executor runs on one engine, and, while one of them has run for a
+    while, the watcher that cancels those whose run is cancelled through another engine or
+    process (a cancel through this one reaches them at once). A step that ends soon needs no
+    watcher: a cancel from elsewhere discards its end. One timer per engine checks for long
+    steps, not one per step."""
+
+    def __init__(self, executor: PipelineExecutor, engine: fs.Engine) -> None:
+        self._executor = executor
+        self._engine = engine
+        self._running: dict[str, tuple[float, int]] = {}  # run id: began at, claimed at rev
+        self._check: asyncio.TimerHandle | None = None
+        self._follower: asyncio.Task[None] | None = None
+
+    def began(self, run_id: str, claimed_rev: int) -> None:
+        self._running[run_id] = (time.monotonic(), claimed_rev)
+        if self._check is None:
+            self._check_later()
+
+    def ended(self, run_id: str) -> None:
+        del self._running[run_id]
+        if not self._running and self._follower is not None:
+            # Nothing to follow cancels for. (The timer is left to run out: steps that end
+            # at once would otherwise set and cancel one each.)
+            self._follower.cancel()
+            self._follower = None
+
+    def _check_later(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._check = loop.call_later(FOLLOW_CANCELS_AFTER, self._look)
+
+    def _look(self) -> None:
+        now = time.monotonic()
+        running = self._running.values()
+        long = [rev for began, rev in running if now - began >= FOLLOW_CANCELS_AFTER]
+        if long and (self._follower is None or self._follower.done()):
+            self._follower = asyncio.ensure_future(self._cancels(min(long)))
+        self._check = None
+        if self._running:
+            self._check_later()
+
+    async def _cancels(self, since_rev: int) -> None:
+        labels = {RUNTIME: "pipeline", STATUS: FlowStatus.CANCELLED.value}
+        executor = self._executor
+        try:
+            async with self._engine.watch(labels=labels, since_rev=since_rev) as cancelled:
+                async for state in cancelled:
+                    if state.id in executor._tasks:
+                        executor.cancel_local(state.id)
+        except fs.FlowstateError as exc:
+            # The engine closed, or its store failed: the next long step starts a new one.
+            logger.debug("stopped following cancels: %s", exc)
 
 
 def _first(change: Change, events: list[tuple[str, dict[str, Any]]]) -> Change:

@@ -96,7 +96,7 @@ async def test_spent_attempts_hand_the_state_to_its_on_exhausted_flow(
         raise RuntimeError("this flow always fails")
 
     async def settle(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
-        settled.append(ctx.current.annotations[_settings.ENDED_REASON])
+        settled.append(ctx.current.transition.annotations[_settings.ENDED_REASON])
         return fs.Commit(fs.End(ctx))
 
     async def stalls_too(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
@@ -114,7 +114,7 @@ async def test_spent_attempts_hand_the_state_to_its_on_exhausted_flow(
             looped = await first(engine, ended("loops"))
             stats = recoverer.stats
     assert settled == ["still running 'broken' after 1 retries"]
-    assert _settings.ENDED_REASON in done.annotations
+    assert _settings.ENDED_REASON not in done.annotations, "settled, not force-ended"
     # The on_exhausted flow stalled in turn: its own attempts spent, the state is ended.
     assert (
         looped.annotations[_settings.ENDED_REASON] == "still running 'stalls-too' after 1 retries"

@@ -177,6 +177,27 @@ def test_force_end_and_errors() -> None:
         replay({"boom": boom}, states=[(at("x", "boom"), {})])
 
 
+def test_spent_attempts_go_to_the_on_exhausted_flow() -> None:
+    async def boom(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        raise RuntimeError("boom")
+
+    async def settle(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        ctx.current.labels["settled"] = "yes"
+        return fs.Commit(fs.End(ctx))
+
+    state = at("x", "boom")
+    fs.recovery.set_on_exhausted(state, "settle")
+    outcome = replay(
+        {"boom": boom, "settle": settle},
+        states=[(state, {})],
+        allowed_errors=(RuntimeError,),
+        invariants=[no_state_force_ended],
+    )
+    assert outcome.force_ended == []
+    assert outcome.states["x"].labels["settled"] == "yes"
+    assert any("handed to its on_exhausted flow after 3 retries" in t for t in outcome.trace)
+
+
 def test_recovery_matches_the_recoverer() -> None:
     """The deterministic recovery commits exactly what the real Recoverer commits."""
 
