@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import flowstate as fs
+from tests.log_events import first_record
 
 pytestmark = pytest.mark.anyio
 
@@ -79,16 +80,9 @@ async def test_a_missing_flow_in_the_background_is_one_line(
     # trace would only repeat at every retry.
     ctx = fs.StateCtx.new("s")
     await engine.do(fs.Commit(fs.Transit(ctx, "nowhere")))
-    logged = asyncio.Event()
-    handler = logging.Handler()
-    handler.emit = lambda record: logged.set()  # type: ignore[method-assign]
-    logging.getLogger("flowstate").addHandler(handler)
-    try:
-        with caplog.at_level(logging.ERROR, logger="flowstate"):
-            await engine.do(fs.Execute(ctx))
-            await asyncio.wait_for(logged.wait(), 10)
-    finally:
-        logging.getLogger("flowstate").removeHandler(handler)
+    with first_record("flowstate") as logged, caplog.at_level(logging.ERROR, logger="flowstate"):
+        await engine.do(fs.Execute(ctx))
+        await asyncio.wait_for(logged.wait(), 10)
     (record,) = caplog.records
     assert record.getMessage() == (
         "background execution of state 's' failed: no flow registered under 'nowhere'; "

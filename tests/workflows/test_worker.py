@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.workflows import FlowManager, Pipeline, Step, StepContext, Worker, workflow_flows
 from flowstate.workflows._worker import CLAIM
+from tests.log_events import first_record
 from tests.workflows.steps import Forever, until_ended
 
 pytestmark = pytest.mark.anyio
@@ -243,14 +243,8 @@ async def test_a_plain_flow_that_returns_no_command_is_named(
 
     ctx = fs.StateCtx.new("odd")
     await engine.do(fs.Commit(fs.Transit(ctx, "bad")))
-    logged = asyncio.Event()
-    handler = logging.Handler()
-    handler.emit = lambda record: logged.set()  # type: ignore[method-assign]
-    logging.getLogger("flowstate.workflows").addHandler(handler)
-    try:
+    with first_record("flowstate.workflows") as logged:
         async with fs.Engine(engine.driver, flows={"bad": bad}) as other, Worker(other):
             await asyncio.wait_for(logged.wait(), 10)
-    finally:
-        logging.getLogger("flowstate.workflows").removeHandler(handler)
     assert returned.is_set()
     assert "flow 'bad' returned 42; a flow must return a Command" in caplog.text
