@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 import msgspec
 from attrs import define, field
 
-from flowstate._checks import MAX_REV, describe, is_number, is_rev, is_text
+from flowstate._checks import MAX_REV, describe, is_number, is_rev
 from flowstate._commands import (
     Command,
     Commit,
@@ -40,6 +40,7 @@ from flowstate._state import (
     check_strings,
 )
 from flowstate._watcher import Signal, Watcher
+from flowstate.drivers._args import check_read
 from flowstate.drivers.base import CommitRequest, Driver, StateWrite, open_driver
 from flowstate.errors import (
     ClosedError,
@@ -433,13 +434,7 @@ class Engine:
             InvalidQueryError: ``state_id`` is empty or ``rev`` is negative.
         """
         self._check_open()
-        if not state_id or not is_text(state_id):
-            raise InvalidQueryError(
-                "a state id must be a non-empty string of valid Unicode text, "
-                f"not {describe(state_id)}"
-            )
-        if not is_rev(rev):
-            raise InvalidQueryError(f"rev must be an int from 0 to {MAX_REV}, not {describe(rev)}")
+        check_read(state_id, rev)  # here too: a driver of another package may not check
         return StateCtx.of(await self.driver.get_state(state_id, rev))
 
     async def find_state(self, labels: Mapping[str, str]) -> StateCtx:
