@@ -113,9 +113,8 @@ class PipelineExecutor:
         self._cancelled: set[str] = set()
         self._hand_back: set[str] = set()
         self._waits: set[str] = set()
-        # The attempt each run runs in this process, from its claim to its end's commit.
-        self._live: dict[str, tuple[str, int]] = {}
-        # Per engine: the attempts running on it, and what follows cancels for them.
+        # Per engine: the attempts running on it (each from its claim to its end's commit),
+        # and what follows cancels for them.
         self._engines: weakref.WeakKeyDictionary[fs.Engine, _Attempts] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -167,6 +166,9 @@ class PipelineExecutor:
     async def run(self, manager: FlowManager, run_id: str) -> None:
         """Run ``run_id`` until it ends or another executor owns it."""
         decision = _Decision()
+        attempts = self._engines.get(manager.engine)
+        if attempts is None:
+            attempts = self._engines[manager.engine] = _Attempts(self, manager.engine)
 
         def plan_next(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
             decision.action = "stop"
@@ -181,21 +183,17 @@ class PipelineExecutor:
                         return
                     flow = await manager._mutate(run_id, plan_next)
                 else:
-                    flow = await self._step(manager, flow, decision)
+                    flow = await self._step(manager, flow, decision, attempts)
         finally:
             self._hand_back.discard(run_id)
 
     async def _step(
-        self, manager: FlowManager, flow: ManagedFlow, decision: _Decision
+        self, manager: FlowManager, flow: ManagedFlow, decision: _Decision, attempts: _Attempts
     ) -> ManagedFlow:
         """Run the attempt ``decision`` claimed on ``flow`` and commit its outcome (with what
         the run does next); return the run as committed."""
         step_id, attempt = decision.step, decision.attempt
-        attempts = self._engines.get(manager.engine)
-        if attempts is None:
-            attempts = self._engines[manager.engine] = _Attempts(self, manager.engine)
-        self._live[flow.id] = (step_id, attempt)
-        attempts.began(flow.id, flow.revision)
+        attempts.began(flow.id, flow.revision, step_id, attempt)
         try:
             outcome = await self._attempt(flow, step_id, attempt)
             if outcome is None:
@@ -208,7 +206,6 @@ class PipelineExecutor:
 
             return await manager._mutate(flow.id, plan_done)
         finally:
-            del self._live[flow.id]
             attempts.ended(flow.id)
 
     async def _wait(self, run_id: str, until: float) -> None:
@@ -301,7 +298,10 @@ class PipelineExecutor:
         phase, step_id, attempt = run["phase"], run["step"], run["attempt"]
         extra: list[tuple[str, dict[str, Any]]] = []
         if phase == STARTED:
-            if fs.recovery.attempt(state) == 0 or self._live.get(flow.id) == (step_id, attempt):
+            if fs.recovery.attempt(state) == 0 or any(
+                engine_attempts.runs(flow.id, step_id, attempt)
+                for engine_attempts in self._engines.values()
+            ):
                 # A live executor runs it: the recoverer says when it is not, but a step
                 # that outlasts its retry_after still runs here, and will commit its end.
                 return None
@@ -453,14 +453,20 @@ class _Attempts:
     def __init__(self, executor: PipelineExecutor, engine: fs.Engine) -> None:
         self._executor = executor
         self._engine = engine
-        self._running: dict[str, tuple[float, int]] = {}  # run id: began at, claimed at rev
+        # Run id: when its attempt began, the revision that claimed it, its step and number.
+        self._running: dict[str, tuple[float, int, str, int]] = {}
         self._check: asyncio.TimerHandle | None = None
         self._follower: asyncio.Task[None] | None = None
 
-    def began(self, run_id: str, claimed_rev: int) -> None:
-        self._running[run_id] = (time.monotonic(), claimed_rev)
+    def began(self, run_id: str, claimed_rev: int, step_id: str, attempt: int) -> None:
+        self._running[run_id] = (time.monotonic(), claimed_rev, step_id, attempt)
         if self._check is None:
             self._check_later()
+
+    def runs(self, run_id: str, step_id: str, attempt: int) -> bool:
+        """True when this process runs attempt ``attempt`` of ``step_id`` in ``run_id``."""
+        running = self._running.get(run_id)
+        return running is not None and running[2:] == (step_id, attempt)
 
     def ended(self, run_id: str) -> None:
         del self._running[run_id]
@@ -477,7 +483,7 @@ class _Attempts:
     def _look(self) -> None:
         now = time.monotonic()
         running = self._running.values()
-        long = [rev for began, rev in running if now - began >= FOLLOW_CANCELS_AFTER]
+        long = [rev for began, rev, *_ in running if now - began >= FOLLOW_CANCELS_AFTER]
         if long and (self._follower is None or self._follower.done()):
             self._follower = asyncio.ensure_future(self._cancels(min(long)))
         self._check = None
