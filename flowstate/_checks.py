@@ -3,6 +3,7 @@ anything, whatever the annotations say, and deserve a flowstate error rather tha
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,15 @@ def is_number(value: object, *, minimum: float = 0.0, strict: bool = False) -> b
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return value > minimum if strict else value >= minimum
+
+
+def as_utc(moment: datetime.datetime) -> datetime.datetime | None:
+    """A timezone-aware ``moment`` in UTC; None when no datetime can hold that UTC time (a
+    moment near year 1 or 9999 with an offset that takes it past either end)."""
+    try:
+        return moment.astimezone(datetime.UTC)
+    except (OverflowError, ValueError):
+        return None
 
 
 def is_text(value: object) -> bool:

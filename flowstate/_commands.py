@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import msgspec
 from attrs import define, field
 
-from flowstate._checks import describe, is_number, is_text, is_text_map
+from flowstate._checks import as_utc, describe, is_number, is_text, is_text_map
 from flowstate._state import (
     PAUSED_ANNOTATION,
     StateCtx,
@@ -220,12 +220,12 @@ class Delay(Command):
         else:
             if not isinstance(until, datetime.datetime) or until.tzinfo is None:
                 raise InvalidCommandError("Delay until= must be a timezone-aware datetime")
-            try:
-                at = until.astimezone(datetime.UTC)
-            except OverflowError:
+            utc = as_utc(until)
+            if utc is None:
                 raise InvalidCommandError(
                     f"Delay until={until!r} has no UTC equivalent that a datetime can hold"
-                ) from None
+                )
+            at = utc
         self.ctx = ctx
         self.to = to
         self.at = at

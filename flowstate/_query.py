@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import msgspec
 
-from flowstate._checks import MAX_REV, describe, is_int, is_rev, is_text, is_text_map
+from flowstate._checks import MAX_REV, as_utc, describe, is_int, is_rev, is_text, is_text_map
 from flowstate._state import State
 from flowstate.errors import InvalidQueryError
 
@@ -69,12 +69,10 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
         if since_time is not None:
             if not isinstance(since_time, datetime.datetime) or since_time.tzinfo is None:
                 raise InvalidQueryError("since_time must be a timezone-aware datetime")
-            try:
-                since_time.astimezone(datetime.UTC)
-            except (OverflowError, ValueError):
+            if as_utc(since_time) is None:
                 raise InvalidQueryError(
                     f"since_time {since_time!r} has no UTC equivalent that a datetime can hold"
-                ) from None
+                )
         given: object = self.labels
         label_sets: Sequence[object]
         if isinstance(given, Mapping):

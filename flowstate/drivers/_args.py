@@ -10,15 +10,16 @@ backend sees it (rather than an ``OverflowError`` from a 64-bit column, a
 
 from __future__ import annotations
 
-import datetime
 from typing import TYPE_CHECKING
 
-from flowstate._checks import MAX_REV, describe, is_int, is_number, is_rev, is_text
+from flowstate._checks import MAX_REV, as_utc, describe, is_int, is_number, is_rev, is_text
 from flowstate._query import MAX_LIMIT
 from flowstate._state import check_id, check_strings
 from flowstate.errors import InvalidCommandError, InvalidQueryError
 
 if TYPE_CHECKING:
+    import datetime
+
     from flowstate.drivers.base import CommitRequest
 
 __all__ = [
@@ -136,10 +137,8 @@ def check_request(request: CommitRequest) -> None:
 def _due(state_id: str, at: datetime.datetime | None) -> None:
     if at is None or at.tzinfo is None:
         raise InvalidCommandError(f"state {state_id!r}: a delay needs a timezone-aware due time")
-    try:
-        at.astimezone(datetime.UTC)
-    except (OverflowError, ValueError):
+    if as_utc(at) is None:
         raise InvalidCommandError(
             f"state {state_id!r}: the delay's due time {at.isoformat()} has no UTC equivalent "
             "that a datetime can hold"
-        ) from None
+        )
