@@ -164,7 +164,7 @@ from flowstate.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
     from typing import Self
 
 __all__ = ["SCHEMA_VERSION", "PostgresDriver"]
@@ -733,6 +733,7 @@ class PostgresDriver(Driver):
         self._committer: asyncio.Task[None] | None = None
         self._commit_conn: Any = None
         self._listener: asyncio.Task[None] | None = None
+        self._connecting: set[asyncio.Task[Any]] = set()
         self._watch_wanted = asyncio.Event()
         self._encoder = msgspec.msgpack.Encoder()
         self._state_decoder = msgspec.msgpack.Decoder(State)
@@ -840,11 +841,34 @@ class PostgresDriver(Driver):
         return args
 
     async def _connect(self) -> Any:
-        return await asyncpg.connect(**self._connect_args())
+        return await self._open(asyncpg.connect(**self._connect_args()))
+
+    async def _pool_connect(self, *args: Any, **kwargs: Any) -> Any:
+        """How the pool opens its connections (see :meth:`_open`)."""
+        return await self._open(asyncpg.connect(*args, **kwargs))
+
+    async def _open(self, connecting: Coroutine[Any, Any, Any]) -> Any:
+        """The connection ``connecting`` makes, in a task of its own that is never cut short.
+
+        A caller cancelled (or timed out) while the connection opens gets its
+        ``CancelledError`` at once; the handshake carries on (bounded by
+        ``connect_timeout``) and the connection it makes is closed. Cutting asyncpg's
+        handshake in the middle leaves an error in a future nobody reads, which asyncio
+        reports as an unhandled exception.
+        """
+        task = asyncio.get_running_loop().create_task(connecting)
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_unclaimed)
+            raise
 
     async def _create_pool(self) -> Any:
         pool = asyncpg.create_pool(
             **self._connect_args(),
+            connect=self._pool_connect,
             min_size=1,
             max_size=self.pool_size,
             reset=_no_reset,
@@ -952,6 +976,9 @@ class PostgresDriver(Driver):
         pool, self._pool = self._pool, None
         if pool is not None:
             await _close(pool)
+        if self._connecting:
+            # Connections still opening for cancelled callers close as they finish.
+            await asyncio.wait(set(self._connecting), timeout=self.connect_timeout + _CLOSE_GRACE)
 
     # -- calls, errors and retries ---------------------------------------------------------
 
@@ -1381,7 +1408,7 @@ class PostgresDriver(Driver):
             conn: Any = None
             try:
                 async with asyncio.timeout(self.timeout):
-                    conn = await asyncpg.connect(**self._connect_args())
+                    conn = await self._connect()
                     conn.add_termination_listener(_setter(lost))
                     await conn.add_listener(self._channel, self._notified)
                     # Commits made before LISTEN took effect are found by this read.
@@ -1500,6 +1527,12 @@ async def _close(resource: Any) -> None:
     except BaseException:
         resource.terminate()
         raise
+
+
+def _close_unclaimed(task: asyncio.Task[Any]) -> None:
+    """Cut the connection ``task`` opened for a caller that stopped waiting for it."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().terminate()
 
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:

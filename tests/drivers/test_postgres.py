@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import json
 import random
 import shutil
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
+from asyncpg import connect_utils
 from hypothesis import settings
 
 import flowstate as fs
@@ -548,6 +550,40 @@ async def test_commit_cancelled_before_it_was_sent_is_not_written(postgres_url: 
             await second
         await _commit(driver, _write("third"))
         assert [s.id for s in await all_states(driver)] == ["first", "third"]
+
+
+async def test_a_caller_cancelled_while_a_connection_opens_leaves_no_unread_error(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cut between its TCP connect and its TLS probe, asyncpg's handshake leaves an error in
+    # a future nobody reads, which asyncio reports as unhandled: the driver lets it finish.
+    caller: asyncio.Task[None] | None = None
+
+    def connection_made(_protocol: object, _transport: object) -> None:
+        if caller is not None:
+            caller.cancel()  # the moment the handshake must not be cut
+
+    monkeypatch.setattr(
+        connect_utils.TLSUpgradeProto, "connection_made", connection_made, raising=False
+    )
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        driver = PostgresDriver.from_url(unique_url(postgres_url))
+        caller = asyncio.create_task(driver.open())
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        caller = None
+        await driver.aclose()
+        await asyncio.sleep(0)  # a transport closed just now reports connection_lost next
+        gc.collect()  # an unread future error is reported when the future is collected
+    finally:
+        loop.set_exception_handler(handler)
+    assert [context["message"] for context in unhandled] == []
+    async with PostgresDriver.from_url(driver.url) as again:
+        assert await again.head_rev() == 0
 
 
 # -- queries -----------------------------------------------------------------------------------
