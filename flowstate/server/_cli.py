@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowstate import Engine
-from flowstate._checks import bearer_token, env_token, is_number
+from flowstate._checks import bearer_token, env_token
 from flowstate.drivers.base import hide_password
 from flowstate.recovery import Delayer, Recoverer
 from flowstate.recovery._serve import (
@@ -24,6 +24,7 @@ from flowstate.recovery._serve import (
     count_option,
     import_from_working_directory,
     load_flows,
+    seconds_option,
     setup_logging,
     spec_option,
 )
@@ -105,14 +106,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-body-size",
-        type=int,
+        type=count_option(MIN_BODY_SIZE),
         default=DEFAULT_MAX_BODY_SIZE,
         metavar="BYTES",
         help=f"refuse request bodies above BYTES (default {DEFAULT_MAX_BODY_SIZE})",
     )
     parser.add_argument(
         "--keepalive",
-        type=float,
+        type=seconds_option(positive=True),
         default=DEFAULT_KEEPALIVE,
         metavar="S",
         help=f"watch streams send a comment after S quiet seconds (default {DEFAULT_KEEPALIVE:g})",
@@ -242,12 +243,6 @@ async def run(args: argparse.Namespace) -> int:
             f"refusing to listen on {args.host} without a token: anyone who can reach it "
             f"could read and change the store; set {TOKEN_ENV} or pass --token-file"
         )
-    if args.max_body_size < MIN_BODY_SIZE:
-        raise ServeError(
-            f"--max-body-size must be at least {MIN_BODY_SIZE}, not {args.max_body_size}"
-        )
-    if not is_number(args.keepalive, strict=True):
-        raise ServeError(f"--keepalive must be a number of seconds > 0, not {args.keepalive}")
     check_tls(args.tls_cert, args.tls_key)
     if args.recover and not (args.flows or args.tasks):
         raise ServeError(

@@ -224,13 +224,6 @@ def test_recover_needs_flows(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [f"flowstate: error: {needs}"]
 
 
-def test_a_keepalive_that_is_not_positive_is_refused(tmp_path: Path) -> None:
-    result = serve_refused(f"sqlite:///{tmp_path}/store.db", "--keepalive", "0")
-    assert result.returncode == 1
-    refused = "--keepalive must be a number of seconds > 0, not 0.0"
-    assert result.stderr.splitlines() == [f"flowstate: error: {refused}"]
-
-
 def test_a_signal_while_the_server_closes_its_store_is_ignored() -> None:
     # Once the HTTP server has stopped, the process closes its engine and hands its recovery
     # leases over. A second SIGTERM then (an impatient supervisor) must not kill it by signal
