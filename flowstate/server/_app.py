@@ -30,7 +30,7 @@ from flowstate.server._context import (
     ServerContext,
 )
 from flowstate.server._errors import EXCEPTION_HANDLERS, send_error
-from flowstate.server._escape import check_query, route_path
+from flowstate.server._escape import QueryError, check_query, route_path
 from flowstate.workflows import StepFn
 
 __all__ = ["FlowstateApp", "RecoveryInfo", "ServiceInfo", "create_app"]
@@ -83,14 +83,11 @@ class FlowstateApp:
                     scope["path"] = route_path(raw)
                 check_query(scope.get("query_string", b""))
             except UnicodeDecodeError:
-                await send_error(
-                    send,
-                    400,
-                    ErrorInfo(
-                        type="bad_request",
-                        message="the path or the query string is not UTF-8 once percent-decoded",
-                    ),
-                )
+                message = "the path or the query string is not UTF-8 once percent-decoded"
+                await send_error(send, 400, ErrorInfo(type="bad_request", message=message))
+                return
+            except QueryError as exc:
+                await send_error(send, 400, ErrorInfo(type="bad_request", message=str(exc)))
                 return
         await self.litestar(scope, receive, send)
 

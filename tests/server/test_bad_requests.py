@@ -155,6 +155,36 @@ async def test_a_path_or_query_that_is_not_utf8_is_a_400(
     assert "not UTF-8" in _error(response, 400, "bad_request")
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/states?id=a&id=b",
+        "/api/v1/states?limit=1&limit=2",
+        "/api/v1/states?latest_only=true&latest%5Fonly=false",  # %5F is "_"
+        "/api/v1/watch?since_rev=0&since_rev=1",
+        "/api/v1/flows/executions?status=running&status=failed",
+    ],
+)
+async def test_a_query_parameter_given_twice_is_a_400(client: httpx.AsyncClient, path: str) -> None:
+    # Taking either value would answer a question the client did not ask.
+    response = await client.get(httpx.URL(path), timeout=10)  # not a watch stream that stays
+    message = _error(response, 400, "bad_request")
+    assert message.endswith("is given more than once")
+
+
+async def test_labels_may_repeat(client: httpx.AsyncClient) -> None:
+    run = uuid.uuid4().hex
+    for state_id, labels in [("both", {"run": run, "kind": "order"}), ("one", {"run": run})]:
+        state = {"id": f"{run}-{state_id}", "labels": labels}
+        response = await client.post(
+            "/api/v1/commit", json={"writes": [{"state": state, "expected_rev": 0}]}
+        )
+        assert response.status_code == 200, response.text
+    response = await client.get(f"/api/v1/states?label=run%3D{run}&label=kind%3Dorder")
+    assert response.status_code == 200
+    assert [s["id"] for s in response.json()["states"]] == [f"{run}-both"]
+
+
 async def test_odd_paths_are_json_404s_and_cannot_write_the_log(server: ServeProcess) -> None:
     forged = "2026-01-01 00:00:00,000 INFO flowstate.server: FORGED LINE"
     async with httpx.AsyncClient(base_url=server.url) as anonymous:
