@@ -1059,7 +1059,8 @@ class PostgresDriver(Driver):
                 lists every such state, and nothing was written.
             InvalidCommandError: A state id, label, data alias or delay target holds a NUL
                 character; nothing was sent.
-            ClosedError: The driver is not open.
+            ClosedError: The driver is not open, or :meth:`aclose` gave up waiting for this
+                commit to be written (it may or may not have been applied).
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``, or
                 the connection was lost while committing. The commit may or may not have been
                 applied; a retry with the same expected revisions is safe (it conflicts if
@@ -1127,7 +1128,20 @@ class PostgresDriver(Driver):
         return group
 
     async def _send(self, group: list[_Pending]) -> None:
-        """Write one group and settle every commit in it."""
+        """Write one group and settle every commit in it (when :meth:`aclose` cuts the write
+        short too: those commits may or may not have been applied)."""
+        try:
+            await self._write_and_settle(group)
+        except BaseException:
+            closed = ClosedError(
+                "the PostgreSQL driver was closed while the commit was being written; it may "
+                "or may not have been applied"
+            )
+            for pending in group:
+                _settle(pending.fut, None, _copy_error(closed))
+            raise
+
+    async def _write_and_settle(self, group: list[_Pending]) -> None:
         try:
             outcomes = await self._write_group(group)
         except FlowstateError as exc:

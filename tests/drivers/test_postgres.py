@@ -552,6 +552,32 @@ async def test_commit_cancelled_before_it_was_sent_is_not_written(postgres_url: 
         assert [s.id for s in await all_states(driver)] == ["first", "third"]
 
 
+@pytest.mark.slow
+async def test_aclose_answers_the_commit_it_stops_waiting_for(postgres_url: str) -> None:
+    # Two commits of one state go out in two groups, one after the other; a lock on the
+    # store's head holds each for the whole timeout, so aclose() gives up on the second.
+    url = unique_url(postgres_url) + "&timeout=3"
+    async with PostgresDriver.from_url(url) as driver:
+        await _commit(driver, _write("warm-up"))
+    driver = PostgresDriver.from_url(url)
+    await driver.open()
+    locker = await asyncpg.connect(driver._dsn)
+    try:
+        async with locker.transaction():
+            await locker.execute(f'SELECT * FROM "{driver.schema}".fs_head FOR UPDATE')
+            first = asyncio.ensure_future(_commit(driver, _write("s")))
+            second = asyncio.ensure_future(_commit(driver, _write("s")))
+            await asyncio.sleep(0)  # both queued
+            async with asyncio.timeout(30):
+                await driver.aclose()
+                with pytest.raises(fs.DriverUnavailableError):
+                    await first  # the timeout ended its group
+                with pytest.raises(fs.ClosedError, match="may or may not have been applied"):
+                    await second
+    finally:
+        await locker.close()
+
+
 async def test_a_caller_cancelled_while_a_connection_opens_leaves_no_unread_error(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
