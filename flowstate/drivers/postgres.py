@@ -600,6 +600,10 @@ def _passes(exc: BaseException) -> bool:
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(exc, asyncpg.PostgresError) and isinstance(sqlstate, str):
         return sqlstate in _UNAVAILABLE_CODES or sqlstate.startswith(_UNAVAILABLE_CLASSES)
+    if isinstance(exc, asyncpg.InternalClientError):
+        # A connection whose protocol asyncpg cannot go on with, as after a server's fast
+        # shutdown ("cannot switch to state ..."): the connection is cut, a new one works.
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         # asyncpg's word for a connection that closed under the call.
         return "closed" in str(exc) and "pool" not in str(exc)
@@ -869,7 +873,9 @@ class PostgresDriver(Driver):
         pool = asyncpg.create_pool(
             **self._connect_args(),
             connect=self._pool_connect,
-            min_size=1,
+            # Connections open as calls need them: a pool that keeps a floor reconnects on
+            # its own during an outage, and logs a traceback for every failed attempt.
+            min_size=0,
             max_size=self.pool_size,
             reset=_no_reset,
         )
@@ -1042,7 +1048,11 @@ class PostgresDriver(Driver):
 
         async def call() -> T:
             async with pool.acquire() as conn:
-                return await fn(conn)
+                try:
+                    return await fn(conn)
+                except asyncpg.InternalClientError:
+                    conn.terminate()  # unusable: the pool opens another
+                    raise
 
         return await self._retry(what, call, self._deadline())
 

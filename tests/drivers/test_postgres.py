@@ -947,6 +947,54 @@ async def test_watch_resumes_across_a_server_restart(own_server: PostgresServer)
 
 
 @pytest.mark.slow
+async def test_calls_ride_out_fast_shutdowns(own_server: PostgresServer) -> None:
+    # A fast shutdown (pg_ctl stop -m fast) tells every connection it ends; the calls that
+    # meet such a connection are retried on a new one, within the driver's timeout.
+    url = unique_url(own_server.url) + "&timeout=30"
+    failures: list[BaseException] = []
+    calls = 0
+    progress = asyncio.Condition()
+
+    async def call(driver: PostgresDriver, i: int) -> None:
+        if i % 4 == 0:
+            await driver.get_state("s")
+        elif i % 4 == 1:
+            await driver.head_rev()
+        elif i % 4 == 2:
+            await driver.get_states(fs.StatesQuery(labels={"k": "v"}))
+        else:
+            await driver.acquire_lease(f"lease-{i}", "me", 10)
+
+    async def caller(driver: PostgresDriver, i: int, stop: asyncio.Event) -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                await call(driver, i)
+            except fs.FlowstateError as exc:
+                failures.append(exc)
+            async with progress:
+                calls += 1
+                progress.notify_all()
+
+    async def calls_made(more: int) -> None:
+        async with progress:
+            target = calls + more
+            await progress.wait_for(lambda: calls >= target)
+
+    async with PostgresDriver.from_url(url) as driver:
+        await _commit(driver, _write("s", k="v"))
+        stop = asyncio.Event()
+        callers = [asyncio.create_task(caller(driver, i, stop)) for i in range(12)]
+        for _ in range(3):
+            await calls_made(50)  # on live connections, then shut down under them
+            await asyncio.to_thread(own_server.restart, signal.SIGINT)
+        await calls_made(50)
+        stop.set()
+        await asyncio.gather(*callers)
+    assert failures == []
+
+
+@pytest.mark.slow
 async def test_unavailable_while_the_server_is_down_then_works_again(
     own_server: PostgresServer,
 ) -> None:
