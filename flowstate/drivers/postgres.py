@@ -8,12 +8,12 @@ URL:
     ``postgresql://app@db.internal:5432/orders?schema=flowstate&sslmode=verify-full``
     (``postgres://`` works too). flowstate reads these options and removes them from the URL:
     ``schema`` (the store's schema, created on first use; at most 63 bytes),
-    ``timeout`` (the time budget of one call in seconds, retries included; default 10),
-    ``pool_size`` (connections for reads and lease calls; default 10) and
-    ``connect_timeout`` (seconds to establish one connection; default ``timeout``). Every
-    other part of the URL is handed to asyncpg as it is: several ``host:port`` pairs,
-    ``sslmode``, ``sslrootcert``, ``target_session_attrs``, ``application_name``... (any
-    other query option becomes a server setting). The password comes from the ``PGPASSWORD``
+    ``timeout`` (the time budget of one call in seconds, retries included; default 10, at
+    most 3600), ``pool_size`` (connections for reads and lease calls; default 10, at most
+    1000) and ``connect_timeout`` (seconds to establish one connection; default
+    ``timeout``). Every other part of the URL is handed to asyncpg as it is: several
+    ``host:port`` pairs, ``sslmode``, ``sslrootcert``, ``target_session_attrs``,
+    ``application_name``... (any other query option becomes a server setting). The password comes from the ``PGPASSWORD``
     environment variable or a ``.pgpass`` file (``PGPASSFILE``), as with libpq, and never
     from the URL: ``user:password@`` or ``?password=`` is refused (URLs end up in shell
     histories, process lists and logs). flowstate shows no secret: not in its logs, errors or
@@ -135,6 +135,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 import asyncpg
 import msgspec
 
+from flowstate._checks import is_number
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
@@ -198,6 +199,10 @@ _MAX_BACKOFF = 1.0
 _LISTEN_CHECK = 5.0
 # How long aclose() lets the connections close politely before cutting them.
 _CLOSE_GRACE = 2.0
+# The most a timeout may be (seconds), and the most connections a pool may hold: asyncpg
+# sets up every slot of a pool at once.
+_MAX_TIMEOUT = 3600.0
+_MAX_POOL_SIZE = 1000
 
 # SQLSTATE codes (and classes) of failures that pass: the statement was not run, or was
 # rolled back, and the same call may succeed later.
@@ -712,12 +717,18 @@ class PostgresDriver(Driver):
                 f"the schema name {schema!r} must be at most {_MAX_IDENTIFIER} bytes, "
                 "without NUL characters"
             )
-        if not timeout > 0:
-            raise InvalidURLError(f"timeout must be > 0 seconds, not {timeout!r}")
-        if type(pool_size) is not int or pool_size < 1:
-            raise InvalidURLError(f"pool_size must be an int >= 1, not {pool_size!r}")
-        if connect_timeout is not None and not connect_timeout > 0:
-            raise InvalidURLError(f"connect_timeout must be > 0 seconds, not {connect_timeout!r}")
+        for key, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if seconds is not None and (
+                not is_number(seconds, strict=True) or seconds > _MAX_TIMEOUT
+            ):
+                raise InvalidURLError(
+                    f"{key} must be a number of seconds above 0 and at most "
+                    f"{_MAX_TIMEOUT:g}, not {seconds!r}"
+                )
+        if type(pool_size) is not int or not 1 <= pool_size <= _MAX_POOL_SIZE:
+            raise InvalidURLError(
+                f"pool_size must be an int from 1 to {_MAX_POOL_SIZE}, not {pool_size!r}"
+            )
         self._dsn = dsn
         self.schema = schema
         self.timeout = float(timeout)
@@ -773,7 +784,7 @@ class PostgresDriver(Driver):
                         f"{shown!r}: {key} must be a number of seconds, not {value!r}"
                     ) from None
             elif key == "pool_size":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     raise InvalidURLError(f"{shown!r}: pool_size must be an int, not {value!r}")
                 options[key] = int(value)
             else:

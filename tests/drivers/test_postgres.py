@@ -162,6 +162,12 @@ def test_url(url: str, dsn: str, options: dict[str, object]) -> None:
         ("postgresql://h/db?connect_timeout=-1", "connect_timeout must be"),
         ("postgresql://h/db?pool_size=0", "pool_size must be"),
         ("postgresql://h/db?pool_size=two", "pool_size must be"),
+        ("postgresql://h/db?pool_size=%C2%B2", "pool_size must be"),  # "²", a digit to isdigit()
+        ("postgresql://h/db?pool_size=1001", "pool_size must be an int from 1 to 1000"),
+        ("postgresql://h/db?pool_size=99999999999999999999", "pool_size must be"),
+        ("postgresql://h/db?timeout=inf", "timeout must be"),
+        ("postgresql://h/db?timeout=nan", "timeout must be"),
+        ("postgresql://h/db?connect_timeout=3601", "at most 3600"),
         ("postgresql://h:port/db", "must be a number"),
         ("postgresql://h/db?schema", "malformed"),
         ("postgresql://h/db#frag", "fragment"),
