@@ -196,7 +196,12 @@ class HTTPDriver(Driver):
         netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
         if ":" in parts.hostname:
             netloc = f"[{parts.hostname}]" + (f":{port}" if port is not None else "")
-        return cls(f"{scheme}://{netloc}{parts.path}", **options)
+        base = f"{scheme}://{netloc}{parts.path}"
+        try:
+            httpx.URL(base)
+        except httpx.InvalidURL as exc:  # a control character in the path, say
+            raise InvalidURLError(f"{url!r}: {exc}") from None
+        return cls(base, **options)
 
     def __repr__(self) -> str:
         token = "set" if self._token else "none"
@@ -317,6 +322,11 @@ class HTTPDriver(Driver):
             ) from exc
         except httpx.HTTPError as exc:
             raise DriverError(f"request to {self.url} failed: {exc}") from exc
+        except httpx.InvalidURL as exc:
+            # An argument that makes the request's URL one httpx refuses (over 64 KiB, say).
+            raise DriverError(
+                f"cannot send {method} {path[:60]!r}... to {self.url}: {exc}"
+            ) from exc
         if response.status_code >= 300:
             raise self._error(response)
         try:

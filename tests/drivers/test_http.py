@@ -99,6 +99,7 @@ def test_url(url: str, base: str, options: dict[str, object]) -> None:
         ("https://host:1?nope=1", "known options: timeout, ca"),
         ("http://host:99999", "out of range"),
         ("http://host:1#top", "no fragment"),
+        ("http://host:1/\x00", "non-printable"),
     ],
 )
 def test_bad_url(url: str, problem: str) -> None:
@@ -219,6 +220,20 @@ async def test_ids_with_any_character_round_trip(server: ServeProcess) -> None:
         lease = await driver.acquire_lease("name/with?odd#chars", "me", 30)
         assert lease is not None
         assert await driver.get_lease("name/with?odd#chars") == lease
+
+
+@pytestmark_anyio
+async def test_an_id_too_long_for_a_url_is_a_driver_error(server: ServeProcess) -> None:
+    # A commit carries the id in its body; a read by id puts it in the URL, which httpx
+    # caps at 64 KiB.
+    long_id = "L" * 70_000
+    async with HTTPDriver(server.url) as driver:
+        write = StateWrite(state=fs.State(id=long_id), expected_rev=0)
+        await driver.commit(CommitRequest(writes=[write]))
+        with pytest.raises(fs.DriverError, match="URL too long"):
+            await driver.get_state(long_id)
+        with pytest.raises(fs.DriverError, match="URL too long"):
+            await driver.get_lease(long_id)
 
 
 @pytest.mark.slow
