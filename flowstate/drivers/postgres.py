@@ -94,8 +94,8 @@ Failures:
     unknown and the caller gets ``DriverUnavailableError`` (a retry with the same expected
     revisions is safe: it conflicts if the first attempt was applied). PostgreSQL cannot
     store the NUL character in text: a state id, label, data alias or delay target holding
-    one is refused with ``InvalidCommandError`` before anything is sent, and a read that
-    asks for one finds nothing.
+    one is refused with ``InvalidCommandError`` before anything is sent (so is a lease name
+    or holder), and a read that asks for one finds nothing.
 
 Watching:
     ``fs_commit`` ends with ``pg_notify`` on the store's channel (``flowstate:<schema>``) with
@@ -128,6 +128,7 @@ import datetime
 import hashlib
 import logging
 import re
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode
@@ -207,6 +208,15 @@ _MAX_POOL_SIZE = 1000
 # SQLSTATE codes (and classes) of failures that pass: the statement was not run, or was
 # rolled back, and the same call may succeed later.
 _UNAVAILABLE_CLASSES = ("08",)  # connection exceptions
+_PROTOCOL_VIOLATION = "08P01"
+# OSErrors that no retry mends: a missing or unreadable file, a certificate refused.
+_LOCAL_FAILURES = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ssl.SSLCertVerificationError,
+)
 _UNAVAILABLE_CODES = frozenset(
     {
         "57P01",  # admin_shutdown
@@ -604,7 +614,11 @@ def _passes(exc: BaseException) -> bool:
     reached, or rolled the statement back for a reason that passes."""
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(exc, asyncpg.PostgresError) and isinstance(sqlstate, str):
+        if sqlstate == _PROTOCOL_VIOLATION:
+            return False  # what the client sent (a connection option, say) is wrong
         return sqlstate in _UNAVAILABLE_CODES or sqlstate.startswith(_UNAVAILABLE_CLASSES)
+    if isinstance(exc, _LOCAL_FAILURES):
+        return False  # a file the URL names (sslrootcert, sslcert...) or a certificate
     if isinstance(exc, asyncpg.InternalClientError):
         # A connection whose protocol asyncpg cannot go on with, as after a server's fast
         # shutdown ("cannot switch to state ..."): the connection is cut, a new one works.
@@ -1496,6 +1510,11 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease_claim(name, holder, ttl)
+        for what, text in (("lease name", name), ("holder", holder)):
+            if "\x00" in text:
+                raise InvalidCommandError(
+                    f"the {what} {text!r} holds a NUL character, which PostgreSQL cannot store"
+                )
         token = await self._read(
             "lease claim",
             lambda c: c.fetchval(self._sql.acquire_lease, name, holder, float(ttl)),
@@ -1516,6 +1535,8 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease(lease)
+        if "\x00" in lease.name:
+            return None  # never claimed here: no lease name holds a NUL
         token = await self._read(
             "lease renewal",
             lambda c: c.fetchval(self._sql.renew_lease, lease.name, lease.token),
@@ -1531,6 +1552,8 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease(lease)
+        if "\x00" in lease.name:
+            return  # never claimed here: no lease name holds a NUL
         await self._read(
             "lease release",
             lambda c: c.execute(self._sql.release_lease, lease.name, lease.token),
@@ -1545,6 +1568,8 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease_name(name)
+        if "\x00" in name:
+            return None  # no lease can hold it
         row = await self._read("lease read", lambda c: c.fetchrow(self._sql.get_lease, name))
         if row is None:
             return None

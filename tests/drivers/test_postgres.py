@@ -30,7 +30,13 @@ from hypothesis import settings
 import flowstate as fs
 from flowstate.cli import main
 from flowstate.drivers import postgres as postgres_driver
-from flowstate.drivers.base import CommitRequest, CommitResult, StateWrite, SupportsLease
+from flowstate.drivers.base import (
+    CommitRequest,
+    CommitResult,
+    Lease,
+    StateWrite,
+    SupportsLease,
+)
 from flowstate.drivers.postgres import SCHEMA_VERSION, PostgresDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
@@ -503,6 +509,19 @@ async def test_reads_with_nul_characters_find_nothing(postgres_url: str) -> None
         assert [s.id for s in page.states] == ["a"], "the other AND-map still matches"
 
 
+async def test_leases_with_nul_characters(postgres_url: str) -> None:
+    async with PostgresDriver.from_url(unique_url(postgres_url)) as driver:
+        with pytest.raises(fs.InvalidCommandError, match=r"the lease name .* holds a NUL"):
+            await driver.acquire_lease("n\x00", "me", 10)
+        with pytest.raises(fs.InvalidCommandError, match=r"the holder .* holds a NUL"):
+            await driver.acquire_lease("n", "me\x00", 10)
+        assert await driver.get_lease("n\x00") is None
+        forged = Lease(name="n\x00", holder="me", token=1, ttl=10)
+        assert await driver.renew_lease(forged) is None
+        await driver.release_lease(forged)
+        assert await driver.acquire_lease("n", "me", 10) is not None
+
+
 async def test_values_flowstate_did_not_write_are_driver_errors(postgres_url: str) -> None:
     url = unique_url(postgres_url)
     async with PostgresDriver.from_url(url) as driver:
@@ -511,6 +530,23 @@ async def test_values_flowstate_did_not_write_are_driver_errors(postgres_url: st
         with pytest.raises(fs.DriverError, match="cannot read") as info:
             await driver.get_state("s")
         assert not isinstance(info.value.__cause__, fs.FlowstateError)
+
+
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        ("sslmode=verify-full&sslrootcert=/nonexistent/root.crt", "No such file"),
+        ("application_name=%00", "08P01"),
+    ],
+)
+async def test_a_connection_option_no_retry_mends_fails_at_once(
+    postgres_url: str, option: str, problem: str
+) -> None:
+    # Not DriverUnavailableError: retrying for the whole timeout cannot help.
+    driver = PostgresDriver.from_url(f"{unique_url(postgres_url)}&timeout=5&{option}")
+    with pytest.raises(fs.DriverError, match=problem) as info:
+        await driver.open()
+    assert not isinstance(info.value, fs.DriverUnavailableError)
 
 
 async def test_closed_driver(postgres_url: str) -> None:
