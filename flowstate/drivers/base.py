@@ -298,6 +298,11 @@ class Driver(abc.ABC):
         Commits one after another must let the event loop run other tasks: a driver whose
         commits need no I/O still suspends its caller every so many commits.
 
+        ``request`` is taken to be one an :class:`~flowstate.Engine` could have built: its
+        ids, labels and annotations valid text, each state written once. The engine checks
+        the commands it turns into a request, and ``flowstate serve`` the requests it
+        receives; drivers do not check them again on every commit.
+
         Raises:
             ConflictError: Some state's latest revision differed from ``expected_rev``; it
                 lists every such state, and nothing was written.
