@@ -61,6 +61,13 @@ async def gated_failure(step: StepContext) -> Any:
     return {"status": "failure", "reason": "out of stock"}
 
 
+async def gated(step: StepContext) -> Any:
+    """Succeeds once the file named by the input's "release" exists."""
+    await asyncio.to_thread(_log, step)
+    await _released(step.input["release"])
+    return {"done": step.step_id}
+
+
 async def cancels_its_run(step: StepContext) -> Any:
     """Asks for its own run to be cancelled (through the store named by the input's "url"),
     then succeeds: the run stops before its next step."""
@@ -98,8 +105,9 @@ CRASHY = (
     .add_step(Step("three", quick))
 )
 SLOW = Pipeline("slow").add_step(Step("first", slow)).add_step(Step("second", quick))
+GATED = Pipeline("gated").add_step(Step("wait", gated))
 
-FLOWS = workflow_flows(SHARED, CRASHY, SLOW)
+FLOWS = workflow_flows(SHARED, CRASHY, SLOW, GATED)
 TASKS = {"task1": quick, "task2": quick, "task3": quick}
 FAILING = {"task1": gated_failure}
 CANCEL_REQUESTED = {"task1": cancels_its_run}

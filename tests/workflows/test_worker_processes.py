@@ -14,7 +14,7 @@ import flowstate as fs
 from flowstate.workflows import FlowManager, ManagedFlow
 from flowstate.workflows._worker import CLAIM
 from tests.processes import Process
-from tests.workflows.pipeline_app import CRASHY, SHARED, SLOW
+from tests.workflows.pipeline_app import CRASHY, GATED, SHARED, SLOW
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -71,7 +71,7 @@ async def step_started(flows: FlowManager, run: ManagedFlow, step: str) -> None:
                 return
 
 
-async def test_two_workers_share_runs_and_run_no_step_twice(
+async def test_two_workers_run_no_step_twice(
     store_url: str, tmp_path: Path, processes: list[Process]
 ) -> None:
     log = tmp_path / "steps.log"
@@ -91,7 +91,28 @@ async def test_two_workers_share_runs_and_run_no_step_twice(
     assert completed == {(run.id, step): 1 for run in runs for step in "abc"}
     ran = executions(log)
     assert ran == {(run.id, step, 1): 1 for run in runs for step in "abc"}
-    assert len(pids(log)) == 2, "both workers ran steps"
+
+
+async def test_a_busy_worker_leaves_runs_to_another(
+    store_url: str, tmp_path: Path, processes: list[Process]
+) -> None:
+    # A worker claims no more than it has room for: with one slot each, two held runs are
+    # one in each worker, however the two race for them.
+    log, release = tmp_path / "steps.log", tmp_path / "release"
+    await worker(processes, store_url, "worker-1", log, "--concurrency", "1")
+    await worker(processes, store_url, "worker-2", log, "--concurrency", "1")
+    async with fs.Engine(store_url) as engine:
+        flows = FlowManager(engine)
+        flows.register(GATED)
+        held = {"release": str(release)}
+        runs = [await flows.execute("gated", input=held, enqueue=True) for _ in range(2)]
+        for run in runs:
+            await logged(log, (run.id, "wait", 1))
+        assert len(pids(log)) == 2, "each worker runs one"
+        release.touch()
+        for run in runs:
+            assert (await flows.result(run.id, timeout=60)).status == "finished"
+    assert executions(log) == {(run.id, "wait", 1): 1 for run in runs}
 
 
 async def test_a_worker_killed_mid_step_is_replaced(
