@@ -1104,6 +1104,13 @@ class EtcdDriver(Driver):
                 return await fn(client, max(0.001, deadline - self._now()))
             except FlowstateError:
                 raise
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._lifecycle is Lifecycle.CLOSED and task and not task.cancelling():
+                    # gRPC ends the calls of a channel that closes with CancelledError; this
+                    # caller was not cancelled: the driver was closed under it.
+                    raise ClosedError("the etcd driver was closed") from None
+                raise
             except Exception as exc:
                 error = self._failure(what, exc)
                 if error is None and what == "open" and await self._speaks_tls(index, exc):

@@ -203,6 +203,33 @@ async def test_prefixes_are_isolated_even_when_nested(etcd_url: str) -> None:
         assert len(owners) == 1, key
 
 
+async def test_calls_in_flight_when_the_driver_closes_get_closed_error(etcd_url: str) -> None:
+    # gRPC ends the calls of a channel that closes with CancelledError, in tasks that nobody
+    # cancelled: the driver says ClosedError.
+    outcomes: list[str] = []
+
+    async def reader(driver: EtcdDriver, i: int) -> None:
+        try:
+            while True:
+                if i % 2:
+                    await driver.head_rev()
+                else:
+                    await driver.get_states(fs.StatesQuery(limit=5))
+        except fs.ClosedError:
+            outcomes.append("closed")
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+
+    for _ in range(5):
+        driver = EtcdDriver.from_url(unique_url(etcd_url))
+        await driver.open()
+        readers = [asyncio.create_task(reader(driver, i)) for i in range(8)]
+        await asyncio.sleep(0.05)  # the readers are mid-call, whichever call that is
+        await driver.aclose()
+        await asyncio.gather(*readers)
+    assert outcomes == ["closed"] * 40
+
+
 async def test_commit_shares_one_revision_and_moves_the_head_key(etcd_url: str) -> None:
     url = unique_url(etcd_url)
     async with EtcdDriver.from_url(url) as driver:
