@@ -131,10 +131,11 @@ class Election:
     async def _lead(self, lead: Callable[[], Awaitable[None]]) -> None:
         try:
             await lead()
-        except* (DriverError, ClosedError) as failed:
+        except* DriverError as failed:
             # Give the lease up so that a healthier process can lead; this one campaigns
             # again, and leads again once the store answers. ``lead()`` runs task groups,
-            # so the store's error may come wrapped in an exception group: look inside.
+            # so the store's error may come wrapped in an exception group: look inside. (A
+            # ClosedError ends the election: its engine or driver is closed for good.)
             exc = failed.exceptions[0]
             while isinstance(exc, BaseExceptionGroup):
                 exc = exc.exceptions[0]

@@ -158,6 +158,13 @@ class _Unsettled:
         return revs[0] - 1 if revs else seen
 
 
+def _closing_only(exc: BaseException) -> bool:
+    """True for a ``ClosedError``, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_closing_only(inner) for inner in exc.exceptions)
+    return isinstance(exc, ClosedError)
+
+
 class _LeaderService:
     """Lifecycle, leader election, stats and a persisted cursor shared by both services."""
 
@@ -206,12 +213,13 @@ class _LeaderService:
             self._election = Election(
                 driver, self.lease_name, ttl=self.lease_ttl, on_change=self._on_change
             )
-            self._task = group.create_task(self._election.run(self._lead))
+            work = self._election.run(self._lead)
         else:
             logger.warning(
                 "%r has no leases: %s leads unconditionally", driver, type(self).__name__
             )
-            self._task = group.create_task(self._lead_alone())
+            work = self._lead_alone()
+        self._task = group.create_task(self._until_the_engine_closes(work))
         self._lifecycle = Lifecycle.OPENED
         return self
 
@@ -233,6 +241,16 @@ class _LeaderService:
         if self._task is not None:
             self._task.cancel()
         await self._task_group.__aexit__(None, None, None)
+
+    async def _until_the_engine_closes(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (campaigning and leading); a service whose engine is closed under it
+        stops there, quietly: leaving its context raises nothing for that."""
+        try:
+            await work
+        except BaseException as exc:
+            if not (self.engine.is_closed and _closing_only(exc)):
+                raise
+            logger.info("%s stops: its engine was closed", type(self).__name__)
 
     def _on_change(self, leading: bool) -> None:
         self.stats.leader_changes += 1
@@ -354,10 +372,12 @@ class Recoverer(_LeaderService):
                 wait = min(self.tick, due[0][0] - now) if due else self.tick
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
-                        state = await anext(watcher)
+                        state = await anext(watcher, None)
                 except TimeoutError:
                     pass
                 else:
+                    if state is None:  # the watcher ends only when its engine closes
+                        raise ClosedError("the engine was closed")
                     if not state.id.startswith(INTERNAL_PREFIX):
                         self._track(state, tracked, due)
                         seen = state.rev

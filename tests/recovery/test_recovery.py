@@ -271,6 +271,22 @@ async def test_delays_fire_once_when_due(new_driver: Callable[[], Driver]) -> No
         assert dict(woken)["overdue"] == past.isoformat()
 
 
+@pytest.mark.parametrize("service", [fast_recoverer, fs.Delayer])
+async def test_a_service_stops_quietly_when_its_engine_closes(
+    new_driver: Callable[[], Driver], service: Callable[[fs.Engine], fs.Recoverer | fs.Delayer]
+) -> None:
+    async def work(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    engine = fs.Engine(new_driver(), flows={"work": work})
+    await engine.open()
+    await start_job(engine, "job", "work")
+    async with service(engine) as running:
+        await running.wait_leader()
+        await engine.aclose()  # under the service: it stops, and leaving it raises nothing
+    assert not running.is_leader
+
+
 async def test_invalid_settings() -> None:
     async with fs.Engine("memory://") as engine:
         with pytest.raises(fs.InvalidCommandError):
