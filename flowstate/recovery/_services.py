@@ -28,7 +28,7 @@ from flowstate.recovery import _settings as settings
 from flowstate.recovery._election import Election
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine
     from types import TracebackType
     from typing import Self
 
@@ -213,12 +213,16 @@ class _LeaderService:
             self._election = Election(
                 driver, self.lease_name, ttl=self.lease_ttl, on_change=self._on_change
             )
-            work = self._election.run(self._lead)
+            election = self._election
+
+            async def work() -> None:
+                await election.run(self._lead)
+
         else:
             logger.warning(
                 "%r has no leases: %s leads unconditionally", driver, type(self).__name__
             )
-            work = self._lead_alone()
+            work = self._lead_alone
         self._task = group.create_task(self._until_the_engine_closes(work))
         self._lifecycle = Lifecycle.OPENED
         return self
@@ -242,11 +246,11 @@ class _LeaderService:
             self._task.cancel()
         await self._task_group.__aexit__(None, None, None)
 
-    async def _until_the_engine_closes(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` (campaigning and leading); a service whose engine is closed under it
-        stops there, quietly: leaving its context raises nothing for that."""
+    async def _until_the_engine_closes(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work()`` (campaigning and leading); a service whose engine is closed under
+        it stops there, quietly: leaving its context raises nothing for that."""
         try:
-            await work
+            await work()
         except BaseException as exc:
             if not (self.engine.is_closed and _closing_only(exc)):
                 raise
