@@ -31,11 +31,38 @@ __all__ = [
     "check_read",
     "check_request",
     "check_wait",
+    "url_count",
+    "url_number",
 ]
 
 #: The longest a lease may last without renewal, in seconds (a day): a lease elects a
 #: leader, whose standbys wait out its ttl when it dies.
 MAX_LEASE_TTL = 86400.0
+
+
+def url_number(text: str) -> float:
+    """A URL option's number in ASCII notation (``2``, ``0.5``, ``1e3``, ``inf``; the caller
+    checks the range).
+
+    Raises:
+        ValueError: It is not one. ``float()`` alone also reads other scripts' digits
+            (``"٩"``) and underscores (``"1_0"``), which a URL does not mean.
+    """
+    if not text.isascii() or "_" in text:
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)
+
+
+def url_count(text: str) -> int:
+    """A URL option's whole number: ASCII digits, at most 18 of them (the caller checks the
+    range).
+
+    Raises:
+        ValueError: It is not one.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def _rev(rev: object, name: str, error: type[Exception]) -> None:

@@ -230,9 +230,9 @@ PASSWORD_ENV: Final = "FLOWSTATE_ETCD_PASSWORD"
 _FILE_OPTIONS: Final = ("ca", "cert", "key")
 # URL query options and how each one is parsed.
 _OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {
-    "timeout": float,
-    "max_txn_ops": int,
-    "max_request_bytes": int,
+    "timeout": _args.url_number,
+    "max_txn_ops": _args.url_count,
+    "max_request_bytes": _args.url_count,
 }
 _POS_LEN = 21  # b"%016x/%04x"
 
@@ -2251,9 +2251,13 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
             raise InvalidURLError(f"bad etcd endpoint {text!r}: put IPv6 hosts in brackets")
     if not host:
         raise InvalidURLError(f"bad etcd endpoint {text!r}: no host")
+    if not host.isprintable() or any(char.isspace() for char in host):
+        raise InvalidURLError(f"bad etcd endpoint {text!r}: a space or control character")
     if not port_text:
         return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not (
+        0 < int(port_text) < 65536
+    ):
         raise InvalidURLError(f"bad etcd endpoint {text!r}: the port must be 1-65535")
     return host, int(port_text)
 

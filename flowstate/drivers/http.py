@@ -180,7 +180,7 @@ class HTTPDriver(Driver):
         for key, value in pairs:
             if key == "timeout":
                 try:
-                    options["timeout"] = float(value)
+                    options["timeout"] = _args.url_number(value)
                 except ValueError:
                     raise InvalidURLError(f"{url!r}: timeout must be a number") from None
                 low, high = TIMEOUT_RANGE

@@ -792,15 +792,18 @@ class PostgresDriver(Driver):
                 options[key] = value
             elif key in ("timeout", "connect_timeout"):
                 try:
-                    options[key] = float(value)
+                    options[key] = _args.url_number(value)
                 except ValueError:
                     raise InvalidURLError(
                         f"{shown!r}: {key} must be a number of seconds, not {value!r}"
                     ) from None
             elif key == "pool_size":
-                if not (value.isascii() and value.isdigit()):
-                    raise InvalidURLError(f"{shown!r}: pool_size must be an int, not {value!r}")
-                options[key] = int(value)
+                try:
+                    options[key] = _args.url_count(value)
+                except ValueError:
+                    raise InvalidURLError(
+                        f"{shown!r}: pool_size must be an int, not {value!r}"
+                    ) from None
             else:
                 kept.append((key, value))
         dsn = f"postgresql://{location}" + (f"?{urlencode(kept)}" if kept else "")

@@ -689,7 +689,7 @@ class SQLiteDriver(Driver):
                 options[key] = value == "1"
             elif key in ("poll_interval", "busy_timeout"):
                 try:
-                    options[key] = float(value)
+                    options[key] = _args.url_number(value)
                 except ValueError:
                     raise InvalidURLError(
                         f"{url!r}: {key} must be a number of seconds, not {value!r}"

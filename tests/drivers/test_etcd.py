@@ -161,6 +161,13 @@ def test_url(
         ("etcd://h:1/fs?ttl=3", "unknown option 'ttl'"),
         ("etcd://h:1/fs?timeout", "malformed"),
         ("etcd://h:1/fs#top", "fragment"),
+        ("etcd://h:%C2%B2/fs", "the port must be 1-65535"),  # "²" is a digit to isdigit()
+        ("etcd://h:\u0663/fs", "the port must be 1-65535"),  # an Arabic-Indic three
+        ("etcd://h:" + "9" * 5000 + "/fs", "the port must be 1-65535"),
+        ("etcd://ho\nst:1/fs", "a space or control character"),
+        ("etcd://ho st:1/fs", "a space or control character"),
+        ("etcd://h:1/fs?max_txn_ops=1_28", "must be a number"),
+        ("etcd://h:1/fs?timeout=%D9%A9", "must be a number"),
         ("http://h:1/fs", "not an etcd:// URL"),
     ],
 )

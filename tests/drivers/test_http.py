@@ -94,6 +94,7 @@ def test_url(url: str, base: str, options: dict[str, object]) -> None:
         ("http://host:1?timeout=inf", "from 0.001 to 3600"),
         ("http://host:1?timeout=nan", "from 0.001 to 3600"),
         ("http://host:1?timeout=soon", "timeout must be a number"),
+        ("http://host:1?timeout=%D9%A9", "timeout must be a number"),
         ("http://host:1/\udc80", "not valid Unicode text"),
         ("http://host:1?ca=/x.pem", "unknown option 'ca'"),
         ("https://host:1?nope=1", "known options: timeout, ca"),

@@ -172,6 +172,7 @@ def test_url(url: str, dsn: str, options: dict[str, object]) -> None:
         ("postgresql://h/db?pool_size=1001", "pool_size must be an int from 1 to 1000"),
         ("postgresql://h/db?pool_size=99999999999999999999", "pool_size must be"),
         ("postgresql://h/db?timeout=inf", "timeout must be"),
+        ("postgresql://h/db?timeout=1_0", "number of seconds"),
         ("postgresql://h/db?timeout=nan", "timeout must be"),
         ("postgresql://h/db?connect_timeout=3601", "at most 3600"),
         ("postgresql://h:port/db", "must be a number"),

@@ -141,6 +141,12 @@ def test_numeric_url_options_are_bounded(option: str) -> None:
         fs.open_driver(f"sqlite:///x.db?{option}")
 
 
+@pytest.mark.parametrize("value", ["%D9%A9", "1_0", "%C2%B2"])  # "٩" (nine), "1_0", "²"
+def test_numbers_in_url_options_are_ascii_decimals(value: str) -> None:
+    with pytest.raises(fs.InvalidURLError, match="must be a number of seconds, not"):
+        fs.open_driver(f"sqlite:///x.db?poll_interval={value}")
+
+
 def test_percent_decoding_keeps_a_relative_path_relative() -> None:
     with pytest.raises(fs.InvalidURLError, match=r"decodes to the absolute path '/tmp/x\.db'"):
         fs.open_driver("sqlite:///%2Ftmp%2Fx.db")
