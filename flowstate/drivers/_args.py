@@ -6,16 +6,18 @@ own services call them too. Each method checks its arguments first with these, s
 one gets ``InvalidQueryError`` or ``InvalidCommandError`` on every driver alike, before any
 backend sees it (rather than an ``OverflowError`` from a 64-bit column, a
 ``UnicodeEncodeError`` from a lone surrogate, or an answer that differs between drivers).
+The numbers in driver URLs are read here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from flowstate._checks import MAX_REV, as_utc, describe, is_int, is_number, is_rev, is_text
 from flowstate._query import MAX_LIMIT
 from flowstate._state import check_id, check_strings
-from flowstate.errors import InvalidCommandError, InvalidQueryError
+from flowstate.errors import InvalidCommandError, InvalidQueryError, InvalidURLError
 
 if TYPE_CHECKING:
     import datetime
@@ -40,29 +42,30 @@ __all__ = [
 MAX_LEASE_TTL = 86400.0
 
 
-def url_number(text: str) -> float:
-    """A URL option's number in ASCII notation (``2``, ``0.5``, ``1e3``, ``inf``; the caller
-    checks the range).
+def url_number(shown: str, key: str, value: str, unit: str = "") -> float:
+    """The number a URL option ``key`` gives in ASCII notation (``2``, ``0.5``, ``1e3``,
+    ``inf``; the caller checks the range). ``float()`` alone also reads other scripts'
+    digits (``"٩"``) and underscores (``"1_0"``), which a URL does not mean.
 
     Raises:
-        ValueError: It is not one. ``float()`` alone also reads other scripts' digits
-            (``"٩"``) and underscores (``"1_0"``), which a URL does not mean.
+        InvalidURLError: It is not one (``shown`` is the URL as errors may show it).
     """
-    if not text.isascii() or "_" in text:
-        raise ValueError(f"not a number: {text!r}")
-    return float(text)
+    if value.isascii() and "_" not in value:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    raise InvalidURLError(f"{shown!r}: {key} must be a number{unit}, not {value!r}")
 
 
-def url_count(text: str) -> int:
-    """A URL option's whole number: ASCII digits, at most 18 of them (the caller checks the
-    range).
+def url_count(shown: str, key: str, value: str) -> int:
+    """The whole number a URL option ``key`` gives: ASCII digits, at most 18 of them (the
+    caller checks the range).
 
     Raises:
-        ValueError: It is not one.
+        InvalidURLError: It is not one.
     """
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise ValueError(f"not a whole number: {text!r}")
-    return int(text)
+    if value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    raise InvalidURLError(f"{shown!r}: {key} must be an int, not {value!r}")
 
 
 def _rev(rev: object, name: str, error: type[Exception]) -> None:

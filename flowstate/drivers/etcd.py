@@ -229,7 +229,7 @@ PASSWORD_ENV: Final = "FLOWSTATE_ETCD_PASSWORD"
 # URL options naming the PEM files of a TLS connection.
 _FILE_OPTIONS: Final = ("ca", "cert", "key")
 # URL query options and how each one is parsed.
-_OPTIONS: Final[dict[str, Callable[[str], float | int]]] = {
+_OPTIONS: Final[dict[str, Callable[[str, str, str], float | int]]] = {
     "timeout": _args.url_number,
     "max_txn_ops": _args.url_count,
     "max_request_bytes": _args.url_count,
@@ -855,10 +855,7 @@ class EtcdDriver(Driver):
             if parse is None:
                 known = ", ".join([*_OPTIONS, *_FILE_OPTIONS])
                 raise InvalidURLError(f"{shown!r}: unknown option {key!r}; known options: {known}")
-            try:
-                options[key] = parse(value)
-            except ValueError:
-                raise InvalidURLError(f"{shown!r}: {key} must be a number, not {value!r}") from None
+            options[key] = parse(shown, key, value)
         prefix = unquote(path).removesuffix("/")
         try:
             return cls(netloc.split(","), prefix or DEFAULT_PREFIX, **options)

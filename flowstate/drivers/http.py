@@ -179,10 +179,7 @@ class HTTPDriver(Driver):
             raise InvalidURLError(f"{url!r}: malformed query string ({exc})") from None
         for key, value in pairs:
             if key == "timeout":
-                try:
-                    options["timeout"] = _args.url_number(value)
-                except ValueError:
-                    raise InvalidURLError(f"{url!r}: timeout must be a number") from None
+                options["timeout"] = _args.url_number(url, key, value)
                 low, high = TIMEOUT_RANGE
                 if not low <= options["timeout"] <= high:
                     raise InvalidURLError(

@@ -791,19 +791,9 @@ class PostgresDriver(Driver):
             if key == "schema":
                 options[key] = value
             elif key in ("timeout", "connect_timeout"):
-                try:
-                    options[key] = _args.url_number(value)
-                except ValueError:
-                    raise InvalidURLError(
-                        f"{shown!r}: {key} must be a number of seconds, not {value!r}"
-                    ) from None
+                options[key] = _args.url_number(shown, key, value, " of seconds")
             elif key == "pool_size":
-                try:
-                    options[key] = _args.url_count(value)
-                except ValueError:
-                    raise InvalidURLError(
-                        f"{shown!r}: pool_size must be an int, not {value!r}"
-                    ) from None
+                options[key] = _args.url_count(shown, key, value)
             else:
                 kept.append((key, value))
         dsn = f"postgresql://{location}" + (f"?{urlencode(kept)}" if kept else "")

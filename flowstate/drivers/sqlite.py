@@ -688,12 +688,7 @@ class SQLiteDriver(Driver):
                     raise InvalidURLError(f"{url!r}: create must be 0 or 1, not {value!r}")
                 options[key] = value == "1"
             elif key in ("poll_interval", "busy_timeout"):
-                try:
-                    options[key] = _args.url_number(value)
-                except ValueError:
-                    raise InvalidURLError(
-                        f"{url!r}: {key} must be a number of seconds, not {value!r}"
-                    ) from None
+                options[key] = _args.url_number(url, key, value, " of seconds")
             else:
                 raise InvalidURLError(
                     f"{url!r}: unknown option {key!r}; "

@@ -166,7 +166,7 @@ def test_url(
         ("etcd://h:" + "9" * 5000 + "/fs", "the port must be 1-65535"),
         ("etcd://ho\nst:1/fs", "a space or control character"),
         ("etcd://ho st:1/fs", "a space or control character"),
-        ("etcd://h:1/fs?max_txn_ops=1_28", "must be a number"),
+        ("etcd://h:1/fs?max_txn_ops=1_28", "max_txn_ops must be an int"),
         ("etcd://h:1/fs?timeout=%D9%A9", "must be a number"),
         ("http://h:1/fs", "not an etcd:// URL"),
     ],
