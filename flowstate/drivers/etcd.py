@@ -2252,11 +2252,11 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
         raise InvalidURLError(f"bad etcd endpoint {text!r}: a space or control character")
     if not port_text:
         return host, DEFAULT_PORT
-    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not (
-        0 < int(port_text) < 65536
-    ):
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    port = int(port_text) if digits else 0
+    if not 0 < port < 65536:
         raise InvalidURLError(f"bad etcd endpoint {text!r}: the port must be 1-65535")
-    return host, int(port_text)
+    return host, port
 
 
 def _redact(url: str) -> str:

@@ -13,11 +13,12 @@ URL:
     1000) and ``connect_timeout`` (seconds to establish one connection; default
     ``timeout``). Every other part of the URL is handed to asyncpg as it is: several
     ``host:port`` pairs, ``sslmode``, ``sslrootcert``, ``target_session_attrs``,
-    ``application_name``... (any other query option becomes a server setting). The password comes from the ``PGPASSWORD``
-    environment variable or a ``.pgpass`` file (``PGPASSFILE``), as with libpq, and never
-    from the URL: ``user:password@`` or ``?password=`` is refused (URLs end up in shell
-    histories, process lists and logs). flowstate shows no secret: not in its logs, errors or
-    reprs (an ``sslpassword`` for an encrypted client key shows as ``***``).
+    ``application_name``... (any other query option becomes a server setting). The
+    password comes from the ``PGPASSWORD`` environment variable or a ``.pgpass`` file
+    (``PGPASSFILE``), as with libpq, and never from the URL: ``user:password@`` or
+    ``?password=`` is refused (URLs end up in shell histories, process lists and logs).
+    flowstate shows no secret: not in its logs, errors or reprs (an ``sslpassword`` for an
+    encrypted client key shows as ``***``).
 
 Schema (version 1, recorded in ``fs_meta``; every name below lives in the store's schema)::
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import heapq
 import logging
 import time
@@ -209,15 +210,12 @@ class _LeaderService:
         group = asyncio.TaskGroup()
         await group.__aenter__()
         self._task_group = group
+        work: Callable[[], Awaitable[None]]
         if isinstance(driver, SupportsLease):
             self._election = Election(
                 driver, self.lease_name, ttl=self.lease_ttl, on_change=self._on_change
             )
-            election = self._election
-
-            async def work() -> None:
-                await election.run(self._lead)
-
+            work = functools.partial(self._election.run, self._lead)
         else:
             logger.warning(
                 "%r has no leases: %s leads unconditionally", driver, type(self).__name__
