@@ -900,8 +900,9 @@ def new_flow(
     labels = {OWNER: owner, CONTROLLER: controller, RUNTIME: runtime}
     ctx = fs.StateCtx.new(flow_id, labels=labels)
     if runtime == "pipeline":
-        # A run bounds its own retries (each step's attempts, crashed ones included); the
-        # recoverer's limit is a backstop for a run no process can execute.
+        # A run bounds its own retries (each step's retries, and LOST_ATTEMPTS for attempts
+        # whose process stopped); the recoverer's limit is a backstop for a run no process
+        # can execute.
         fs.recovery.set_max_attempts(ctx, RUN_RECOVERY_ATTEMPTS)
         fs.recovery.set_on_exhausted(ctx, EXHAUSTED_FLOW)
     payload = {

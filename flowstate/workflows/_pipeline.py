@@ -22,6 +22,8 @@ __all__ = ["END", "Pipeline", "Step", "StepContext", "StepFn"]
 END: Final = "end"
 #: Where a pipeline's runs rest their transition: the flow id its executor is registered under.
 FLOW_PREFIX: Final = "flowstate.pipeline."
+#: Timeouts and backoffs are shorter than this many seconds.
+MAX_SECONDS: Final = 1e9
 
 
 @frozen(kw_only=True)
@@ -49,6 +51,10 @@ StepFn: TypeAlias = Callable[[StepContext], Awaitable[Any]]
 """A step: ``async def fn(step: StepContext) -> output`` (the output is JSON)."""
 
 
+async def _missing(step: StepContext) -> None:
+    """Stands in for a task's missing function while a definition's problems are listed."""
+
+
 @frozen
 class Step:
     """One step of a pipeline.
@@ -58,7 +64,8 @@ class Step:
         fn: ``async def fn(step: StepContext) -> output``.
         timeout: Seconds an attempt may take; it is cancelled after that (an error). None:
             no limit.
-        retries: How many more attempts an error (an exception or a timeout) gets.
+        retries: How many more attempts an error (an exception or a timeout) gets. An
+            attempt whose process stopped does not count: the recoverer runs the step again.
         backoff: Seconds before the first retry; each further retry waits twice as long as
             the one before, up to ``max_backoff``.
         max_backoff: The longest wait between two attempts.
@@ -95,17 +102,20 @@ class Step:
             ("backoff", self.backoff, False),
             ("max_backoff", self.max_backoff, False),
         )
-        for name, value, allow_none in numbers:
-            if value is None and allow_none:
+        for name, value, is_timeout in numbers:
+            if value is None and is_timeout:
                 continue
+            # Below 1e9 s (31 years): a retry's due time must stay a datetime.
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-                or (name == "timeout" and value == 0)
+                or not (0 <= value < MAX_SECONDS)
+                or (is_timeout and value == 0)
             ):
-                found.append(f"{where}: {name} must be a number of seconds > 0, not {value!r}")
+                low = "> 0" if is_timeout else ">= 0"
+                found.append(
+                    f"{where}: {name} must be a number of seconds {low} and < 1e9, not {value!r}"
+                )
         retries: object = self.retries
         if type(retries) is not int or retries < 0:
             found.append(f"{where}: retries must be an int >= 0, not {retries!r}")
@@ -286,8 +296,10 @@ class Pipeline:
         flow = raw.get("flow")
         if not isinstance(flow, Mapping):
             raise DefinitionError(['the definition needs a "flow" object'])
-        if not isinstance(tasks, Mapping):
-            raise DefinitionError(["tasks must map task names to step functions"])
+        given: object = tasks  # callers may pass anything, whatever the annotation says
+        functions = given if isinstance(given, Mapping) else None
+        if functions is None:
+            problems.append("tasks must map task names to step functions")
         pipeline_id = flow.get("id")
         if not isinstance(pipeline_id, str) or not pipeline_id:
             problems.append('"flow.id" must be a non-empty string')
@@ -322,25 +334,28 @@ class Pipeline:
                 continue
             if isinstance(condition.get("name"), str):
                 where = f"condition {condition['name']!r}"
+            # Every part is checked, whatever is wrong with the others.
             source = condition.get("source_task")
+            usable = True
             if source not in names:
                 problems.append(f"{where}: source_task {source!r} is not a task")
-                continue
-            if source in branches:
+                usable = False
+            elif source in branches:
                 problems.append(f"{where}: task {source!r} has a condition already")
-                continue
+                usable = False
             outcome = condition.get("outcome", "success")
             if outcome not in ("success", "failure"):
                 problems.append(f"{where}: outcome must be 'success' or 'failure', not {outcome!r}")
-                continue
+                usable = False
             targets = []
             for key in ("target_task_success", "target_task_failure"):
                 target = condition.get(key)
                 if target != END and target not in names:
                     problems.append(f"{where}: {key} {target!r} is neither a task nor 'end'")
                 targets.append(target)
-            met, unmet = targets
-            branches[source] = (met, unmet) if outcome == "success" else (unmet, met)
+            if usable and isinstance(source, str):
+                met, unmet = targets
+                branches[source] = (met, unmet) if outcome == "success" else (unmet, met)
         start = flow.get("start_task")
         if start not in names:
             problems.append(f'"flow.start_task" {start!r} is not a task')
@@ -351,10 +366,11 @@ class Pipeline:
                 continue
             if pipeline._steps.get(task_name) is not None:
                 continue
-            fn = tasks.get(task_name)
+            fn = None if functions is None else functions.get(task_name)
             if fn is None:
-                problems.append(f"no function for task {task_name!r} (pass it in tasks=)")
-                continue
+                if functions is not None:
+                    problems.append(f"no function for task {task_name!r} (pass it in tasks=)")
+                fn = _missing  # its options are still checked
             on_success, on_failure = branches.get(task_name, (END, None))
             options: dict[str, Any] = {}
             for key in ("timeout", "retries", "backoff", "max_backoff"):

@@ -3,7 +3,8 @@
 A run is a managed flow of runtime ``pipeline``. Its record's ``run`` holds the progress: the
 current ``step``, its ``attempt`` and the ``phase`` (``pending``: nothing started yet;
 ``started``: that attempt is running; ``backoff``: it failed and the next attempt is due at
-``retry_at``). The flowstate state is *running* at the pipeline's flow id the whole time, so
+``retry_at``), and ``lost``, how many of the step's attempts stopped without an outcome (their
+process stopped), when any did. The flowstate state is *running* at the pipeline's flow id the whole time, so
 the recoverer retries a run whose executor died.
 
 Claiming is a compare-and-set: an executor starts an attempt only by committing
@@ -63,6 +64,11 @@ DEFINITION: Final = "pipeline"
 #: through another process stops a longer step; a shorter one ends first, and the cancel
 #: discards its end.
 FOLLOW_CANCELS_AFTER: Final = 0.2
+
+#: How many attempts of one step may stop without an outcome (their process stopped) before
+#: the step counts as failed. Such attempts do not use up the step's ``retries``: those are
+#: for the step's own errors.
+LOST_ATTEMPTS: Final = 100
 
 
 def new_progress(pipeline: Pipeline) -> dict[str, Any]:
@@ -296,6 +302,7 @@ class PipelineExecutor:
         if flow.status.is_terminal or run is None or flow.id in self._hand_back:
             return None  # over, or handed back (a stopping worker) before its first claim
         phase, step_id, attempt = run["phase"], run["step"], run["attempt"]
+        lost = run.get("lost", 0)
         extra: list[tuple[str, dict[str, Any]]] = []
         if phase == STARTED:
             if fs.recovery.attempt(state) == 0 or any(
@@ -305,11 +312,15 @@ class PipelineExecutor:
                 # A live executor runs it: the recoverer says when it is not, but a step
                 # that outlasts its retry_after still runs here, and will commit its end.
                 return None
-            # Its executor stopped mid-attempt: that attempt failed.
+            # Its executor stopped mid-attempt: that attempt failed, and the step runs again.
+            lost += 1
             error = f"attempt {attempt} stopped without an outcome (its process stopped)"
             extra.append(("step_failed", {"step": step_id, "attempt": attempt, "error": error}))
-            if attempt > self.pipeline.step(step_id).retries:
-                reason = f"step {step_id!r} failed after {attempt} attempts: {error}"
+            if lost >= LOST_ATTEMPTS:
+                reason = (
+                    f"step {step_id!r} failed: its process stopped during {lost} of its "
+                    f"{attempt} attempts"
+                )
                 return self._branch(flow, record, step_id, "failure", reason, extra, decision)
         if record.cancel_requested:
             return _first(cancelled(flow, record, how="requested"), extra)
@@ -318,7 +329,7 @@ class PipelineExecutor:
             if due > time.time():
                 decision.action, decision.until = "wait", due
                 return None
-        return self._claim(flow, record, step_id, attempt + 1, extra, decision)
+        return self._claim(flow, record, step_id, attempt + 1, extra, decision, lost=lost)
 
     def _plan_done(
         self,
@@ -358,8 +369,9 @@ class PipelineExecutor:
         if record.cancel_requested:
             # Asked to stop: no retry.
             return _first(cancelled(flow, record, how="requested"), [("step_failed", payload)])
-        if attempt <= step.retries:
-            delay = step.delay(attempt)
+        lost = run.get("lost", 0)
+        if attempt - lost <= step.retries:
+            delay = step.delay(attempt - lost)
             due = _now() + datetime.timedelta(seconds=delay)
             payload["retry_in"] = delay
             payload["retry_at"] = retry_at = iso(due)
@@ -369,6 +381,8 @@ class PipelineExecutor:
                 "phase": BACKOFF,
                 "retry_at": retry_at,
             }
+            if lost:
+                record.run["lost"] = lost
             decision.action, decision.until = "wait", due.timestamp()
             return Change(
                 status=flow.status,
@@ -428,9 +442,14 @@ class PipelineExecutor:
         attempt: int,
         events: list[tuple[str, dict[str, Any]]],
         decision: _Decision,
+        *,
+        lost: int = 0,
     ) -> Change:
-        """Start attempt ``attempt`` of ``step_id`` (event ``step_started``)."""
+        """Start attempt ``attempt`` of ``step_id`` (event ``step_started``); ``lost`` of the
+        step's attempts before it stopped without an outcome."""
         record.run = {"step": step_id, "attempt": attempt, "phase": STARTED}
+        if lost:
+            record.run["lost"] = lost
         record.current_step = step_id
         decision.action, decision.step, decision.attempt = "run", step_id, attempt
         started = Change(

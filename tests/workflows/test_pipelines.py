@@ -14,6 +14,7 @@ import pytest
 
 import flowstate as fs
 import flowstate.workflows._manager as manager_module
+import flowstate.workflows._runs as runs_module
 from flowstate.drivers.base import Driver
 from flowstate.workflows import (
     DefinitionError,
@@ -456,8 +457,12 @@ async def test_a_run_no_process_can_run_fails_once_its_recovery_is_spent(
     assert [f.id for f in await elsewhere.list(status="running")] == []
 
 
-async def test_a_crashed_run_is_retried_from_its_step(new_driver: Callable[[], Driver]) -> None:
-    calls: Calls = collections.Counter()
+async def crash_mid_charge(
+    new_driver: Callable[[], Driver], calls: Calls, *, errors: int = 0
+) -> tuple[ManagedFlow, Callable[[], Pipeline]]:
+    """Start a run of reserve -> charge -> ship (no retries) whose first charge attempt is
+    cut by its engine closing, as a crash would leave it; ``errors`` attempts after that one
+    raise, the next one succeeds."""
     started = asyncio.Event()
 
     async def charge(step: StepContext) -> Any:
@@ -465,13 +470,15 @@ async def test_a_crashed_run_is_retried_from_its_step(new_driver: Callable[[], D
         if step.attempt == 1:
             started.set()
             await asyncio.sleep(60)  # the process dies in here
+        if step.attempt <= 1 + errors:
+            raise RuntimeError("declined")
         return "charged"
 
     def pipeline() -> Pipeline:
         return (
             Pipeline("crash")
             .add_step(Step("reserve", recorder(calls)))
-            .add_step(Step("charge", charge, retries=1))
+            .add_step(Step("charge", charge, retries=errors, backoff=0))
             .add_step(Step("ship", recorder(calls)))
         )
 
@@ -480,21 +487,52 @@ async def test_a_crashed_run_is_retried_from_its_step(new_driver: Callable[[], D
         flows.register(pipeline())
         run = await flows.execute("crash")
         await started.wait()
-    # The engine closed mid-step, as a crash would leave it: charge attempt 1 started.
+    return run, pipeline
+
+
+@pytest.mark.parametrize("errors", [0, 1])
+async def test_a_crashed_run_is_retried_from_its_step(
+    new_driver: Callable[[], Driver], errors: int
+) -> None:
+    # The lost attempt does not use up the step's retries: with none, the step runs again;
+    # with one, an error after the crash still gets its retry.
+    calls: Calls = collections.Counter()
+    run, pipeline = await crash_mid_charge(new_driver, calls, errors=errors)
     async with fs.Engine(new_driver()) as engine:
         flows = FlowManager(engine)
         flows.register(pipeline())
         async with fs.Recoverer(engine, retry_after=0.2, tick=0.05):
             done = await flows.result(run.id, timeout=20)
     assert done.status == "finished"
-    assert calls == {("reserve", 1): 1, ("charge", 1): 1, ("charge", 2): 1, ("ship", 1): 1}
+    charges = {("charge", n): 1 for n in range(1, errors + 3)}
+    assert calls == {("reserve", 1): 1, **charges, ("ship", 1): 1}
     steps = [(s.task, s.attempt, s.status) for s in await flows_steps(new_driver, run)]
     assert steps == [
         ("reserve", 1, "completed"),
-        ("charge", 1, "failed"),
-        ("charge", 2, "completed"),
+        *[("charge", n, "failed") for n in range(1, errors + 2)],
+        ("charge", errors + 2, "completed"),
         ("ship", 1, "completed"),
     ]
+
+
+async def test_a_step_whose_process_keeps_stopping_fails(
+    new_driver: Callable[[], Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs_module, "LOST_ATTEMPTS", 1)
+    calls: Calls = collections.Counter()
+    run, pipeline = await crash_mid_charge(new_driver, calls)
+    async with fs.Engine(new_driver()) as engine:
+        flows = FlowManager(engine)
+        flows.register(pipeline())
+        async with fs.Recoverer(engine, retry_after=0.2, tick=0.05):
+            done = await flows.result(run.id, timeout=20)
+        events = await flows.events(run.id)
+    assert done.status == "failed"
+    assert calls == {("reserve", 1): 1, ("charge", 1): 1}
+    assert events[-1].kind == "failed"
+    assert events[-1].payload["reason"] == (
+        "step 'charge' failed: its process stopped during 1 of its 1 attempts"
+    )
 
 
 async def flows_steps(new_driver: Callable[[], Driver], run: ManagedFlow) -> list[Any]:
@@ -660,7 +698,7 @@ def test_a_definition_reports_every_problem_at_once() -> None:
                 {"name": "a", "timeout": -1},
                 {"name": "a"},
                 {"name": "b", "retries": -2},
-                {"name": "c"},
+                {"name": "c", "timeout": 0},
             ],
             "conditions": [
                 {
@@ -668,26 +706,42 @@ def test_a_definition_reports_every_problem_at_once() -> None:
                     "target_task_success": "nowhere",
                     "target_task_failure": "end",
                 },
-                {"source_task": "ghost", "target_task_success": "b", "target_task_failure": "b"},
+                {
+                    "source_task": "ghost",
+                    "outcome": "maybe",
+                    "target_task_success": "b",
+                    "target_task_failure": "elsewhere",
+                },
             ],
         }
     }
     with pytest.raises(DefinitionError) as info:
         Pipeline.from_definition(bad, tasks={"a": recorder(collections.Counter())})
     problems = info.value.problems
-    assert len(problems) == 7, problems
+    assert len(problems) == 11, problems
     text = "\n".join(problems)
     for fragment in [
         "start_task\" 'missing' is not a task",
         "two tasks are called 'a'",
         "'nowhere' is neither a task nor 'end'",
         "source_task 'ghost'",
+        "outcome must be 'success' or 'failure', not 'maybe'",
+        "'elsewhere' is neither a task nor 'end'",
         "no function for task 'b'",
+        "step 'b': retries must be an int >= 0, not -2",
         "no function for task 'c'",
-        "timeout must be a number of seconds > 0, not -1",
+        "step 'a': timeout must be a number of seconds > 0 and < 1e9, not -1",
+        "step 'c': timeout must be a number of seconds > 0 and < 1e9, not 0",
     ]:
         assert fragment in text, f"{fragment!r} missing from {problems}"
     assert isinstance(info.value, ValueError)
+    # Without a mapping of functions, the definition is still checked whole.
+    with pytest.raises(DefinitionError) as info:
+        Pipeline.from_definition(bad, tasks=[recorder(collections.Counter())])  # type: ignore[arg-type]
+    problems = info.value.problems
+    assert problems[0] == "tasks must map task names to step functions"
+    assert len(problems) == 10, problems
+    assert not any("no function" in problem for problem in problems)
     for definition in ["{not json", "[]", {"flow": []}, {"flow": {"tasks": []}}]:
         with pytest.raises(DefinitionError):
             Pipeline.from_definition(definition, tasks={})  # type: ignore[arg-type]
