@@ -29,6 +29,10 @@ logger = logging.getLogger("flowstate")
 # pause drawn between half and all of that, so that many watchers do not retry in step).
 _FIRST_RETRY = 0.05
 _MAX_RETRY = 1.0
+# A caught-up watcher with an unavailable_timeout reads again after half that timeout of quiet
+# (from 0.25 s to 5 s): a store that went down while nothing was committed is noticed too.
+_MIN_PROBE = 0.25
+_MAX_PROBE = 5.0
 
 
 class Signal:
@@ -71,9 +75,11 @@ class Watcher:
     The watcher rides out store outages: when a read fails with ``DriverUnavailableError`` it
     tries again, pausing between attempts (from 50 ms, doubling, at most 1 s), and goes on from
     its last revision, with no gap and no duplicate. It raises that error only once the store
-    has been unavailable for ``unavailable_timeout`` seconds (measured when a read fails; None:
-    keep trying). Any other error (a ``DriverError`` that is not ``DriverUnavailableError``,
-    a closed driver) is raised at once.
+    has been unavailable for ``unavailable_timeout`` seconds (measured from the first read that
+    fails; None: keep trying). A watcher that has caught up and has a timeout reads again after
+    half of it (from 0.25 s to 5 s) with nothing new, so that an outage while nothing is
+    committed is noticed too. Any other error (a ``DriverError`` that is not
+    ``DriverUnavailableError``, a closed driver) is raised at once.
     """
 
     _driver: Driver
@@ -162,11 +168,16 @@ class Watcher:
         self._outage_since = None
 
     async def _wait(self, rev: int) -> bool:
-        """Wait until the store reaches ``rev``. False when the engine or watcher closed."""
+        """Wait until the store reaches ``rev``, or (with an ``unavailable_timeout``) until it
+        is time to read again to find out whether the store is still there. False when the
+        engine or watcher closed."""
         waiter = asyncio.ensure_future(self._driver.wait_for_rev(rev))
         stops = (self._engine_closed.future(), self._closed.future())
+        probe = None
+        if self._unavailable_timeout is not None:
+            probe = min(max(self._unavailable_timeout / 2, _MIN_PROBE), _MAX_PROBE)
         try:
-            await asyncio.wait((waiter, *stops), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((waiter, *stops), timeout=probe, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -178,7 +189,8 @@ class Watcher:
                 # same turn: that error says nothing more, but must be retrieved.
                 waiter.exception()
             return False
-        waiter.result()  # re-raise a driver failure
+        if not waiter.cancelled():  # cancelled: time to read again
+            waiter.result()  # re-raise a driver failure
         return True
 
     async def aclose(self) -> None:

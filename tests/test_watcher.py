@@ -256,6 +256,36 @@ async def test_unavailable_timeout_bounds_an_outage(
     assert driver.failed_reads > 2, "it retried until the limit"
 
 
+async def test_a_caught_up_watcher_notices_an_outage(
+    flaky: tuple[_FlakyReads, fs.Engine],
+) -> None:
+    # Nothing is committed while the store is down, so no wake-up comes: the watcher reads
+    # again after half its timeout of quiet, and raises once the outage outlasts it.
+    driver, engine = flaky
+    async with engine.watch(unavailable_timeout=0.4) as watcher:
+        assert [(await anext(watcher)).id for _ in range(3)] == ["s0", "s1", "s2"]
+        driver.error = fs.DriverUnavailableError("down")
+        started = time.monotonic()
+        with pytest.raises(fs.DriverUnavailableError, match="down"):
+            await asyncio.wait_for(anext(watcher), 10)
+    assert time.monotonic() - started >= 0.4
+    assert driver.failed_reads > 1
+
+
+async def test_a_caught_up_watcher_goes_on_after_a_shorter_outage(
+    flaky: tuple[_FlakyReads, fs.Engine],
+) -> None:
+    driver, engine = flaky
+    async with engine.watch(unavailable_timeout=2) as watcher:
+        assert [(await anext(watcher)).id for _ in range(3)] == ["s0", "s1", "s2"]
+        driver.error = fs.DriverUnavailableError("down")
+        following = asyncio.ensure_future(anext(watcher))
+        await driver.failures(2)
+        driver.error = None
+        await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new("s3"), "a")))
+        assert (await asyncio.wait_for(following, 10)).id == "s3"
+
+
 async def test_no_timeout_keeps_trying_until_the_store_is_back(
     flaky: tuple[_FlakyReads, fs.Engine],
 ) -> None:
