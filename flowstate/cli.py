@@ -229,7 +229,13 @@ def _pairs(mapping: dict[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(mapping.items())) or "-"
 
 
+# Control characters in a cell (a tab or a newline in an id or a label) would break its table:
+# they are shown escaped, as Python writes them.
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(32), *range(127, 160))}
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
+    rows = [[cell.translate(_ESCAPED) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

@@ -123,12 +123,14 @@ class NotFoundError(FlowstateError, LookupError):
 class FlowNotFoundError(NotFoundError):
     """No flow is registered under the requested id."""
 
-    def __init__(self, flow_id: str) -> None:
+    def __init__(self, flow_id: str, message: str | None = None) -> None:
         self.flow_id = flow_id
-        super().__init__(f"no flow registered under {flow_id!r}; register it with engine.flows")
+        super().__init__(
+            message or f"no flow registered under {flow_id!r}; register it with engine.flows"
+        )
 
-    def __reduce__(self) -> tuple[type[FlowNotFoundError], tuple[str]]:
-        return (type(self), (self.flow_id,))
+    def __reduce__(self) -> tuple[type[FlowNotFoundError], tuple[str, str]]:
+        return (type(self), (self.flow_id, str(self)))
 
 
 class UnknownDriverError(FlowstateError, LookupError):

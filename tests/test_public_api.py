@@ -89,6 +89,8 @@ def test_errors_pickle_and_say_what_happened() -> None:
     missing = pickle.loads(pickle.dumps(fs.FlowNotFoundError("ship")))
     assert missing.flow_id == "ship"
     assert "ship" in str(missing)
+    told = pickle.loads(pickle.dumps(fs.FlowNotFoundError("ship", "no pipeline 'ship'")))
+    assert (told.flow_id, str(told)) == ("ship", "no pipeline 'ship'")
 
 
 @pytest.mark.parametrize(

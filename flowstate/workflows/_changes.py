@@ -188,7 +188,9 @@ def stage_step(ctx: fs.StateCtx, flow_id: str, step: StepRecord, status: StepSta
             step.started_at = step.ended_at
     committed = ctx.committed
     if step.created_at is None and committed.rev:
-        step.created_at = committed.committed_at  # a new step's is its first commit's time
+        # A step's creation is its first commit: stored once the step is updated.
+        step.created_at = committed.committed_at
+        step.created_rev = committed.rev
     state = ctx.current
     state.labels.update({FLOW_ID: flow_id, STATUS: str(status)})
     state.annotations[STEP] = encode(step)

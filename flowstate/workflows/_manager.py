@@ -407,7 +407,8 @@ class FlowManager:
         Raises:
             NotFoundError: No managed flow has the observation's ``flow_id``.
             InvalidCommandError: The observation is not as documented (an unknown status, a
-                result that is not JSON); nothing was written.
+                result that is not JSON), or the flow is a pipeline run (its steps are its
+                pipeline's attempts); nothing was written.
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
         if not isinstance(observation, StepObservation):
@@ -435,6 +436,8 @@ class FlowManager:
         staged: list[fs.StateCtx] = []
 
         async def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
+            # A run's steps are its pipeline's attempts, read from its own history.
+            _check_driven(flow)
             step_ctx = await self._step_ctx(sid)
             staged[:] = [step_ctx]
             known = read_step(step_ctx.committed) if step_ctx.committed.rev else None
@@ -467,7 +470,7 @@ class FlowManager:
                 also=(step_ctx,),
             )
 
-        await self._mutate(observation.flow_id, plan, keep=flow_run_flow)
+        await self._mutate(observation.flow_id, plan)
         return step_of(staged[0].committed)
 
     async def _step_ctx(self, sid: str) -> fs.StateCtx:
@@ -548,10 +551,18 @@ class FlowManager:
 
         Raises:
             FlowNotFoundError: None is.
+            InvalidCommandError: ``pipeline_id`` is not a non-empty string.
         """
-        executor = self.engine.flows.get(FLOW_PREFIX + str(pipeline_id))
+        given: object = pipeline_id  # callers may pass anything, whatever the annotation says
+        if not isinstance(given, str) or not given:
+            raise fs.InvalidCommandError(f"a pipeline id must be a non-empty string, not {given!r}")
+        executor = self.engine.flows.get(FLOW_PREFIX + pipeline_id)
         if not isinstance(executor, PipelineExecutor):
-            raise fs.FlowNotFoundError(str(pipeline_id))
+            raise fs.FlowNotFoundError(
+                pipeline_id,
+                f"no pipeline registered under {pipeline_id!r}; register it with "
+                "FlowManager.register",
+            )
         return executor.pipeline
 
     async def execute(
@@ -749,9 +760,17 @@ class FlowManager:
         if flow.runtime == "pipeline":
             return run_steps(flow_id, [s async for s in self.engine.iter_states(id=flow_id)])
         query = fs.StatesQuery(labels={FLOW_ID: flow_id}, latest_only=True)
-        found = [step_of(state) async for state in self.engine.iter_states(query) if is_step(state)]
-        found.sort(key=lambda step: (step.created_at, step.id))
-        return found
+        found: builtins.list[tuple[tuple[datetime.datetime, int, str], FlowStep]] = []
+        async for state in self.engine.iter_states(query):
+            if is_step(state):
+                record = read_step(state)
+                step = step_of(state, record)
+                # A step never updated is at its first revision. (Steps recorded by
+                # flowstate 0.1 lack the revision: their time orders them.)
+                first = record.created_rev or (state.rev if record.created_at is None else 0)
+                found.append(((step.created_at, first, step.id), step))
+        found.sort(key=lambda item: item[0])
+        return [step for _, step in found]
 
     def watch(
         self,

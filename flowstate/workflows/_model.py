@@ -16,6 +16,7 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 
 import flowstate as fs
+from flowstate._checks import describe
 from flowstate.errors import AlreadyTerminalError, InvalidTransitionError
 
 __all__ = [
@@ -287,6 +288,8 @@ class StepRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     child_session_key: str | None = None
     created_at: datetime.datetime | None = None
+    #: The revision of the step's first version (steps are listed in this order).
+    created_rev: int = 0
     started_at: datetime.datetime | None = None
     ended_at: datetime.datetime | None = None
 
@@ -328,29 +331,51 @@ def json_bytes(value: object, what: str) -> bytes:
     """``value`` as JSON.
 
     Raises:
-        InvalidCommandError: ``value`` cannot be encoded as JSON.
+        InvalidCommandError: ``value`` is not JSON: it holds something other than dicts (with
+            str or int keys), lists, tuples, str, int, float, bool and None, or a float that
+            is NaN or infinite.
     """
     try:
         raw = _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
+        problem = _not_json(value)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise fs.InvalidCommandError(f"{what} is not JSON-encodable: {exc}") from None
-    # JSON has no NaN or infinity: the encoder writes them as null, which would lose them.
-    if b"null" in raw and _non_finite(value):
-        raise fs.InvalidCommandError(
-            f"{what} holds NaN or infinity, which JSON cannot store (they would come back as null)"
-        )
+    if problem is not None:
+        raise fs.InvalidCommandError(f"{what} {problem}")
     return raw
 
 
-def _non_finite(value: object) -> bool:
-    """True when a float in ``value`` (inside its dicts, lists and tuples) is NaN or infinite."""
+def _not_json(value: object) -> str | None:
+    """What in ``value`` JSON cannot hold as it is; None when it can hold all of it.
+
+    The encoder writes more than JSON's own types (bytes as base64, datetimes and sets, for
+    example), which would come back as something else: strings and lists.
+    """
+    if value is None or isinstance(value, str | int):  # bool is an int
+        return None
     if isinstance(value, float):
-        return not math.isfinite(value)
+        if math.isfinite(value):
+            return None
+        # The encoder writes them as null, which would lose them.
+        return "holds NaN or infinity, which JSON cannot store (they would come back as null)"
     if isinstance(value, dict):
-        return any(_non_finite(item) for item in value.values())
+        for key, item in value.items():
+            if not isinstance(key, str | int) or isinstance(key, bool):
+                return f"has the key {describe(key)}; JSON object keys are strings (or ints)"
+            problem = _not_json(item)
+            if problem is not None:
+                return problem
+        return None
     if isinstance(value, list | tuple):
-        return any(_non_finite(item) for item in value)
-    return False
+        for item in value:
+            problem = _not_json(item)
+            if problem is not None:
+                return problem
+        return None
+    return (
+        f"holds a {type(value).__name__} ({describe(value)}), which JSON has no type for (it would "
+        "come back as something else): use str, int, float, bool, None, lists and dicts"
+    )
 
 
 def is_flow(state: fs.State) -> bool:

@@ -58,6 +58,21 @@ def test_flows_lists_latest_versions(
     assert "no managed flows match" in capsys.readouterr().out
 
 
+def test_control_characters_are_shown_escaped_in_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/odd.db"
+
+    async def fill() -> None:
+        async with fs.Engine(url) as engine:
+            await FlowManager(engine).create(controller="in\tbox", owner="kät\x1b", id="a\nb")
+
+    asyncio.run(fill())
+    assert main(["flows", url]) == 0
+    _header, row = capsys.readouterr().out.splitlines()
+    assert row.split()[:5] == ["a\\nb", "created", "kät\\x1b", "in\\tbox", "managed"]
+
+
 def test_flow_shows_steps_and_events(
     store: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -483,6 +483,23 @@ async def test_record_step_upserts(engine: fs.Engine, flows: FlowManager) -> Non
         )
 
 
+async def test_steps_are_listed_in_the_order_they_were_first_recorded(
+    flows: FlowManager,
+) -> None:
+    # Recorded within a millisecond or so of each other: the order is not the names'.
+    flow = await flows.create_mirrored(controller="agent")
+    names = ["z", "a", "m", "b", "y"]
+    for name in names:
+        await flows.record_step(
+            StepObservation(flow_id=flow.id, run_id=name, task="t", status="running")
+        )
+    for name in ("b", "z"):  # updates do not move a step
+        await flows.record_step(
+            StepObservation(flow_id=flow.id, run_id=name, task="t", status="completed")
+        )
+    assert [step.run_id for step in await flows.steps(flow.id)] == names
+
+
 async def test_a_step_of_a_missing_flow_is_refused(engine: fs.Engine, flows: FlowManager) -> None:
     head = await engine.driver.head_rev()
     with pytest.raises(fs.NotFoundError, match="no managed flow 'nobody'"):
@@ -577,6 +594,11 @@ NOT_JSON: list[Any] = [
     # JSON has no NaN or infinity; stored, they would come back as null.
     {"x": math.nan},
     {"x": [1.0, {"y": -math.inf}]},
+    # The encoder writes these, but they would come back as strings or lists.
+    {"x": b"bytes"},
+    {"x": [datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)]},
+    {"x": {"y": {1, 2}}},
+    {"x": {(1, 2): "tuple key"}},
     None,
 ]
 

@@ -23,6 +23,7 @@ from flowstate.workflows import (
     Pipeline,
     Step,
     StepContext,
+    StepObservation,
 )
 from tests.workflows.steps import Forever
 
@@ -237,18 +238,20 @@ async def test_branches_jump_and_end(flows: FlowManager) -> None:
 
 async def test_an_output_that_is_not_json_fails_the_attempt(flows: FlowManager) -> None:
     async def odd(step: StepContext) -> Any:
-        return [object(), {"ratio": math.nan}, ["fine"]][step.attempt - 1]
+        return [object(), {"ratio": math.nan}, {"raw": b"bytes"}, ["fine"]][step.attempt - 1]
 
-    flows.register(Pipeline("odd").add_step(Step("odd", odd, retries=2, backoff=0.01)))
+    flows.register(Pipeline("odd").add_step(Step("odd", odd, retries=3, backoff=0.01)))
     done = await flows.result((await flows.execute("odd")).id, timeout=20)
     assert done.status == "finished"
-    first, second, third = await flows.steps(done.id)
-    assert (first.status, second.status) == ("failed", "failed")
+    first, second, third, fourth = await flows.steps(done.id)
+    assert (first.status, second.status, third.status) == ("failed", "failed", "failed")
     assert first.error is not None
     assert "not JSON-encodable" in first.error
     assert second.error is not None
     assert "NaN or infinity" in second.error
-    assert (third.status, third.result) == ("completed", ["fine"])
+    assert third.error is not None
+    assert "holds a bytes (b'bytes')" in third.error
+    assert (fourth.status, fourth.result) == ("completed", ["fine"])
 
 
 async def test_a_run_that_never_waits_can_be_cancelled(flows: FlowManager) -> None:
@@ -566,18 +569,27 @@ async def test_duplicate_executors_run_each_step_once(engine: fs.Engine) -> None
 async def test_bad_requests(engine: fs.Engine, flows: FlowManager) -> None:
     flows.register(Pipeline("p").add_step(Step("s", recorder(collections.Counter()))))
     head = await engine.driver.head_rev()
-    with pytest.raises(fs.FlowNotFoundError, match="nope"):
+    with pytest.raises(
+        fs.FlowNotFoundError,
+        match="no pipeline registered under 'nope'; register it with FlowManager.register",
+    ):
         await flows.execute("nope")
+    for bad in (None, "", 7):
+        with pytest.raises(fs.InvalidCommandError, match="a pipeline id must be a non-empty"):
+            await flows.execute(bad)  # type: ignore[arg-type]
     with pytest.raises(fs.InvalidCommandError):
         await flows.execute("p", input={"x": object()})
     assert await engine.driver.head_rev() == head
     run = await flows.execute("p", enqueue=True)
-    calls: list[Callable[[], Awaitable[ManagedFlow]]] = [
+    calls: list[Callable[[], Awaitable[object]]] = [
         lambda: flows.start(run.id),
         lambda: flows.finish(run.id),
         lambda: flows.fail(run.id, "no"),
         lambda: flows.update_state(run.id, {"x": 1}),
         lambda: flows.wait(run.id, {"kind": "approval"}),
+        lambda: flows.record_step(
+            StepObservation(flow_id=run.id, run_id="r", task="t", status="running")
+        ),
     ]
     for call in calls:
         with pytest.raises(fs.InvalidCommandError, match="pipeline"):
