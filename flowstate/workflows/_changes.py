@@ -29,7 +29,6 @@ from flowstate.workflows._model import (
     iso,
     read_record,
 )
-from flowstate.workflows._pipeline import FLOW_PREFIX
 
 __all__ = [
     "Change",
@@ -170,10 +169,11 @@ def _timer_of(record: Record) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(wait["at"])
 
 
-def flow_run_flow(flow: ManagedFlow, record: Record) -> str | None:
-    """The flow a running pipeline run goes on running at; None for other flows."""
-    if flow.runtime == "pipeline" and flow.status is FlowStatus.RUNNING and flow.pipeline:
-        return FLOW_PREFIX + flow.pipeline
+def flow_run_flow(state: fs.State, flow: ManagedFlow) -> str | None:
+    """The flow a running pipeline run goes on running at (the one its version ``state`` runs
+    at: its own definition's executor); None for other flows."""
+    if flow.runtime == "pipeline" and flow.status is FlowStatus.RUNNING and state.transition.to:
+        return state.transition.to
     return None
 
 

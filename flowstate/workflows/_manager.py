@@ -323,9 +323,11 @@ class FlowManager:
         """
 
         backoff = False
+        runs_at = ""
 
         def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
-            nonlocal backoff
+            nonlocal backoff, runs_at
+            runs_at = state.transition.to
             check_move(flow.id, flow.status, None)
             if record.cancel_requested:
                 return None
@@ -334,7 +336,7 @@ class FlowManager:
             return Change(status=flow.status, record=record, event="cancel_requested")
 
         asked = await self._mutate(flow_id, plan, keep=flow_run_flow)
-        executor = self._executor(asked)
+        executor = self._executor(runs_at)
         if backoff and executor is not None:
             executor.cancel_local(asked.id)  # a run waiting to retry a step stops now
         return asked
@@ -350,14 +352,18 @@ class FlowManager:
             ConflictError: Other writers kept winning for ``attempts`` tries.
         """
 
+        runs_at = ""
+
         def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
+            nonlocal runs_at
+            runs_at = state.transition.to
             run = record.run or {}
             if run.get("phase") == "started":
                 return cancelled(flow, record, how="cancel", step=run["step"])
             return cancelled(flow, record, how="cancel")
 
         done = await self._mutate(flow_id, plan)
-        executor = self._executor(done)
+        executor = self._executor(runs_at)
         if executor is not None:
             executor.cancel_local(done.id)
         return done
@@ -493,10 +499,14 @@ class FlowManager:
     # -- pipelines -----------------------------------------------------------------------------
 
     def register(self, pipeline: Pipeline) -> None:
-        """Make this engine run ``pipeline``'s runs (in every process that runs its steps).
+        """Make this engine run ``pipeline``'s runs (in every process that runs its steps),
+        and :meth:`execute` start new runs of its id with it.
 
         Registers the pipeline's executor as the flow :attr:`Pipeline.flow_id` of the engine,
-        replacing an earlier registration of the same id.
+        replacing an earlier registration of the same id. A pipeline built from a JSON
+        definition has the definition's digest in its flow id: registering another
+        definition under the same pipeline id leaves the runs of the earlier one running
+        with it.
 
         Raises:
             DefinitionError: The pipeline has problems; it lists every one of them.
@@ -504,7 +514,21 @@ class FlowManager:
         if not isinstance(pipeline, Pipeline):
             raise fs.InvalidCommandError(f"register takes a Pipeline, not {pipeline!r}")
         pipeline.validate()
-        self.engine.flows.register(pipeline.flow_id, PipelineExecutor(pipeline))
+        self._register(pipeline, current=True)
+
+    def _register(self, pipeline: Pipeline, *, current: bool) -> None:
+        """Register ``pipeline``'s executor under its flow id; ``current``: also as the
+        pipeline ``execute`` starts (otherwise only when its id has none yet)."""
+        flows = self.engine.flows
+        flow_id, latest = pipeline.flow_id, FLOW_PREFIX + pipeline.id
+        executor = flows.get(flow_id)
+        if not (isinstance(executor, PipelineExecutor) and _same(executor.pipeline, pipeline)):
+            # The same definition with the same functions keeps its executor, which knows
+            # the attempts it runs (cancel reaches them through it).
+            executor = PipelineExecutor(pipeline)
+            flows.register(flow_id, executor)
+        if flow_id != latest and (current or latest not in flows):
+            flows.register(latest, executor)
 
     async def adopt(self, run: fs.State, tasks: Mapping[str, StepFn]) -> Pipeline:
         """Make this engine able to run ``run``: unless its pipeline is registered already,
@@ -538,12 +562,13 @@ class FlowManager:
                 f"Python, so register it ({flow_id!r}) in this process"
             ) from None
         pipeline = Pipeline.from_definition(blob, tasks=tasks)
-        if pipeline.flow_id != flow_id:
+        # A run started before flow ids carried the digest runs at the pipeline's plain id.
+        if flow_id not in (pipeline.flow_id, FLOW_PREFIX + pipeline.id):
             raise fs.NotFoundError(
                 f"the definition stored with {run.id!r} is of {pipeline.flow_id!r}, "
                 f"not of {flow_id!r}"
             )
-        self.register(pipeline)
+        self._register(pipeline, current=False)
         return pipeline
 
     def pipeline(self, pipeline_id: str) -> Pipeline:
@@ -625,10 +650,9 @@ class FlowManager:
                         return version
         raise fs.ClosedError("the engine closed while waiting for the result")
 
-    def _executor(self, flow: ManagedFlow) -> PipelineExecutor | None:
-        if flow.pipeline is None:
-            return None
-        executor = self.engine.flows.get(FLOW_PREFIX + flow.pipeline)
+    def _executor(self, flow_id: str) -> PipelineExecutor | None:
+        """The executor registered under ``flow_id`` (where a run's version runs), if any."""
+        executor = self.engine.flows.get(flow_id) if flow_id else None
         return executor if isinstance(executor, PipelineExecutor) else None
 
     # -- reads ---------------------------------------------------------------------------------
@@ -812,7 +836,7 @@ class FlowManager:
         flow_id: str,
         plan: Plan,
         *,
-        keep: Callable[[ManagedFlow, Record], str | None] | None = None,
+        keep: Callable[[fs.State, ManagedFlow], str | None] | None = None,
     ) -> ManagedFlow:
         """Read, plan, commit; read again and retry on a conflict.
 
@@ -843,7 +867,7 @@ class FlowManager:
                         ctx = None
                         continue
                     if keep is not None and change.flow is None and not change.status.is_terminal:
-                        change = attrs.evolve(change, flow=keep(flow, record))
+                        change = attrs.evolve(change, flow=keep(ctx.committed, flow))
                     return await self._commit(ctx, change)
                 except fs.ConflictError as exc:
                     error = exc
@@ -1067,6 +1091,12 @@ async def fail_exhausted_run(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
     step = (record.run or {}).get("step")
     details = {} if step is None else {"step": step}
     return stage(ctx, failed(flow, record, f"no process could run it: {why}", **details))
+
+
+def _same(one: Pipeline, other: Pipeline) -> bool:
+    """True when two pipelines run their runs alike: the same steps (functions, options and
+    branches), start and name."""
+    return (one.steps, one.start, one.name) == (other.steps, other.start, other.name)
 
 
 # -- argument checks --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ JSON definitions in the flow-manager microservice format (``Pipeline.from_defini
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeAlias
@@ -169,13 +170,19 @@ class Pipeline:
         self._following: dict[str, str] = {}
         #: The JSON definition the pipeline was built from, if it was.
         self.definition: dict[str, Any] | None = None
+        self._digest = ""  # of the definition: two definitions of one id run side by side
 
     def __repr__(self) -> str:
         return f"Pipeline({self.id!r}, steps={[s.id for s in self._order]!r})"
 
     @property
     def flow_id(self) -> str:
-        """The flow id its runs' transitions point at (their executor's)."""
+        """The flow id its runs' transitions point at (their executor's):
+        ``flowstate.pipeline.<id>``, and for a pipeline built from a JSON definition
+        ``@<digest of the definition>`` after it, so that each run goes on with the
+        definition it was started with when another one is posted under the same id."""
+        if self._digest:
+            return f"{FLOW_PREFIX}{self.id}@{self._digest}"
         return FLOW_PREFIX + self.id
 
     @property
@@ -385,4 +392,6 @@ class Pipeline:
         if problems:
             raise DefinitionError(list(dict.fromkeys(problems)))  # each problem once
         pipeline.definition = dict(raw)
+        canonical = msgspec.json.encode(raw, order="sorted")
+        pipeline._digest = hashlib.sha256(canonical).hexdigest()[:16]
         return pipeline

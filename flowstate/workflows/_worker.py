@@ -53,7 +53,10 @@ def workflow_flows(*pipelines: Pipeline) -> dict[str, fs.Flow]:
     }
     for pipeline in pipelines:
         pipeline.validate()
-        flows[pipeline.flow_id] = PipelineExecutor(pipeline)
+        executor = flows[pipeline.flow_id] = PipelineExecutor(pipeline)
+        # A pipeline built from a definition also answers to its plain id (the last one
+        # given of that id), as FlowManager.register makes it.
+        flows[FLOW_PREFIX + pipeline.id] = executor
     return flows
 
 

@@ -571,7 +571,7 @@ async def test_bad_requests(engine: fs.Engine, flows: FlowManager) -> None:
     head = await engine.driver.head_rev()
     with pytest.raises(
         fs.FlowNotFoundError,
-        match="no pipeline registered under 'nope'; register it with FlowManager.register",
+        match=r"no pipeline registered under 'nope'; register it with FlowManager\.register",
     ):
         await flows.execute("nope")
     for bad in (None, "", 7):
@@ -699,6 +699,71 @@ async def test_a_run_posted_as_json_is_adopted_by_another_engine(engine: fs.Engi
         done = await other.result(run.id, timeout=20)
     assert done.status == "finished"
     assert set(calls) == {("task1", 1), ("task2", 1), ("task3", 1)}
+
+
+def two_definitions(then: str) -> dict[str, Any]:
+    """A definition of pipeline "px": "first", then ``then``."""
+    return {
+        "flow": {
+            "id": "px",
+            "start_task": "first",
+            "tasks": [{"name": "first"}, {"name": then}],
+            "conditions": [
+                {"source_task": "first", "target_task_success": then, "target_task_failure": "end"}
+            ],
+        }
+    }
+
+
+async def test_runs_keep_their_definition_when_another_is_posted_under_its_id(
+    flows: FlowManager,
+) -> None:
+    calls: Calls = collections.Counter()
+    gate = asyncio.Event()
+
+    async def first(step: StepContext) -> Any:
+        calls[("first", step.attempt)] += 1
+        await gate.wait()
+        return {"status": "success"}
+
+    tasks = {"first": first, "b": recorder(calls), "c": recorder(calls)}
+    one = Pipeline.from_definition(two_definitions("b"), tasks=tasks)
+    other = Pipeline.from_definition(two_definitions("c"), tasks=tasks)
+    assert one.flow_id != other.flow_id
+    assert one.flow_id.startswith("flowstate.pipeline.px@")
+    assert Pipeline.from_definition(two_definitions("b"), tasks=tasks).flow_id == one.flow_id
+    flows.register(one)
+    earlier = await flows.execute("px")
+    flows.register(other)
+    assert flows.pipeline("px") is other
+    later = await flows.execute("px")
+    gate.set()
+    for run, then in ((earlier, "b"), (later, "c")):
+        done = await flows.result(run.id, timeout=20)
+        assert done.status == "finished"
+        assert [s.task for s in await flows.steps(run.id)] == ["first", then]
+
+
+async def test_an_adopted_run_keeps_its_definition(engine: fs.Engine) -> None:
+    calls: Calls = collections.Counter()
+    tasks = {name: recorder(calls) for name in ("first", "b", "c")}
+    submitter = FlowManager(engine)
+    submitter.register(Pipeline.from_definition(two_definitions("b"), tasks=tasks))
+    earlier = await submitter.execute("px", enqueue=True)
+    async with fs.Engine(engine.driver) as restarted:
+        flows = FlowManager(restarted)
+        # Posted after a restart, before the adopter saw the earlier run.
+        posted = Pipeline.from_definition(two_definitions("c"), tasks=tasks)
+        flows.register(posted)
+        state = (await restarted.get_state(earlier.id)).committed
+        adopted = await flows.adopt(state, tasks)
+        assert adopted.flow_id == state.transition.to != posted.flow_id
+        assert flows.pipeline("px") is posted, "new runs still start with the posted one"
+        later = await flows.execute("px")
+        await restarted.do(fs.Execute(fs.StateCtx.of(state)))
+        for run, then in ((earlier, "b"), (later, "c")):
+            assert (await flows.result(run.id, timeout=20)).status == "finished"
+            assert [s.task for s in await flows.steps(run.id)] == ["first", then]
 
 
 def test_a_definition_reports_every_problem_at_once() -> None:
