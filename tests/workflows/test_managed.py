@@ -4,6 +4,7 @@ waits, observed steps and the audit trail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import math
 from collections.abc import Awaitable, Callable
@@ -270,18 +271,21 @@ async def test_twelve_concurrent_updates_all_land(flows: FlowManager) -> None:
     assert len(updates) == 12
 
 
-async def test_writers_that_do_not_share_a_manager_retry(engine: fs.Engine) -> None:
-    # Managers on one engine share no lock: like processes, they meet at the compare-and-set.
+async def test_writers_on_other_engines_retry(engine: fs.Engine) -> None:
+    # Managers of one engine wait for each other; those of other engines (as in other
+    # processes) share no lock: they meet at the compare-and-set, and retry.
     setup = FlowManager(engine)
     flow = await flow_in(setup, "running")
-    managers = [FlowManager(engine, attempts=30) for _ in range(4)]
-    await asyncio.gather(
-        *(
-            m.update_state(flow.id, {f"m{n}k{i}": i})
-            for n, m in enumerate(managers)
-            for i in range(3)
+    async with contextlib.AsyncExitStack() as stack:
+        engines = [await stack.enter_async_context(fs.Engine(engine.driver)) for _ in range(4)]
+        managers = [FlowManager(other, attempts=30) for other in engines]
+        await asyncio.gather(
+            *(
+                m.update_state(flow.id, {f"m{n}k{i}": i})
+                for n, m in enumerate(managers)
+                for i in range(3)
+            )
         )
-    )
     assert len((await setup.get(flow.id)).state) == 12
 
 
