@@ -20,9 +20,9 @@ URL:
     flowstate shows no secret: not in its logs, errors or reprs (an ``sslpassword`` for an
     encrypted client key shows as ``***``).
 
-Schema (version 1, recorded in ``fs_meta``; every name below lives in the store's schema)::
+Schema (version 2, recorded in ``fs_meta``; every name below lives in the store's schema)::
 
-    fs_meta(key PRIMARY KEY, value)     ('schema_version', '1')
+    fs_meta(key PRIMARY KEY, value)     ('schema_version', '2')
     fs_head(rev, at_ms)                 one row: the head revision and its commit time (ms);
         the lock every commit takes
     fs_log(rev PRIMARY KEY, id, committed_at, state)    every version: committed_at in ms
@@ -33,6 +33,10 @@ Schema (version 1, recorded in ``fs_meta``; every name below lives in the store'
         guard, and the index of ``latest_only`` queries
     fs_labels(key, value, rev) PRIMARY KEY   one row per label of each version, so a label
         filter reads only matching versions
+    fs_latest_labels(key, value, rev) PRIMARY KEY   the same rows for latest versions only,
+        indexed by rev too (``fs_latest_labels_rev``): a ``latest_only`` label filter reads
+        only the states that match now, however long their history (version 2). A commit
+        deletes the rows of each state's previous version and inserts its new version's rows
     fs_data(id, alias, rev) PRIMARY KEY, blob   data versions
     fs_delays(rev PRIMARY KEY, to_flow, due)    delays, bound to the version at ``rev``
     fs_leases(name PRIMARY KEY, holder, token, ttl, expires_at)   leases
@@ -41,7 +45,12 @@ Schema (version 1, recorded in ``fs_meta``; every name below lives in the store'
 The first ``open()`` creates the schema under an advisory lock (processes opening a new
 store together create it once). A schema written by a newer flowstate is refused with
 ``SchemaVersionError``; a schema holding tables flowstate did not create is refused with
-``DriverError``; a later release migrates older schemas forward in one transaction.
+``DriverError``. An older schema is migrated forward in one transaction, under the same lock,
+by the first ``open()`` that finds it; commits wait for it, and it must finish within
+``timeout`` (give ``open()`` a longer one for a large store). Processes of the older flowstate
+that are still running go on working: from then on their commits run the new ``fs_commit``
+(one of theirs already waiting when the migration starts fails with ``DriverError`` and
+writes nothing).
 
 Revisions and visibility:
     Every commit runs ``fs_commit``, one server-side function called in one statement (one
@@ -72,16 +81,20 @@ Group commit:
     fails.
 
 Costs:
-    A commit of one state with one label inserts a log row, a label row and upserts its
-    ``fs_latest`` row; a group updates the head row once. Reads cost one round trip: a state
-    by id or revision is a primary-key lookup; a page walks the log (no filter), one state's
-    history (``id``, through the ``(id, rev)`` index), ``fs_latest`` (``latest_only``) or the
-    label postings of one pair per AND-map (the pair with the fewest postings, counted in one
-    extra round trip, up to 1,024 each, when a map has several pairs), checking the other
-    filters on each version by primary key. The head row is the one point of
-    contention: a store commits one transaction at a time, and the lock is held until the
-    transaction is durable, so with ``fsync`` on a store writes at most one transaction per
-    flush of the WAL, across all its processes. Group commit is what spreads that cost: one
+    A commit of one state with one label inserts a log row, a label row and a latest-label
+    row, deletes its previous version's latest-label rows and upserts its ``fs_latest`` row
+    (each one statement per table for the whole group); a group updates the head row once.
+    Reads cost one round trip: a state by id or revision is a primary-key lookup; a page
+    walks the log (no filter), one state's history (``id``, through the ``(id, rev)``
+    index), ``fs_latest`` (``latest_only``) or the label postings of one pair per AND-map
+    (those of latest versions only, in ``fs_latest_labels``, when ``latest_only``; the pair
+    with the fewest postings, counted in one extra round trip, up to 1,024 each, when a map
+    has several pairs), checking the other filters on each version by primary key. The
+    latest-label rows that commits delete still cost a ``latest_only`` label page index reads
+    until (auto)vacuum reclaims them. The head row is the one point of contention: a store
+    commits one transaction at a time, and the lock is held until the transaction is
+    durable, so with ``fsync`` on a store writes at most one transaction per flush of the
+    WAL, across all its processes. Group commit is what spreads that cost: one
     process with 64 flows writes their 64 commits in one transaction, where 64 connections
     committing one state each would wait for 64 flushes in turn.
 
@@ -177,7 +190,7 @@ logger = logging.getLogger("flowstate.drivers.postgres")
 T = TypeVar("T")
 
 #: The schema version this release writes and reads (``fs_meta``).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 DEFAULT_SCHEMA: Final = "flowstate"
 DEFAULT_TIMEOUT: Final = 10.0
@@ -251,7 +264,7 @@ def _channel(schema: str) -> str:
     return "flowstate:" + hashlib.sha256(schema.encode()).hexdigest()[:40]
 
 
-_SCHEMA_DDL = """
+_TABLES_DDL = """
 CREATE TABLE {s}.fs_meta (
     key text PRIMARY KEY,
     value text NOT NULL
@@ -299,12 +312,28 @@ CREATE TABLE {s}.fs_leases (
     expires_at timestamptz NOT NULL
 );
 CREATE SEQUENCE {s}.fs_lease_tokens;
+"""
 
+# The labels of latest versions only (schema version 2): what ``latest_only`` label filters
+# walk. The index on rev finds the rows a commit drops.
+_LATEST_LABELS_DDL = """
+CREATE TABLE {s}.fs_latest_labels (
+    key text NOT NULL,
+    value text NOT NULL,
+    rev bigint NOT NULL,
+    PRIMARY KEY (key, value, rev)
+);
+CREATE INDEX fs_latest_labels_rev ON {s}.fs_latest_labels (rev);
+"""
+
+# CREATE OR REPLACE: migration 2 replaces version 1's function (same signature) in place, so
+# processes of an older flowstate that still run call this one from then on.
+_COMMIT_DDL = """
 -- One call commits a group of commits: w_commit numbers the commit of each write (1, 2, ...;
 -- ascending), the l_/d_/y_ arrays hold labels, data and delays by write number (1-based).
 -- Returns the head after the call, the commit time, and per write the revision found in
 -- fs_latest and the revision written (0 when its commit conflicted).
-CREATE FUNCTION {s}.fs_commit(
+CREATE OR REPLACE FUNCTION {s}.fs_commit(
     w_commit integer[], w_id text[], w_expected bigint[], w_state bytea[],
     l_write integer[], l_key text[], l_value text[],
     d_write integer[], d_alias text[], d_blob bytea[],
@@ -325,7 +354,7 @@ BEGIN
             WITH ORDINALITY AS t(c, id, expected, state, i)
         LEFT JOIN {s}.fs_latest AS x ON x.id = t.id
     ), ok AS (
-        SELECT w.i, w.id, w.state, old_head + row_number() OVER (ORDER BY w.i) AS rev
+        SELECT w.i, w.id, w.state, w.stored, old_head + row_number() OVER (ORDER BY w.i) AS rev
         FROM w
         WHERE w.c NOT IN (SELECT f.c FROM w AS f WHERE f.stored <> f.expected)
     ), put_log AS (
@@ -335,10 +364,18 @@ BEGIN
         INSERT INTO {s}.fs_latest (id, rev)
         SELECT ok.id, ok.rev FROM ok
         ON CONFLICT (id) DO UPDATE SET rev = excluded.rev
-    ), put_labels AS (
-        INSERT INTO {s}.fs_labels (key, value, rev)
+    ), labels AS (
         SELECT l.k, l.v, ok.rev
         FROM unnest(l_write, l_key, l_value) AS l(i, k, v) JOIN ok ON ok.i = l.i
+    ), put_labels AS (
+        INSERT INTO {s}.fs_labels (key, value, rev) SELECT k, v, rev FROM labels
+    ), drop_latest_labels AS (
+        -- The versions the written states had are latest no more. An array, so that the
+        -- rev index finds their rows whatever the planner guesses of the group's size.
+        DELETE FROM {s}.fs_latest_labels AS z
+        WHERE z.rev = ANY (ARRAY(SELECT ok.stored FROM ok WHERE ok.stored > 0))
+    ), put_latest_labels AS (
+        INSERT INTO {s}.fs_latest_labels (key, value, rev) SELECT k, v, rev FROM labels
     ), put_data AS (
         INSERT INTO {s}.fs_data (id, alias, rev, blob)
         SELECT ok.id, d.a, ok.rev, d.b
@@ -359,7 +396,9 @@ BEGIN
     END IF;
 END
 $fn$;
+"""
 
+_TIME_REV_DDL = """
 -- The revision before the first version committed at or after threshold_ms. Commit times
 -- never decrease along revisions, so this is a binary search over the log's primary key.
 -- STABLE: every statement in it reads the snapshot of the query that calls it.
@@ -386,9 +425,27 @@ BEGIN
     RETURN low - 1;
 END
 $fn$;
-
-INSERT INTO {s}.fs_meta (key, value) VALUES ('schema_version', {version});
 """
+
+_SCHEMA_DDL = (
+    _TABLES_DDL
+    + _LATEST_LABELS_DDL
+    + _COMMIT_DDL
+    + _TIME_REV_DDL
+    + "INSERT INTO {s}.fs_meta (key, value) VALUES ('schema_version', {version});\n"
+)
+
+# What takes a store from the version before each key to that version, in the transaction of
+# ``PostgresDriver._migrate``. Version 2 indexes the labels of the latest versions there are,
+# and replaces the commit function with one that keeps that index up to date.
+_MIGRATIONS: Final = {
+    2: _LATEST_LABELS_DDL
+    + """
+INSERT INTO {s}.fs_latest_labels (key, value, rev)
+SELECT l.key, l.value, l.rev FROM {s}.fs_labels AS l JOIN {s}.fs_latest AS x ON x.rev = l.rev;
+"""
+    + _COMMIT_DDL,
+}
 
 
 class _Sql:
@@ -396,9 +453,17 @@ class _Sql:
 
     def __init__(self, schema: str) -> None:
         s = self.schema = _quote(schema)
-        self.ddl = _SCHEMA_DDL.format(
-            s=s, channel=_literal(_channel(schema)), version=_literal(str(SCHEMA_VERSION))
+        channel = _literal(_channel(schema))
+        self.ddl = _SCHEMA_DDL.format(s=s, channel=channel, version=_literal(str(SCHEMA_VERSION)))
+        self.migrations = {
+            version: ddl.format(s=s, channel=channel) for version, ddl in _MIGRATIONS.items()
+        }
+        # See PostgresDriver._migrate.
+        self.replace_head = (
+            f"WITH old AS (DELETE FROM {s}.fs_head RETURNING one, rev, at_ms) "
+            f"INSERT INTO {s}.fs_head (one, rev, at_ms) SELECT one, rev, at_ms FROM old"
         )
+        self.set_version = f"UPDATE {s}.fs_meta SET value = $1 WHERE key = 'schema_version'"
         placeholders = ", ".join(f"${n}" for n in range(1, 14))
         self.commit = f"SELECT * FROM {s}.fs_commit({placeholders})"
         self.head = f"SELECT rev FROM {s}.fs_head"
@@ -445,6 +510,7 @@ class _Sql:
             f"(SELECT count(*) FROM (SELECT 1 FROM {s}.fs_labels WHERE key = {{}} "
             f"AND value = {{}} AND rev > {{}} LIMIT {_PROBE_CAP}) p)"
         )
+        self.probe_latest = self.probe.replace(".fs_labels ", ".fs_latest_labels ")
 
 
 class _Params:
@@ -466,7 +532,9 @@ def _page_sql(
     The candidates come from one index walk per AND-map (or one state's history); every other
     filter is an ``EXISTS`` probe of a primary key or unique index on each candidate. ``OFFSET
     0`` in those probes keeps PostgreSQL from turning them into joins that read a whole
-    posting list: the cost of a page stays that of the candidates it looks at.
+    posting list: the cost of a page stays that of the candidates it looks at. A
+    ``latest_only`` label filter walks and probes ``fs_latest_labels``, which holds latest
+    versions only: versions that are latest no more cost it nothing, however long the history.
 
     ``leads`` holds each AND-map's pairs, the one to walk first. Returns the SQL and its
     parameters; the rows are ``(head, rev, committed_at, state)``, with one row of NULLs but
@@ -485,24 +553,21 @@ def _page_sql(
         if not leads:
             table = f"{s}.fs_latest" if query.latest_only else f"{s}.fs_log"
             return f"SELECT rev FROM {table} WHERE rev > {since} ORDER BY rev {order} LIMIT {limit}"
+        labels = f"{s}.fs_latest_labels" if query.latest_only else f"{s}.fs_labels"
         selects = []
         for pairs in leads:
             (key, value), others = pairs[0], pairs[1:]
             sql = [
                 (
-                    f"(SELECT a.rev FROM {s}.fs_labels a WHERE a.key = {p.add(key)} "
+                    f"(SELECT a.rev FROM {labels} a WHERE a.key = {p.add(key)} "
                     f"AND a.value = {p.add(value)} AND a.rev > {since}"
                 )
             ]
             for n, (other_key, other_value) in enumerate(others):
                 sql.append(
-                    f" AND EXISTS (SELECT 1 FROM {s}.fs_labels b{n} WHERE b{n}.key = "
+                    f" AND EXISTS (SELECT 1 FROM {labels} b{n} WHERE b{n}.key = "
                     f"{p.add(other_key)} AND b{n}.value = {p.add(other_value)} "
                     f"AND b{n}.rev = a.rev OFFSET 0)"
-                )
-            if query.latest_only:
-                sql.append(
-                    f" AND EXISTS (SELECT 1 FROM {s}.fs_latest x WHERE x.rev = a.rev OFFSET 0)"
                 )
             sql.append(f" ORDER BY a.rev {order} LIMIT {limit})")
             selects.append("".join(sql))
@@ -905,12 +970,13 @@ class PostgresDriver(Driver):
             raise
 
     async def _setup(self) -> int:
-        """Check or create the schema; return the head revision."""
+        """Check, create or migrate the schema; return the head revision."""
         async with self._pool.acquire() as conn:
             version = await self._schema_version(conn)
-            if version is None:
+            if version is None or version < SCHEMA_VERSION:
                 async with conn.transaction():
-                    # Processes opening a new store together create it once.
+                    # Processes opening a new or older store together create or migrate it
+                    # once: the others find it done when they get the lock.
                     await conn.execute(
                         "SELECT pg_advisory_xact_lock(hashtext($1))", f"flowstate:{self.schema}"
                     )
@@ -921,6 +987,8 @@ class PostgresDriver(Driver):
                                 f"no flowstate store in schema {self.schema!r} of {self._where()}"
                             )
                         await self._create_schema(conn)
+                    elif version < SCHEMA_VERSION:
+                        await self._migrate(conn, version)
             head: int = await conn.fetchval(self._sql.head)
             return head
 
@@ -963,6 +1031,30 @@ class PostgresDriver(Driver):
             await conn.execute(f"CREATE SCHEMA {self._sql.schema}")
         await conn.execute(self._sql.ddl)
         logger.info("created flowstate schema %r (version %d)", self.schema, SCHEMA_VERSION)
+
+    async def _migrate(self, conn: Any, version: int) -> None:
+        """Take the schema from ``version`` to :data:`SCHEMA_VERSION`, in the caller's
+        transaction (which holds the store's advisory lock).
+
+        The head row is deleted and put back first. That waits for the commit in progress and
+        holds every later one until the migration commits, so none can slip between the
+        migration's reads and its end. It also stops a commit of an older flowstate that is
+        already waiting for the head row when the migration starts: such a call runs the
+        commit function it started with, which knows nothing of the new tables, and would
+        leave them out of date; finding the row gone, it fails and writes nothing (PostgreSQL
+        refuses its revisions, which are NULL). Calls made after the migration run the new
+        function, whatever flowstate made them.
+        """
+        await conn.execute(self._sql.replace_head)
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute(self._sql.migrations[target])
+        await conn.execute(self._sql.set_version, str(SCHEMA_VERSION))
+        logger.info(
+            "migrated flowstate schema %r from version %d to %d",
+            self.schema,
+            version,
+            SCHEMA_VERSION,
+        )
 
     async def aclose(self) -> None:
         """Write the commits already accepted, stop listening and close the connections.
@@ -1330,7 +1422,7 @@ class PostgresDriver(Driver):
         if (label_sets and not leads) or (query.id is not None and "\x00" in query.id):
             return StatesPage(states=[], more=False, head_rev=await self.head_rev())
         if query.id is None and any(len(pairs) > 1 for pairs in leads):
-            leads = await self._order_pairs(leads, query.since_rev)
+            leads = await self._order_pairs(leads, query.since_rev, query.latest_only)
         sql, params = _page_sql(self._sql.schema, query, leads)
         rows = await self._read("query", lambda c: c.fetch(sql, *params))
         head = rows[0][0]
@@ -1341,15 +1433,17 @@ class PostgresDriver(Driver):
         return StatesPage(states=states, more=len(rows) > limit, head_rev=head)
 
     async def _order_pairs(
-        self, leads: list[list[tuple[str, str]]], since_rev: int
+        self, leads: list[list[tuple[str, str]]], since_rev: int, latest_only: bool
     ) -> list[list[tuple[str, str]]]:
-        """Put each AND-map's pair with the fewest postings after ``since_rev`` first."""
+        """Put each AND-map's pair with the fewest postings after ``since_rev`` first (among
+        latest versions' postings when ``latest_only``: the ones the page will walk)."""
         p = _Params()
         since = p.add(since_rev, "::bigint")
+        probe = self._sql.probe_latest if latest_only else self._sql.probe
         probes = []
         for pairs in leads:
             for key, value in pairs if len(pairs) > 1 else []:
-                probes.append(self._sql.probe.format(p.add(key), p.add(value), since))
+                probes.append(probe.format(p.add(key), p.add(value), since))
         sql = "SELECT " + ", ".join(probes)
         counts = list(await self._read("query", lambda c: c.fetchrow(sql, *p.values)))
         ordered = []

@@ -14,6 +14,7 @@ import datetime
 import gc
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,7 @@ async def test_each_store_lives_in_its_own_schema(postgres_url: str) -> None:
         "fs_head",
         "fs_labels",
         "fs_latest",
+        "fs_latest_labels",
         "fs_leases",
         "fs_log",
         "fs_meta",
@@ -312,6 +314,185 @@ async def test_newer_or_foreign_schema_is_refused(postgres_url: str) -> None:
         foreign, "SELECT count(*) FROM pg_tables WHERE schemaname = $1", _schema(foreign)
     )
     assert count[0] == 1, "nothing was created next to the foreign table"
+
+
+async def _make_version_1(url: str) -> None:
+    """Turn the store at ``url`` into what version 1 wrote: no ``fs_latest_labels``, and a
+    commit function that knows nothing of it."""
+    schema = _quote(_schema(url))
+    ((definition,),) = await _sql(
+        url, "SELECT pg_get_functiondef($1::regproc)", f"{schema}.fs_commit"
+    )
+    version_1, found = re.subn(
+        r"\), drop_latest_labels AS \(.*?\), put_data AS",
+        "), put_data AS",
+        definition,
+        flags=re.DOTALL,
+    )
+    assert found == 1
+    assert "fs_latest_labels" not in version_1
+    await _sql(url, f"DROP TABLE {schema}.fs_latest_labels")
+    await _sql(url, version_1)
+    await _sql(url, f"UPDATE {schema}.fs_meta SET value = '1' WHERE key = 'schema_version'")
+
+
+async def _latest_labels(url: str) -> list[tuple[str, str, int]]:
+    schema = _quote(_schema(url))
+    rows = await _sql(url, f"SELECT key, value, rev FROM {schema}.fs_latest_labels ORDER BY 3, 1")
+    return [tuple(row) for row in rows]
+
+
+async def _latest_labels_wanted(url: str) -> list[tuple[str, str, int]]:
+    """What ``fs_latest_labels`` must hold: the label rows of the latest versions."""
+    schema = _quote(_schema(url))
+    rows = await _sql(
+        url,
+        f"SELECT l.key, l.value, l.rev FROM {schema}.fs_labels l "
+        f"JOIN {schema}.fs_latest x ON x.rev = l.rev ORDER BY 3, 1",
+    )
+    return [tuple(row) for row in rows]
+
+
+async def test_a_version_1_store_is_migrated_on_open(postgres_url: str) -> None:
+    """Migration 2 indexes the labels of exactly the latest versions, and replaces the commit
+    function with one that keeps that index right."""
+    url = unique_url(postgres_url)
+    async with PostgresDriver.from_url(url) as driver:
+        (a1,) = await _commit(driver, _write("a", kind="order", step="one"))
+        (b1,) = await _commit(driver, _write("b", kind="order"))
+        (a2,) = await _commit(driver, _write("a", a1, kind="order", step="two"))
+    await _make_version_1(url)
+    async with PostgresDriver.from_url(url) as driver:
+        assert await _latest_labels(url) == [
+            ("kind", "order", b1),
+            ("kind", "order", a2),
+            ("step", "two", a2),
+        ]
+        (a3,) = await _commit(driver, _write("a", a2, kind="invoice"))
+        cases: list[tuple[dict[str, str] | list[dict[str, str]], bool, list[int]]] = [
+            ({"kind": "order"}, True, [b1]),
+            ({"kind": "invoice"}, True, [a3]),
+            ({"step": "two"}, True, []),
+            ({"kind": "order", "step": "two"}, True, []),
+            ([{"step": "two"}, {"kind": "invoice"}], True, [a3]),
+            ({"step": "two"}, False, [a2]),
+            ({"kind": "order"}, False, [a1, b1, a2]),
+        ]
+        for labels, latest_only, want in cases:
+            query = fs.StatesQuery(labels=labels, latest_only=latest_only)
+            page = await driver.get_states(query)
+            assert [s.rev for s in page.states] == want, (labels, latest_only)
+    assert await _latest_labels(url) == [("kind", "order", b1), ("kind", "invoice", a3)]
+    schema = _quote(_schema(url))
+    (version,) = await _sql(url, f"SELECT value FROM {schema}.fs_meta")
+    assert version[0] == str(SCHEMA_VERSION)
+
+
+async def test_many_drivers_migrate_an_old_store_once(postgres_url: str) -> None:
+    url = unique_url(postgres_url)
+    async with PostgresDriver.from_url(url) as driver:
+        for i in range(20):
+            await _commit(driver, _write(f"s{i}", kind="order", n=str(i % 3)))
+        await _commit(driver, _write("s0", 1, kind="invoice"))
+    await _make_version_1(url)
+    drivers = [PostgresDriver.from_url(url) for _ in range(6)]
+    try:
+        await asyncio.gather(*(d.open() for d in drivers))
+        await asyncio.gather(
+            *(_commit(d, _write(f"new{i}", kind="x")) for i, d in enumerate(drivers))
+        )
+        assert await _latest_labels(url) == await _latest_labels_wanted(url)
+        assert len(await _latest_labels(url)) == 19 * 2 + 1 + 6
+    finally:
+        for driver in drivers:
+            await driver.aclose()
+
+
+async def _waiting_for_a_lock(url: str, application_name: str) -> None:
+    """Return once a connection of ``application_name`` waits for a lock."""
+    async with asyncio.timeout(10):
+        while not await _sql(  # noqa: ASYNC110 - the server's view is the event to wait for
+            url,
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 "
+            "AND wait_event_type = 'Lock'",
+            application_name,
+        ):
+            await asyncio.sleep(0.01)
+
+
+async def test_an_old_commit_waiting_on_the_migration_writes_nothing(postgres_url: str) -> None:
+    """A commit of version 1's function that waits for the head row while the migration
+    holds it would go on without the new table: it fails instead, and writes nothing."""
+    url = unique_url(postgres_url)
+    async with PostgresDriver.from_url(url) as driver:
+        (a1,) = await _commit(driver, _write("a", kind="order"))
+    await _make_version_1(url)
+    schema = _quote(_schema(url))
+    tag = uuid.uuid4().hex
+    dsn = PostgresDriver.from_url(url)._dsn
+    holder = await asyncpg.connect(dsn)
+    old = await asyncpg.connect(dsn, server_settings={"application_name": f"old-{tag}"})
+    migrating = PostgresDriver.from_url(f"{url}&application_name=new-{tag}")
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute(f"SELECT rev FROM {schema}.fs_head FOR UPDATE")
+        opening = asyncio.ensure_future(migrating.open())
+        await _waiting_for_a_lock(url, f"new-{tag}")
+        old_commit = asyncio.ensure_future(
+            old.fetchrow(
+                f"SELECT * FROM {schema}.fs_commit($1, $2, $3, $4, $5, $6, $7, "
+                "$8, $9, $10, $11, $12, $13)",
+                *([1], ["a"], [a1], [b"\x80"], [1], ["kind"], ["lost"]),
+                *([], [], [], [], [], []),
+            )
+        )
+        await _waiting_for_a_lock(url, f"old-{tag}")
+        await lock.rollback()
+        async with asyncio.timeout(10):
+            await opening
+            with pytest.raises(asyncpg.NotNullViolationError):
+                await old_commit
+        assert await migrating.head_rev() == a1
+        assert await _latest_labels(url) == [("kind", "order", a1)]
+        (a2,) = await _commit(migrating, _write("a", a1, kind="kept"))
+        assert await _latest_labels(url) == [("kind", "kept", a2)]
+    finally:
+        await migrating.aclose()
+        await old.close()
+        await holder.close()
+
+
+async def test_latest_labels_follow_every_commit(postgres_url: str) -> None:
+    """Group commits, conflicts, labels that change or go: ``fs_latest_labels`` always holds
+    the labels of the latest versions, and nothing else."""
+    url = unique_url(postgres_url)
+    rng = random.Random(7)
+    async with PostgresDriver.from_url(url) as driver:
+        revs: dict[str, int] = {}
+
+        async def one(state_id: str) -> None:
+            labels = {f"k{n}": str(rng.randrange(3)) for n in range(rng.randrange(4))}
+            expected = revs.get(state_id, 0) if rng.random() > 0.1 else 999_999
+            try:
+                (rev,) = await _commit(driver, _write(state_id, expected, **labels))
+            except fs.ConflictError:
+                return
+            revs[state_id] = rev
+
+        for _ in range(30):
+            await asyncio.gather(*(one(f"s{i}") for i in rng.sample(range(40), 20)))
+        assert await _latest_labels(url) == await _latest_labels_wanted(url)
+        for n in range(3):
+            page = await driver.get_states(
+                fs.StatesQuery(labels={"k0": str(n)}, latest_only=True, limit=1000)
+            )
+            want = sorted(
+                rev
+                for key, value, rev in await _latest_labels_wanted(url)
+                if (key, value) == ("k0", str(n))
+            )
+            assert [s.rev for s in page.states] == want
 
 
 async def test_an_odd_schema_name_is_quoted(postgres_url: str) -> None:
@@ -706,7 +887,7 @@ async def test_selective_label_among_many(postgres_url: str) -> None:
             page = await driver.get_states(fs.StatesQuery(labels=labels, limit=5))
             assert [s.id for s in page.states] == [f"s{b}-7" for b in range(5)]
             assert page.more
-        leads = await driver._order_pairs([[("kind", "order"), ("rare", "yes")]], 0)
+        leads = await driver._order_pairs([[("kind", "order"), ("rare", "yes")]], 0, False)
         assert leads == [[("rare", "yes"), ("kind", "order")]], "the rarest pair leads"
 
 
@@ -740,8 +921,10 @@ async def _fill(driver: PostgresDriver, batches: range) -> None:
         await driver.commit(CommitRequest(writes=writes))
 
 
-async def _page_costs(driver: PostgresDriver, conn: Any) -> list[tuple[int, list[str]]]:
-    """For each query of _QUERIES: the buffers its page read touched, and the tables it
+async def _page_costs(
+    driver: PostgresDriver, conn: Any, queries: list[fs.StatesQuery] = _QUERIES
+) -> list[tuple[int, list[str]]]:
+    """For each query of ``queries``: the buffers its page read touched, and the tables it
     scanned whole."""
 
     def scanned(node: dict[str, Any]) -> list[str]:
@@ -750,10 +933,10 @@ async def _page_costs(driver: PostgresDriver, conn: Any) -> list[tuple[int, list
 
     await conn.execute("ANALYZE")
     costs = []
-    for query in _QUERIES:
+    for query in queries:
         leads = [list(wanted.items()) for wanted in query.label_sets]
         if query.id is None and any(len(pairs) > 1 for pairs in leads):
-            leads = await driver._order_pairs(leads, query.since_rev)
+            leads = await driver._order_pairs(leads, query.since_rev, query.latest_only)
         sql, params = postgres_driver._page_sql(driver._sql.schema, query, leads)
         for _ in range(6):  # past the custom plans of a prepared statement, to the generic one
             raw = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *params)
@@ -777,6 +960,67 @@ async def test_page_cost_does_not_grow_with_history(postgres_url: str) -> None:
         finally:
             await conn.close()
     for query, (before, _), (after, tables) in zip(_QUERIES, small, large, strict=True):
+        assert set(tables) <= {"fs_head"}, f"{query}: scanned {tables}"
+        assert after <= before + 12, f"{query}: {before} buffers, then {after}"
+
+
+async def _fill_history(driver: PostgresDriver, states: int, versions: int) -> None:
+    """``states`` states (label ``kind=order``; every 10th also ``rare=yes``), each
+    committed ``versions`` times: a long history behind few latest versions."""
+    page = await driver.get_states(fs.StatesQuery(latest_only=True, limit=states))
+    revs = {s.id: s.rev for s in page.states}
+    for _ in range(versions):
+        writes = [
+            StateWrite(
+                state=fs.State(
+                    id=f"h{i}",
+                    labels={"kind": "order", **({"rare": "yes"} if i % 10 == 0 else {})},
+                ),
+                expected_rev=revs.get(f"h{i}", 0),
+            )
+            for i in range(states)
+        ]
+        result = await driver.commit(CommitRequest(writes=writes))
+        revs = {w.state.id: rev for w, rev in zip(writes, result.revs, strict=True)}
+
+
+_HISTORY_QUERIES = [
+    fs.StatesQuery(limit=20, labels={"kind": "order"}, latest_only=True),
+    fs.StatesQuery(limit=20, labels={"kind": "order", "rare": "yes"}, latest_only=True),
+    fs.StatesQuery(limit=20, labels={"rare": "yes", "kind": "order"}, latest_only=True),
+    fs.StatesQuery(limit=20, labels={"kind": "order"}, latest_only=True, since_latest=True),
+    fs.StatesQuery(limit=20, labels=[{"rare": "yes"}, {"kind": "order"}], latest_only=True),
+]
+
+
+@pytest.mark.slow
+async def test_latest_label_pages_do_not_grow_with_history(postgres_url: str) -> None:
+    """A latest-only label page reads latest versions' postings only: four times the history
+    behind the same 200 states costs it no more, and an AND-map's probe counts only latest
+    versions (every pair has more postings in the whole history than the probe reads).
+
+    VACUUM first: until it runs, the rows commits deleted still cost index reads, and
+    autovacuum's schedule is not the test's to wait for."""
+    url = unique_url(postgres_url)
+    async with PostgresDriver.from_url(url) as driver:
+        conn = await asyncpg.connect(driver._dsn)
+        try:
+            await _fill_history(driver, 200, 60)  # 12,000 versions
+            await conn.execute("VACUUM")
+            small = await _page_costs(driver, conn, _HISTORY_QUERIES)
+            await _fill_history(driver, 200, 180)  # 48,000 versions
+            await conn.execute("VACUUM")
+            large = await _page_costs(driver, conn, _HISTORY_QUERIES)
+            for query in _HISTORY_QUERIES:
+                page = await driver.get_states(query)
+                assert page.states, query
+                assert all(s.rev > 200 * 239 for s in page.states), "only latest versions"
+            pairs = [("kind", "order"), ("rare", "yes")]
+            leads = await driver._order_pairs([pairs], 0, True)
+            assert leads == [[("rare", "yes"), ("kind", "order")]], "the rarest pair leads"
+        finally:
+            await conn.close()
+    for query, (before, _), (after, tables) in zip(_HISTORY_QUERIES, small, large, strict=True):
         assert set(tables) <= {"fs_head"}, f"{query}: scanned {tables}"
         assert after <= before + 12, f"{query}: {before} buffers, then {after}"
 
