@@ -1,6 +1,6 @@
 """DBOS on a SQLite system database: the contender a user would pick instead of flowstate.
 
-Imported only by the DBOS measurement (``pip install 'flowstate[bench]'`` brings DBOS).
+Imported only by the DBOS measurement (``pip install 'flowstate-engine[bench]'`` brings DBOS).
 """
 
 from __future__ import annotations

@@ -98,9 +98,12 @@ def test_every_docs_page_is_linked() -> None:
 
 def test_install_hints_name_the_distribution() -> None:
     # "flowstate" on PyPI is another project; ours is flowstate-engine.
-    for page in [README_PATH, *DOCS.glob("*.md")]:
-        text = page.read_text()
-        assert not re.search(r"pip install '?flowstate(\[|\b(?!-))", text), page.name
+    sources = [ROOT / "flowstate", ROOT / "benchmarks", ROOT / "examples", ROOT / "scripts"]
+    pages = [README_PATH, *DOCS.glob("*.md")]
+    pages += [path for folder in sources for path in folder.rglob("*") if path.is_file()]
+    for page in pages:
+        text = page.read_text(errors="replace")
+        assert not re.search(r"pip install '?flowstate(\[|\b(?!-))", text), page
     assert "pip install 'flowstate-engine[etcd]'" in README
     assert "pip install 'flowstate-engine[testing]'" in README
 
