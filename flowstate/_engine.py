@@ -48,6 +48,7 @@ from flowstate.errors import (
     FlowNotFoundError,
     InvalidCommandError,
     InvalidQueryError,
+    InvalidURLError,
     NotFoundError,
 )
 
@@ -164,6 +165,11 @@ class Engine:
 
         async with Engine("memory://", flows={"hello": hello}) as engine:
             ...
+
+    Raises:
+        InvalidURLError: ``driver`` is neither a URL nor a Driver, or the URL is malformed.
+        UnknownDriverError: No driver is registered for the URL's scheme.
+        MissingDependencyError: The URL's driver needs an extra that is not installed.
     """
 
     driver: Driver = field(init=False)
@@ -185,7 +191,9 @@ class Engine:
         elif isinstance(driver, Driver):
             resolved, owns = driver, False
         else:
-            raise TypeError(f"Engine needs a driver URL or a Driver, not {type(driver).__name__}")
+            raise InvalidURLError(
+                f"Engine needs a driver URL or a Driver, not {type(driver).__name__}"
+            )
         registry = flows if isinstance(flows, FlowRegistry) else FlowRegistry(flows)
         self.__attrs_init__()
         self.driver = resolved

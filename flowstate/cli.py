@@ -65,6 +65,9 @@ A store is named by a driver URL:
   sqlite:////absolute/path.db   a SQLite file, absolute path
   memory://                     an empty in-memory store (gone when the command ends)
   etcd://host:2379/prefix       an etcd cluster (needs: pip install 'flowstate-engine[etcd]')
+  postgresql://user@host:5432/db?schema=flowstate
+                                a PostgreSQL database (password: $PGPASSWORD or ~/.pgpass;
+                                needs: pip install 'flowstate-engine[postgres]')
   http://host:8080              a store served by `flowstate serve` (token: $FLOWSTATE_TOKEN;
                                 needs: pip install 'flowstate-engine[http]')
 """

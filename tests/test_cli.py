@@ -15,6 +15,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.cli import COMMANDS, main
+from flowstate.drivers.base import _BUILTIN as builtin_drivers
 from flowstate.drivers.base import CommitRequest, StateWrite
 from flowstate.drivers.sqlite import SQLiteDriver
 from flowstate.workflows import FlowManager
@@ -80,7 +81,10 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     examples = out.split("\nexamples:\n")[1]
     for command in COMMANDS:
         assert f"flowstate {command.name} " in examples
-    assert "sqlite:///" in out
+    drivers = out.split("A store is named by a driver URL:\n")[1].split("\n\n")[0]
+    shown = set(re.findall(r"^  ([a-z]+)://", drivers, flags=re.MULTILINE))
+    # Every built-in driver, once (postgres:// and https:// are other spellings).
+    assert shown == set(builtin_drivers) - {"postgres", "https"}
 
 
 def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -105,6 +105,7 @@ async def test_engine_owns_a_driver_it_opened_from_a_url(engine: fs.Engine) -> N
         await driver.head_rev()
 
 
-def test_engine_rejects_other_driver_types() -> None:
-    with pytest.raises(TypeError, match="driver URL or a Driver"):
-        fs.Engine(object())  # type: ignore[arg-type]
+@pytest.mark.parametrize("driver", [object(), 123, None, b"memory://"])
+def test_engine_rejects_other_driver_types(driver: object) -> None:
+    with pytest.raises(fs.InvalidURLError, match="driver URL or a Driver"):
+        fs.Engine(driver)  # type: ignore[arg-type]

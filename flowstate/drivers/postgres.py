@@ -150,7 +150,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 import asyncpg
 import msgspec
 
-from flowstate._checks import is_number
+from flowstate._checks import describe, is_number
 from flowstate._lifecycle import Lifecycle, not_open, warn_unclosed
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import State
@@ -716,13 +716,23 @@ def _settle(fut: asyncio.Future[T], value: T | None, error: BaseException | None
         fut.set_result(cast("T", value))
 
 
+#: The most UTF-8 bytes one index row holds of a state id, of a label's key and value
+#: together, and of a state id and a data alias together (a PostgreSQL B-tree row holds at
+#: most 2,704 bytes; the rest is the row's own overhead, and a margin).
+MAX_INDEXED_BYTES: Final = 2000
+
+
 def _check_text(write: StateWrite) -> None:
-    """PostgreSQL text cannot hold NUL: refuse it before anything is sent."""
+    """Refuse, before anything is sent, what PostgreSQL cannot store: text holding NUL, and
+    indexed text longer than :data:`MAX_INDEXED_BYTES`."""
     state = write.state
     texts = [state.id, write.delay_to, *state.labels, *state.labels.values()]
     if write.data:
         texts += write.data
-    if "\x00" not in "".join(texts):
+    joined = "".join(texts)
+    if len(joined) > MAX_INDEXED_BYTES // 4:  # may be too long: check each index row
+        _check_indexed(write)
+    if "\x00" not in joined:
         return
     for what, text in [
         ("state id", state.id),
@@ -734,6 +744,27 @@ def _check_text(write: StateWrite) -> None:
             raise InvalidCommandError(
                 f"state {state.id!r}: the {what} {text!r} holds a NUL character, which "
                 "PostgreSQL cannot store"
+            )
+
+
+def _check_indexed(write: StateWrite) -> None:
+    state = write.state
+    shown = describe(state.id)
+    rows = [(f"state id {shown}", state.id, "")]
+    rows += [
+        (f"state {shown}: the label {describe(key)} (key and value)", key, value)
+        for key, value in state.labels.items()
+    ]
+    rows += [
+        (f"state {shown}: the data alias {describe(alias)} (with the state id)", state.id, alias)
+        for alias in write.data or ()
+    ]
+    for what, one, other in rows:
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in (one, other))
+        if size > MAX_INDEXED_BYTES:
+            raise InvalidCommandError(
+                f"{what} takes {size} bytes, more than the {MAX_INDEXED_BYTES} that a "
+                "PostgreSQL store indexes"
             )
 
 
@@ -1179,7 +1210,8 @@ class PostgresDriver(Driver):
             ConflictError: Some state's latest revision differed from ``expected_rev``; it
                 lists every such state, and nothing was written.
             InvalidCommandError: A state id, label, data alias or delay target holds a NUL
-                character; nothing was sent.
+                character, or a state id, a label (key and value) or a state id with a data
+                alias takes more than :data:`MAX_INDEXED_BYTES` bytes; nothing was sent.
             ClosedError: The driver is not open, or :meth:`aclose` gave up waiting for this
                 commit to be written (it may or may not have been applied).
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``, or
@@ -1720,11 +1752,19 @@ def _netloc(dsn: str) -> str:
 
 
 def _check_netloc(dsn: str) -> None:
-    """Refuse ports that are not numbers in ``host:port[,host:port...]`` early."""
+    """Refuse ports that are not numbers from 1 to 65535 in ``host:port[,host:port...]``,
+    and an ``sslmode`` libpq does not know, early."""
     for host in _netloc(dsn).split(","):
         if host.startswith("["):
             port = host.rpartition("]")[2].removeprefix(":")
         else:
             port = host.rpartition(":")[2] if ":" in host else ""
-        if port and not re.fullmatch(r"\d{1,5}", port):
-            raise InvalidURLError(f"the port of {host!r} must be a number")
+        if port and not (re.fullmatch(r"\d{1,5}", port) and 1 <= int(port) <= 65535):
+            raise InvalidURLError(f"the port of {host!r} must be a number from 1 to 65535")
+    for key, value in parse_qsl(dsn.partition("?")[2], keep_blank_values=True):
+        if key == "sslmode" and value not in _SSL_MODES:
+            raise InvalidURLError(f"sslmode must be one of {', '.join(_SSL_MODES)}, not {value!r}")
+
+
+#: libpq's sslmode values (asyncpg takes the same).
+_SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

@@ -38,7 +38,7 @@ from flowstate.drivers.base import (
     StateWrite,
     SupportsLease,
 )
-from flowstate.drivers.postgres import SCHEMA_VERSION, PostgresDriver
+from flowstate.drivers.postgres import MAX_INDEXED_BYTES, SCHEMA_VERSION, PostgresDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests import postgres_server
@@ -177,6 +177,11 @@ def test_url(url: str, dsn: str, options: dict[str, object]) -> None:
         ("postgresql://h/db?timeout=nan", "timeout must be"),
         ("postgresql://h/db?connect_timeout=3601", "at most 3600"),
         ("postgresql://h:port/db", "must be a number"),
+        ("postgresql://h:99999/db", "from 1 to 65535"),
+        ("postgresql://h:0/db", "from 1 to 65535"),
+        ("postgresql://a:5432,b:70000/db", "'b:70000' must be a number from 1 to 65535"),
+        ("postgresql://h/db?sslmode=bogus", "sslmode must be one of disable, allow"),
+        ("postgresql://h/db?sslmode=", "sslmode must be one of"),
         ("postgresql://h/db?schema", "malformed"),
         ("postgresql://h/db#frag", "fragment"),
         ("mysql://h/db", "not a postgresql:// URL"),
@@ -671,6 +676,29 @@ async def test_nul_characters_are_refused_before_sending(postgres_url: str, wher
         with pytest.raises(fs.InvalidCommandError, match="NUL"):
             await _commit(driver, write)
         assert await driver.head_rev() == 0
+
+
+@pytest.mark.parametrize("where", ["id", "label", "alias"])
+async def test_what_an_index_row_cannot_hold_is_refused_before_sending(
+    postgres_url: str, where: str
+) -> None:
+    # A B-tree row holds at most 2,704 bytes: longer indexed text would fail in the server.
+    most = MAX_INDEXED_BYTES
+    async with PostgresDriver.from_url(unique_url(postgres_url)) as driver:
+        for size, fits in ((most, True), (most + 1, False)):
+            state_id = "é" * (size // 2) + "i" * (size % 2) if where == "id" else f"s{size}"
+            write = _write(state_id)
+            if where == "label":
+                write.state.labels = {"k" * 10: "v" * (size - 10)}
+            elif where == "alias":
+                write.data = {"a" * (size - len(state_id)): b"x"}
+            if fits:
+                await _commit(driver, write)
+                continue
+            head = await driver.head_rev()
+            with pytest.raises(fs.InvalidCommandError, match=f"takes {size} bytes, more than"):
+                await _commit(driver, write)
+            assert await driver.head_rev() == head
 
 
 async def test_reads_with_nul_characters_find_nothing(postgres_url: str) -> None:
