@@ -2,11 +2,14 @@
 
 A driver's methods are public: the engine calls them with arguments it has checked, but the
 recovery services, ``flowstate serve`` (with whatever a client sent) and users composing their
-own services call them too. Each method checks its arguments first with these, so that a bad
-one gets ``InvalidQueryError`` or ``InvalidCommandError`` on every driver alike, before any
-backend sees it (rather than an ``OverflowError`` from a 64-bit column, a
+own services call them too. Each read, lease and delay method checks its arguments first with
+these, so that a bad one gets ``InvalidQueryError`` or ``InvalidCommandError`` on every driver
+alike, before any backend sees it (rather than an ``OverflowError`` from a 64-bit column, a
 ``UnicodeEncodeError`` from a lone surrogate, or an answer that differs between drivers).
-The numbers in driver URLs are read here too.
+``commit`` is the exception, being the hot path: it takes a request to be one an engine could
+have built (see ``Driver.commit``), and whoever builds one from outside input checks it with
+:func:`check_request`, as ``flowstate serve`` does. The numbers in driver URLs are read here
+too.
 """
 
 from __future__ import annotations
