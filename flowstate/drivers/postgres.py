@@ -685,6 +685,8 @@ def _passes(exc: BaseException) -> bool:
         return sqlstate in _UNAVAILABLE_CODES or sqlstate.startswith(_UNAVAILABLE_CLASSES)
     if isinstance(exc, _LOCAL_FAILURES):
         return False  # a file the URL names (sslrootcert, sslcert...) or a certificate
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return False  # the URL asks for TLS (sslmode=require...), which the server lacks
     if isinstance(exc, asyncpg.InternalClientError):
         # A connection whose protocol asyncpg cannot go on with, as after a server's fast
         # shutdown ("cannot switch to state ..."): the connection is cut, a new one works.

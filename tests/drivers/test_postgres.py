@@ -747,6 +747,7 @@ async def test_values_flowstate_did_not_write_are_driver_errors(postgres_url: st
     [
         ("sslmode=verify-full&sslrootcert=/nonexistent/root.crt", "No such file"),
         ("application_name=%00", "08P01"),
+        ("sslmode=require", "rejected SSL upgrade"),  # the test server offers no TLS
     ],
 )
 async def test_a_connection_option_no_retry_mends_fails_at_once(
