@@ -115,9 +115,14 @@ def router(ctx: ServerContext) -> Router:
     async def history(
         state_id: FromPath[str], since_rev: SinceRev = 0, limit: Limit = 50
     ) -> StatesPage:
-        """One page of the state's versions, oldest first (paged like ``/api/v1/states``)."""
-        query = _query(None, since_rev, False, None, False, limit, unescape(state_id))
-        return await engine.get_states(query)
+        """One page of the state's versions, oldest first (paged like ``/api/v1/states``);
+        404 when no state has the id."""
+        state_id = unescape(state_id)
+        page = await engine.get_states(_query(None, since_rev, False, None, False, limit, state_id))
+        if not page.states:
+            # An empty page: past the last version, or no version at all (404).
+            await engine.driver.get_state(state_id)
+        return page
 
     @get("/api/v1/states/{state_id:str}/data/{alias:str}", summary="Read data of a state")
     async def get_data(state_id: FromPath[str], alias: FromPath[str], rev: Rev = 0) -> DataVersion:

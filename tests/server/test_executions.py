@@ -171,11 +171,41 @@ async def test_a_bad_definition_is_a_422_listing_every_problem(client: httpx.Asy
     assert any("'nowhere'" in p for p in problems)
     assert any("start_task" in p for p in problems)
     assert any("no function for task 'unknown-task'" in p for p in problems)
-    no_flow = await client.post("/api/v1/flows/execute", json={"definition": {}})
+    no_flow = await client.post("/api/v1/flows/execute", json={})
     assert no_flow.status_code == 422
     assert no_flow.json()["error"]["problems"] == ['the definition needs a "flow" object']
     not_an_object = await client.post("/api/v1/flows/execute", json=[1, 2])
     assert not_an_object.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"inputs": {"rows": 21}}, "inputs: unknown field (the fields are flow, input, owner)"),
+        ({"owner": 5}, "owner: Expected `str`, got `int`"),
+        ({"owner": {"x": 1}}, "owner: Expected `str`, got `object`"),
+        ({"owner": None}, "owner: Expected `str`, got `null`"),
+        ({"definition": {}, "owner": ["a"]}, "definition: unknown field"),
+    ],
+)
+async def test_a_body_with_another_field_or_an_owner_not_a_string_is_a_400(
+    client: httpx.AsyncClient, extra: dict[str, Any], says: str
+) -> None:
+    flow_id = f"strict-{uuid.uuid4().hex[:6]}"
+    head = (await client.get("/api/v1/head")).json()["rev"]
+    response = await client.post(
+        "/api/v1/flows/execute", json={**data_processing(flow_id), **extra}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "bad_request"
+    assert error["message"].startswith("Validation failed for POST /api/v1/flows/execute: ")
+    assert says in error["message"]
+    if "owner" in extra and "definition" in extra:
+        assert "owner: Expected `str`, got `array`" in error["message"], "every problem"
+    assert (await client.get("/api/v1/head")).json()["rev"] == head, "nothing was written"
+    runs = await client.get("/api/v1/flows/executions", params={"flow_id": flow_id})
+    assert runs.json()["executions"] == []
 
 
 async def test_unknown_executions_are_404(client: httpx.AsyncClient, flows: FlowManager) -> None:

@@ -272,6 +272,20 @@ async def test_one_state_its_versions_and_its_history(client: httpx.AsyncClient,
     assert [s["rev"] for s in rest["states"]] == [r3]
 
 
+async def test_the_history_of_an_unknown_state_is_404(client: httpx.AsyncClient, run: str) -> None:
+    # As reading the state is: an empty page would look like a state without versions.
+    unknown = assert_error(
+        await client.get(f"/api/v1/states/{run}-nobody/history"), 404, "not_found"
+    )
+    state = assert_error(await client.get(f"/api/v1/states/{run}-nobody"), 404, "not_found")
+    assert unknown == state
+    # A known state's page that is empty (after its last version) is a page.
+    (r1,) = await commit(client, (state_json(f"{run}-known"), 0))
+    past = await client.get(f"/api/v1/states/{run}-known/history", params={"since_rev": r1})
+    assert past.status_code == 200, past.text
+    assert (past.json()["states"], past.json()["more"]) == ([], False)
+
+
 async def test_data_of_a_state(client: httpx.AsyncClient, run: str) -> None:
     (r1,) = await commit(client, (state_json(f"{run}-d"), 0), data={"doc": "djE="})  # b"v1"
     (r2,) = await commit(client, (state_json(f"{run}-d"), r1), data={"doc": "djI="})
