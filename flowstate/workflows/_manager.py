@@ -58,7 +58,7 @@ from flowstate.workflows._model import (
     step_id,
     step_of,
 )
-from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
+from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn, latest_key
 from flowstate.workflows._runs import DEFINITION, PipelineExecutor, new_progress, run_steps
 
 if TYPE_CHECKING:
@@ -462,6 +462,7 @@ class FlowManager:
                 started_at=known.started_at if known is not None else None,
                 ended_at=known.ended_at if known is not None else None,
                 created_at=known.created_at if known is not None else None,
+                created_rev=known.created_rev if known is not None else 0,
             )
             stage_step(step_ctx, flow.id, step, status)
             return Change(
@@ -520,14 +521,14 @@ class FlowManager:
         """Register ``pipeline``'s executor under its flow id; ``current``: also as the
         pipeline ``execute`` starts (otherwise only when its id has none yet)."""
         flows = self.engine.flows
-        flow_id, latest = pipeline.flow_id, FLOW_PREFIX + pipeline.id
+        flow_id, latest = pipeline.flow_id, latest_key(pipeline.id)
         executor = flows.get(flow_id)
         if not (isinstance(executor, PipelineExecutor) and _same(executor.pipeline, pipeline)):
             # The same definition with the same functions keeps its executor, which knows
             # the attempts it runs (cancel reaches them through it).
             executor = PipelineExecutor(pipeline)
             flows.register(flow_id, executor)
-        if flow_id != latest and (current or latest not in flows):
+        if current or latest not in flows:
             flows.register(latest, executor)
 
     async def adopt(self, run: fs.State, tasks: Mapping[str, StepFn]) -> Pipeline:
@@ -562,8 +563,7 @@ class FlowManager:
                 f"Python, so register it ({flow_id!r}) in this process"
             ) from None
         pipeline = Pipeline.from_definition(blob, tasks=tasks)
-        # A run started before flow ids carried the digest runs at the pipeline's plain id.
-        if flow_id not in (pipeline.flow_id, FLOW_PREFIX + pipeline.id):
+        if flow_id != pipeline.flow_id:
             raise fs.NotFoundError(
                 f"the definition stored with {run.id!r} is of {pipeline.flow_id!r}, "
                 f"not of {flow_id!r}"
@@ -581,7 +581,8 @@ class FlowManager:
         given: object = pipeline_id  # callers may pass anything, whatever the annotation says
         if not isinstance(given, str) or not given:
             raise fs.InvalidCommandError(f"a pipeline id must be a non-empty string, not {given!r}")
-        executor = self.engine.flows.get(FLOW_PREFIX + pipeline_id)
+        flows = self.engine.flows
+        executor = flows.get(latest_key(pipeline_id)) or flows.get(FLOW_PREFIX + pipeline_id)
         if not isinstance(executor, PipelineExecutor):
             raise fs.FlowNotFoundError(
                 pipeline_id,

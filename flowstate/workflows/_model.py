@@ -359,12 +359,17 @@ def _not_json(value: object) -> str | None:
         # The encoder writes them as null, which would lose them.
         return "holds NaN or infinity, which JSON cannot store (they would come back as null)"
     if isinstance(value, dict):
+        numbered = False
         for key, item in value.items():
-            if not isinstance(key, str | int) or isinstance(key, bool):
-                return f"has the key {describe(key)}; JSON object keys are strings (or ints)"
+            if not isinstance(key, str):
+                if not isinstance(key, int) or isinstance(key, bool):
+                    return f"has the key {describe(key)}; JSON object keys are strings (or ints)"
+                numbered = True
             problem = _not_json(item)
             if problem is not None:
                 return problem
+        if numbered and len({str(key) for key in value}) < len(value):
+            return "has an int key and the same number as a string key, which JSON would merge"
         return None
     if isinstance(value, list | tuple):
         for item in value:

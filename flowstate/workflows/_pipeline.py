@@ -23,6 +23,16 @@ __all__ = ["END", "Pipeline", "Step", "StepContext", "StepFn"]
 END: Final = "end"
 #: Where a pipeline's runs rest their transition: the flow id its executor is registered under.
 FLOW_PREFIX: Final = "flowstate.pipeline."
+
+
+def latest_key(pipeline_id: str) -> str:
+    """The key under which an engine's flows hold the executor of the pipeline that new runs
+    of ``pipeline_id`` start with (the last one registered). No run ever runs at it: a
+    pipeline built in Python runs at ``flowstate.pipeline.<id>``, one built from a JSON
+    definition at ``flowstate.pipeline.<id>@<digest>``."""
+    return f"{FLOW_PREFIX}{pipeline_id}@"
+
+
 #: Timeouts and backoffs are shorter than this many seconds.
 MAX_SECONDS: Final = 1e9
 

@@ -15,7 +15,7 @@ from flowstate._checks import is_number
 from flowstate._lifecycle import Lifecycle
 from flowstate.workflows._manager import FlowManager
 from flowstate.workflows._model import EXHAUSTED_FLOW, RECORD, TIMER_FLOW, read_record
-from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn
+from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn, latest_key
 from flowstate.workflows._runs import PipelineExecutor, claimable
 
 if TYPE_CHECKING:
@@ -53,10 +53,9 @@ def workflow_flows(*pipelines: Pipeline) -> dict[str, fs.Flow]:
     }
     for pipeline in pipelines:
         pipeline.validate()
-        executor = flows[pipeline.flow_id] = PipelineExecutor(pipeline)
-        # A pipeline built from a definition also answers to its plain id (the last one
-        # given of that id), as FlowManager.register makes it.
-        flows[FLOW_PREFIX + pipeline.id] = executor
+        # The last one given of an id is the one new runs of it start with, as
+        # FlowManager.register makes it.
+        flows[pipeline.flow_id] = flows[latest_key(pipeline.id)] = PipelineExecutor(pipeline)
     return flows
 
 

@@ -497,10 +497,11 @@ async def test_steps_are_listed_in_the_order_they_were_first_recorded(
         await flows.record_step(
             StepObservation(flow_id=flow.id, run_id=name, task="t", status="running")
         )
-    for name in ("b", "z"):  # updates do not move a step
-        await flows.record_step(
-            StepObservation(flow_id=flow.id, run_id=name, task="t", status="completed")
-        )
+    for name in ("b", "z"):  # updates do not move a step, however many
+        for status in ("completed", "failed"):
+            await flows.record_step(
+                StepObservation(flow_id=flow.id, run_id=name, task="t", status=status)
+            )
     assert [step.run_id for step in await flows.steps(flow.id)] == names
 
 
@@ -603,6 +604,7 @@ NOT_JSON: list[Any] = [
     {"x": [datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)]},
     {"x": {"y": {1, 2}}},
     {"x": {(1, 2): "tuple key"}},
+    {"x": {1: "int key", "1": "the same as a string"}},  # JSON would keep one of them
     None,
 ]
 

@@ -744,6 +744,23 @@ async def test_runs_keep_their_definition_when_another_is_posted_under_its_id(
         assert [s.task for s in await flows.steps(run.id)] == ["first", then]
 
 
+async def test_a_definition_under_the_id_of_a_python_pipeline_leaves_its_runs_alone(
+    flows: FlowManager, engine: fs.Engine
+) -> None:
+    calls: Calls = collections.Counter()
+    tasks = {name: recorder(calls) for name in ("first", "b", "c")}
+    python = Pipeline("px").add_step(Step("first", tasks["first"])).add_step(Step("b", tasks["b"]))
+    flows.register(python)
+    earlier = await flows.execute("px", enqueue=True)
+    flows.register(Pipeline.from_definition(two_definitions("c"), tasks=tasks))
+    assert flows.pipeline("px").definition is not None, "new runs start with the definition"
+    later = await flows.execute("px")
+    await engine.do(fs.Execute(await engine.get_state(earlier.id)))
+    for run, then in ((earlier, "b"), (later, "c")):
+        assert (await flows.result(run.id, timeout=20)).status == "finished"
+        assert [s.task for s in await flows.steps(run.id)] == ["first", then]
+
+
 async def test_an_adopted_run_keeps_its_definition(engine: fs.Engine) -> None:
     calls: Calls = collections.Counter()
     tasks = {name: recorder(calls) for name in ("first", "b", "c")}
