@@ -75,11 +75,13 @@ class Watcher:
     The watcher rides out store outages: when a read fails with ``DriverUnavailableError`` it
     tries again, pausing between attempts (from 50 ms, doubling, at most 1 s), and goes on from
     its last revision, with no gap and no duplicate. It raises that error only once the store
-    has been unavailable for ``unavailable_timeout`` seconds (measured from the first read that
-    fails; None: keep trying). A watcher that has caught up and has a timeout reads again after
-    half of it (from 0.25 s to 5 s) with nothing new, so that an outage while nothing is
-    committed is noticed too. Any other error (a ``DriverError`` that is not
-    ``DriverUnavailableError``, a closed driver) is raised at once.
+    has been unavailable for ``unavailable_timeout`` seconds (None: keep trying), counted from
+    the start of the first read that fails (which may take the driver's own ``timeout`` to
+    fail); once the store is known to be down, a read that outlasts what is left of it counts
+    as failed. A watcher that has caught up and has a timeout reads again after half of it
+    (from 0.25 s to 5 s) with nothing new, so that an outage while nothing is committed is
+    noticed too. Any other error (a ``DriverError`` that is not ``DriverUnavailableError``, a
+    closed driver) is raised at once.
     """
 
     _driver: Driver
@@ -104,18 +106,21 @@ class Watcher:
     async def __anext__(self) -> State:
         if self._closed.is_set():
             raise ClosedError("the watcher is closed")
+        loop = asyncio.get_running_loop()
         while not self._buffer:
             if self._engine_closed.is_set():
                 raise StopAsyncIteration
+            began = None
             try:
                 if self._caught_up:
                     self.rev = self._cursor  # everything up to the cursor has been delivered
                     if not await self._wait(self._cursor + 1):
                         raise StopAsyncIteration
                 # A failed fetch changes nothing: the next one starts from the same cursor.
-                await self._fetch()
+                began = loop.time()
+                await self._bounded_fetch()
             except DriverUnavailableError as exc:
-                if not await self._ride_out(exc):
+                if not await self._ride_out(exc, began):
                     raise StopAsyncIteration from None
                 continue
             if self._outage_since is not None:
@@ -136,12 +141,32 @@ class Watcher:
         # Caught up: every version up to head_rev has been seen, even where none matched.
         self._cursor = last if page.more else max(last, page.head_rev)
 
-    async def _ride_out(self, error: DriverUnavailableError) -> bool:
+    async def _bounded_fetch(self) -> None:
+        """Fetch; during an outage, give up on a read (as unavailable) once the outage has
+        lasted ``unavailable_timeout``, however long the driver would go on trying."""
+        if self._outage_since is None or not self._unavailable_timeout:
+            await self._fetch()
+            return
+        elapsed = asyncio.get_running_loop().time() - self._outage_since
+        left = max(self._unavailable_timeout - elapsed, _FIRST_RETRY)
+        try:
+            async with asyncio.timeout(left) as deadline:
+                await self._fetch()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise DriverUnavailableError(
+                f"the store did not answer within the watcher's unavailable_timeout "
+                f"({self._unavailable_timeout:g} s of outage)"
+            ) from None
+
+    async def _ride_out(self, error: DriverUnavailableError, began: float | None) -> bool:
         """Pause before the next attempt. False when the engine or the watcher closed
-        meanwhile; raises ``error`` once the outage lasted ``unavailable_timeout``."""
+        meanwhile; raises ``error`` once the outage lasted ``unavailable_timeout``, counted
+        from the start of the first read that failed (``began``; None: a wait that failed)."""
         now = asyncio.get_running_loop().time()
         if self._outage_since is None:
-            self._outage_since, self._retries = now, 0
+            self._outage_since, self._retries = (now if began is None else began), 0
             if self._unavailable_timeout != 0:
                 logger.warning(
                     "watcher at rev %d: store unavailable, retrying: %s", self._cursor, error

@@ -213,20 +213,24 @@ async def test_a_watcher_rides_out_an_unreadable_sqlite_file(
 
 
 class _FlakyReads(MemoryDriver):
-    """A memory store whose reads fail with ``error`` while it is set."""
+    """A memory store whose reads fail with ``error`` while it is set (after ``slowness``
+    seconds, as a driver that tries for a while before it gives up)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.error: fs.DriverError | None = None
+        self.slowness = 0.0
         self.failed_reads = 0
         self._failures = asyncio.Condition()
 
     async def get_states(self, query: fs.StatesQuery) -> fs.StatesPage:
         if self.error is not None:
+            error = self.error
             async with self._failures:
                 self.failed_reads += 1
                 self._failures.notify_all()
-            raise self.error
+            await asyncio.sleep(self.slowness)
+            raise error
         return await super().get_states(query)
 
     async def failures(self, count: int) -> None:
@@ -254,6 +258,30 @@ async def test_unavailable_timeout_bounds_an_outage(
             await anext(watcher)
     assert 0.3 <= time.monotonic() - started < 2
     assert driver.failed_reads > 2, "it retried until the limit"
+
+
+async def test_a_read_slow_to_fail_counts_toward_the_timeout(
+    flaky: tuple[_FlakyReads, fs.Engine],
+) -> None:
+    # The outage is counted from the start of the read that failed, not from its end.
+    driver, engine = flaky
+    driver.error, driver.slowness = fs.DriverUnavailableError("down"), 0.6
+    async with engine.watch(unavailable_timeout=0.5) as watcher:
+        with pytest.raises(fs.DriverUnavailableError, match="down"):
+            await asyncio.wait_for(anext(watcher), 10)
+    assert driver.failed_reads == 1
+
+
+async def test_a_read_during_an_outage_stops_when_the_timeout_is_spent(
+    flaky: tuple[_FlakyReads, fs.Engine],
+) -> None:
+    driver, engine = flaky
+    driver.error, driver.slowness = fs.DriverUnavailableError("down"), 0.6
+    async with engine.watch(unavailable_timeout=1) as watcher:
+        # The first read fails after 0.6 s; the next one is cut at the timeout's end.
+        with pytest.raises(fs.DriverUnavailableError, match="did not answer within"):
+            await asyncio.wait_for(anext(watcher), 10)
+    assert driver.failed_reads == 2
 
 
 async def test_a_caught_up_watcher_notices_an_outage(
