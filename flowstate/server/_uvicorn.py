@@ -59,6 +59,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._turns = 0  # phase changes: a read that saw one is not counted
         self._refused = False  # a request was refused: the connection only drains
         self._linger: asyncio.TimerHandle | None = None
+        self._before: RequestResponseCycle | None = None  # the request before the latest
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -101,6 +102,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._phase = None
         self._held = 0
         self._turns += 1
+        self._before = self.cycle
         HttpToolsProtocol.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
@@ -144,13 +146,18 @@ class HttpProtocol(HttpToolsProtocol):
         if self._phase == _HEAD:
             # A new request: answered after the responses to the requests before it, which
             # end with the latest one's.
-            if cycle is None or cycle.response_complete:
-                self._send(status, type_, message)
-            else:
-                cycle.on_response = lambda: self._after_last(status, type_, message)
+            self._answer_after(cycle, status, type_, message)
             return
-        # The body or the trailers of the request of ``cycle``: its application stops.
+        # The body or the trailers of the request of ``cycle``.
         assert cycle is not None
+        queued = [entry for entry in self.pipeline if entry[0] is cycle]
+        if queued:
+            # Pipelined behind a request still being answered, so its application has not
+            # started: it never will, and the refusal comes after that request's answer.
+            self.pipeline.remove(queued[0])
+            self._answer_after(self._before, status, type_, message)
+            return
+        # Its application runs: it stops.
         if not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
@@ -158,6 +165,15 @@ class HttpProtocol(HttpToolsProtocol):
             self._close_soon()  # it has had an answer
         else:
             self._send(status, type_, message)
+
+    def _answer_after(
+        self, before: RequestResponseCycle | None, status: int, type_: str, message: str
+    ) -> None:
+        """Answer once the request ``before`` has had its answer (at once if it has)."""
+        if before is None or before.response_complete:
+            self._send(status, type_, message)
+        else:
+            before.on_response = lambda: self._after_last(status, type_, message)
 
     def _after_last(self, status: int, type_: str, message: str) -> None:
         self.on_response_complete()

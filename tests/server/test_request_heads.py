@@ -182,3 +182,18 @@ def test_a_head_too_large_after_a_request_in_flight_is_answered_after_it(
     (first, second), _ = exchange(server, request)
     assert first[0] == 200, first
     json_error(second, 431, "headers_too_large")
+
+
+def test_a_bad_body_after_a_request_in_flight_is_answered_after_it(server: ServeProcess) -> None:
+    # Pipelined: a long poll, then a chunked body the parser refuses; the poll's answer
+    # comes first, and the server logs no error.
+    head = httpx.get(f"{server.url}/api/v1/head", headers={"Authorization": f"Bearer {TOKEN}"})
+    poll = f"GET /api/v1/head?wait_for={head.json()['rev'] + 1}&timeout=0.5 HTTP/1.1\r\n"
+    request = poll.encode() + b"Host: x\r\n" + AUTH + b"\r\n"
+    request += b"POST /api/v1/states/query HTTP/1.1\r\nHost: x\r\n" + AUTH
+    request += b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    logged = len(server.output)
+    (first, second), _ = exchange(server, request)
+    assert first[0] == 200, first
+    json_error(second, 400, "bad_request")
+    assert "Traceback" not in server.output[logged:]
