@@ -581,8 +581,7 @@ class FlowManager:
         given: object = pipeline_id  # callers may pass anything, whatever the annotation says
         if not isinstance(given, str) or not given:
             raise fs.InvalidCommandError(f"a pipeline id must be a non-empty string, not {given!r}")
-        flows = self.engine.flows
-        executor = flows.get(latest_key(pipeline_id)) or flows.get(FLOW_PREFIX + pipeline_id)
+        executor = self.engine.flows.get(latest_key(pipeline_id))
         if not isinstance(executor, PipelineExecutor):
             raise fs.FlowNotFoundError(
                 pipeline_id,
@@ -785,15 +784,12 @@ class FlowManager:
         if flow.runtime == "pipeline":
             return run_steps(flow_id, [s async for s in self.engine.iter_states(id=flow_id)])
         query = fs.StatesQuery(labels={FLOW_ID: flow_id}, latest_only=True)
-        found: builtins.list[tuple[tuple[datetime.datetime, int, str], FlowStep]] = []
+        found: builtins.list[tuple[int, FlowStep]] = []
         async for state in self.engine.iter_states(query):
             if is_step(state):
                 record = read_step(state)
-                step = step_of(state, record)
-                # A step never updated is at its first revision. (Steps recorded by
-                # flowstate 0.1 lack the revision: their time orders them.)
-                first = record.created_rev or (state.rev if record.created_at is None else 0)
-                found.append(((step.created_at, first, step.id), step))
+                # By first revision: a step never updated is still at it.
+                found.append((record.created_rev or state.rev, step_of(state, record)))
         found.sort(key=lambda item: item[0])
         return [step for _, step in found]
 

@@ -192,7 +192,7 @@ class Pipeline:
         ``@<digest of the definition>`` after it, so that each run goes on with the
         definition it was started with when another one is posted under the same id."""
         if self._digest:
-            return f"{FLOW_PREFIX}{self.id}@{self._digest}"
+            return latest_key(self.id) + self._digest
         return FLOW_PREFIX + self.id
 
     @property

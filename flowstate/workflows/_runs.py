@@ -4,8 +4,8 @@ A run is a managed flow of runtime ``pipeline``. Its record's ``run`` holds the 
 current ``step``, its ``attempt`` and the ``phase`` (``pending``: nothing started yet;
 ``started``: that attempt is running; ``backoff``: it failed and the next attempt is due at
 ``retry_at``), and ``lost``, how many of the step's attempts stopped without an outcome (their
-process stopped), when any did. The flowstate state is *running* at the pipeline's flow id the whole time, so
-the recoverer retries a run whose executor died.
+process stopped), when any did. The flowstate state is *running* at the pipeline's flow id the
+whole time, so the recoverer retries a run whose executor died.
 
 Claiming is a compare-and-set: an executor starts an attempt only by committing
 ``step_started`` against the version it read, so of two executors (a worker and the
