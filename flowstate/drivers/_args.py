@@ -38,6 +38,7 @@ __all__ = [
     "check_wait",
     "url_count",
     "url_number",
+    "url_port",
 ]
 
 #: The longest a lease may last without renewal, in seconds (a day): a lease elects a
@@ -69,6 +70,13 @@ def url_count(shown: str, key: str, value: str) -> int:
     if value.isascii() and value.isdigit() and len(value) <= 18:
         return int(value)
     raise InvalidURLError(f"{shown!r}: {key} must be an int, not {value!r}")
+
+
+def url_port(text: str) -> int | None:
+    """The port ``text`` names: ASCII digits from 1 to 65535; None when it is not one."""
+    if text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536:
+        return int(text)
+    return None
 
 
 def _rev(rev: object, name: str, error: type[Exception]) -> None:

@@ -2252,9 +2252,8 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
         raise InvalidURLError(f"bad etcd endpoint {text!r}: a space or control character")
     if not port_text:
         return host, DEFAULT_PORT
-    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
-    port = int(port_text) if digits else 0
-    if not 0 < port < 65536:
+    port = _args.url_port(port_text)
+    if port is None:
         raise InvalidURLError(f"bad etcd endpoint {text!r}: the port must be 1-65535")
     return host, port
 

@@ -141,7 +141,6 @@ import contextlib
 import datetime
 import hashlib
 import logging
-import re
 import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
@@ -1753,6 +1752,10 @@ def _netloc(dsn: str) -> str:
     return dsn.partition("://")[2].partition("/")[0].partition("?")[0].rpartition("@")[2]
 
 
+#: libpq's sslmode values (asyncpg takes the same).
+_SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def _check_netloc(dsn: str) -> None:
     """Refuse ports that are not numbers from 1 to 65535 in ``host:port[,host:port...]``,
     and an ``sslmode`` libpq does not know, early."""
@@ -1761,12 +1764,8 @@ def _check_netloc(dsn: str) -> None:
             port = host.rpartition("]")[2].removeprefix(":")
         else:
             port = host.rpartition(":")[2] if ":" in host else ""
-        if port and not (re.fullmatch(r"\d{1,5}", port) and 1 <= int(port) <= 65535):
+        if port and _args.url_port(port) is None:
             raise InvalidURLError(f"the port of {host!r} must be a number from 1 to 65535")
     for key, value in parse_qsl(dsn.partition("?")[2], keep_blank_values=True):
         if key == "sslmode" and value not in _SSL_MODES:
             raise InvalidURLError(f"sslmode must be one of {', '.join(_SSL_MODES)}, not {value!r}")
-
-
-#: libpq's sslmode values (asyncpg takes the same).
-_SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
