@@ -260,28 +260,24 @@ async def test_unavailable_timeout_bounds_an_outage(
     assert driver.failed_reads > 2, "it retried until the limit"
 
 
-async def test_a_read_slow_to_fail_counts_toward_the_timeout(
-    flaky: tuple[_FlakyReads, fs.Engine],
-) -> None:
-    # The outage is counted from the start of the read that failed, not from its end.
-    driver, engine = flaky
-    driver.error, driver.slowness = fs.DriverUnavailableError("down"), 0.6
-    async with engine.watch(unavailable_timeout=0.5) as watcher:
-        with pytest.raises(fs.DriverUnavailableError, match="down"):
-            await asyncio.wait_for(anext(watcher), 10)
-    assert driver.failed_reads == 1
-
-
-async def test_a_read_during_an_outage_stops_when_the_timeout_is_spent(
-    flaky: tuple[_FlakyReads, fs.Engine],
-) -> None:
-    driver, engine = flaky
-    driver.error, driver.slowness = fs.DriverUnavailableError("down"), 0.6
-    async with engine.watch(unavailable_timeout=1) as watcher:
+@pytest.mark.parametrize(
+    ("outage", "raised", "reads"),
+    [
+        # The outage is counted from the start of the read that failed, not from its end.
+        (0.5, "down", 1),
         # The first read fails after 0.6 s; the next one is cut at the timeout's end.
-        with pytest.raises(fs.DriverUnavailableError, match="did not answer within"):
+        (1, "did not answer within", 2),
+    ],
+)
+async def test_a_read_slow_to_fail_counts_toward_the_timeout(
+    flaky: tuple[_FlakyReads, fs.Engine], outage: float, raised: str, reads: int
+) -> None:
+    driver, engine = flaky
+    driver.error, driver.slowness = fs.DriverUnavailableError("down"), 0.6
+    async with engine.watch(unavailable_timeout=outage) as watcher:
+        with pytest.raises(fs.DriverUnavailableError, match=raised):
             await asyncio.wait_for(anext(watcher), 10)
-    assert driver.failed_reads == 2
+    assert driver.failed_reads == reads
 
 
 async def test_a_caught_up_watcher_notices_an_outage(

@@ -43,6 +43,7 @@ from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests import postgres_server
 from tests.drivers.crash import CHILD, all_states, kill_committers_and_check
+from tests.drivers.history import fill_history
 from tests.postgres_server import PostgresServer, postgres_url, unique_url
 
 if TYPE_CHECKING:
@@ -993,26 +994,6 @@ async def test_page_cost_does_not_grow_with_history(postgres_url: str) -> None:
         assert after <= before + 12, f"{query}: {before} buffers, then {after}"
 
 
-async def _fill_history(driver: PostgresDriver, states: int, versions: int) -> None:
-    """``states`` states (label ``kind=order``; every 10th also ``rare=yes``), each
-    committed ``versions`` times: a long history behind few latest versions."""
-    page = await driver.get_states(fs.StatesQuery(latest_only=True, limit=states))
-    revs = {s.id: s.rev for s in page.states}
-    for _ in range(versions):
-        writes = [
-            StateWrite(
-                state=fs.State(
-                    id=f"h{i}",
-                    labels={"kind": "order", **({"rare": "yes"} if i % 10 == 0 else {})},
-                ),
-                expected_rev=revs.get(f"h{i}", 0),
-            )
-            for i in range(states)
-        ]
-        result = await driver.commit(CommitRequest(writes=writes))
-        revs = {w.state.id: rev for w, rev in zip(writes, result.revs, strict=True)}
-
-
 _HISTORY_QUERIES = [
     fs.StatesQuery(limit=20, labels={"kind": "order"}, latest_only=True),
     fs.StatesQuery(limit=20, labels={"kind": "order", "rare": "yes"}, latest_only=True),
@@ -1034,10 +1015,10 @@ async def test_latest_label_pages_do_not_grow_with_history(postgres_url: str) ->
     async with PostgresDriver.from_url(url) as driver:
         conn = await asyncpg.connect(driver._dsn)
         try:
-            await _fill_history(driver, 200, 60)  # 12,000 versions
+            await fill_history(driver, 200, 60)  # 12,000 versions
             await conn.execute("VACUUM")
             small = await _page_costs(driver, conn, _HISTORY_QUERIES)
-            await _fill_history(driver, 200, 180)  # 48,000 versions
+            await fill_history(driver, 200, 180)  # 48,000 versions
             await conn.execute("VACUUM")
             large = await _page_costs(driver, conn, _HISTORY_QUERIES)
             for query in _HISTORY_QUERIES:

@@ -24,6 +24,7 @@ from flowstate.drivers.sqlite import SCHEMA_VERSION, SQLiteDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
 from tests.drivers.crash import CHILD, all_states, kill_committers_and_check
+from tests.drivers.history import fill_history
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -902,24 +903,8 @@ async def test_page_cost_does_not_grow_with_history(tmp_path: Path) -> None:
 
 
 async def _fill_history(path: Path, states: int, versions: int) -> None:
-    """``states`` states (label ``kind=order``; every 10th also ``rare=yes``), each
-    committed ``versions`` times: a long history behind few latest versions."""
     async with SQLiteDriver(path) as driver:
-        page = await driver.get_states(fs.StatesQuery(latest_only=True, limit=states))
-        revs = {s.id: s.rev for s in page.states}
-        for _ in range(versions):
-            writes = [
-                StateWrite(
-                    state=fs.State(
-                        id=f"h{i}",
-                        labels={"kind": "order", **({"rare": "yes"} if i % 10 == 0 else {})},
-                    ),
-                    expected_rev=revs.get(f"h{i}", 0),
-                )
-                for i in range(states)
-            ]
-            result = await driver.commit(CommitRequest(writes=writes))
-            revs = {w.state.id: rev for w, rev in zip(writes, result.revs, strict=True)}
+        await fill_history(driver, states, versions)
 
 
 _HISTORY_QUERIES = [
