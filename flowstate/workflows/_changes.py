@@ -114,6 +114,21 @@ def cancelled(flow: ManagedFlow, record: Record, *, how: str, **details: Any) ->
     )
 
 
+def preceded(change: Change, events: list[tuple[str, dict[str, Any]]]) -> Change:
+    """``change`` with ``events`` recorded before its own event, in the same version."""
+    if not events:
+        return change
+    (kind, payload), *rest = events
+    return Change(
+        status=change.status,
+        record=change.record,
+        event=kind,
+        payload=payload,
+        flow=change.flow,
+        more=(*rest, (change.event, change.payload), *change.more),
+    )
+
+
 def stage(ctx: fs.StateCtx, change: Change) -> fs.Commit:
     """The commit that stores ``change`` on ``ctx`` (and the states it carries along).
 

@@ -22,6 +22,7 @@ from flowstate.workflows._changes import (
     cancelled,
     failed,
     flow_run_flow,
+    preceded,
     resumed,
     stage,
     stage_step,
@@ -34,6 +35,7 @@ from flowstate.workflows._model import (
     RUNTIME,
     RUNTIMES,
     STATUS,
+    STEPS_PART,
     TIMER_FLOW,
     FlowEvent,
     FlowsPage,
@@ -59,7 +61,15 @@ from flowstate.workflows._model import (
     step_of,
 )
 from flowstate.workflows._pipeline import FLOW_PREFIX, Pipeline, StepFn, latest_key
-from flowstate.workflows._runs import DEFINITION, PipelineExecutor, new_progress, run_steps
+from flowstate.workflows._runs import (
+    BACKOFF,
+    DEFINITION,
+    PENDING,
+    STARTED,
+    PipelineExecutor,
+    new_progress,
+    run_steps,
+)
 
 if TYPE_CHECKING:
     import builtins
@@ -316,6 +326,10 @@ class FlowManager:
         ``update_state`` refuse; whoever drives the flow should stop and :meth:`cancel` it
         (a pipeline run does so before its next step). Asking again changes nothing.
 
+        A pipeline run with no attempt running (waiting to retry a step, or to be picked up)
+        has nothing to finish first: it is cancelled in the same commit (its events
+        ``cancel_requested`` then ``cancelled``), whichever process would run it next.
+
         Raises:
             NotFoundError: No managed flow has this id.
             AlreadyTerminalError: The flow is finished, failed or cancelled.
@@ -332,7 +346,13 @@ class FlowManager:
             if record.cancel_requested:
                 return None
             record.cancel_requested = True
-            backoff = (record.run or {}).get("phase") == "backoff"
+            phase = (record.run or {}).get("phase")
+            backoff = phase == BACKOFF
+            if flow.runtime == "pipeline" and phase in (PENDING, BACKOFF):
+                # No attempt runs: stop the run now, as its executor would before the next.
+                return preceded(
+                    cancelled(flow, record, how="requested"), [("cancel_requested", {})]
+                )
             return Change(status=flow.status, record=record, event="cancel_requested")
 
         asked = await self._mutate(flow_id, plan, keep=flow_run_flow)
@@ -358,7 +378,7 @@ class FlowManager:
             nonlocal runs_at
             runs_at = state.transition.to
             run = record.run or {}
-            if run.get("phase") == "started":
+            if run.get("phase") == STARTED:
                 return cancelled(flow, record, how="cancel", step=run["step"])
             return cancelled(flow, record, how="cancel")
 
@@ -440,11 +460,13 @@ class FlowManager:
         result = msgspec.json.decode(json_bytes(observation.result, "result"))
         sid = step_id(observation.flow_id, observation.run_id)
         staged: list[fs.StateCtx] = []
+        cached = False
 
         async def plan(state: fs.State, flow: ManagedFlow, record: Record) -> Change:
+            nonlocal cached
             # A run's steps are its pipeline's attempts, read from its own history.
             _check_driven(flow)
-            step_ctx = await self._step_ctx(sid)
+            step_ctx, cached = await self._step_ctx(sid)
             staged[:] = [step_ctx]
             known = read_step(step_ctx.committed) if step_ctx.committed.rev else None
             step = StepRecord(
@@ -477,25 +499,33 @@ class FlowManager:
                 also=(step_ctx,),
             )
 
-        await self._mutate(observation.flow_id, plan)
+        try:
+            await self._mutate(observation.flow_id, plan)
+        except fs.ConflictError as exc:
+            if not (cached and sid in exc.ids):
+                raise
+            # The step's version was the one this manager committed last, which another
+            # manager has moved on since: as for a flow's, a free retry on the latest one.
+            await self._mutate(observation.flow_id, plan)
         return step_of(staged[0].committed)
 
-    async def _step_ctx(self, sid: str) -> fs.StateCtx:
-        """A ctx on a step's latest version (from this manager's last commit if it made
-        one), or on a new step."""
+    async def _step_ctx(self, sid: str) -> tuple[fs.StateCtx, bool]:
+        """A ctx on a step's latest version, or on a new step; and whether it is the version
+        this manager committed last (which may be stale) rather than one read now."""
         ctx = self._latest.pop(sid, None)
+        cached = ctx is not None
         if ctx is None:
             try:
                 ctx = await self.engine.get_state(sid)
             except fs.NotFoundError:
-                return fs.StateCtx.new(sid)
+                return fs.StateCtx.new(sid), False
         if not is_step(ctx.committed):
             # Step ids share the id space with every other state (a flow may be named
             # "a/steps/x" too): never overwrite a state that is not this step.
             raise fs.InvalidCommandError(
                 f"the step's id {sid!r} is taken by a state that is not a step"
             )
-        return ctx
+        return ctx, cached
 
     # -- pipelines -----------------------------------------------------------------------------
 
@@ -1114,6 +1144,13 @@ def _check_id(flow_id: object) -> None:
     if flow_id.startswith("flowstate."):
         raise fs.InvalidCommandError(
             f"flow ids starting with 'flowstate.' are reserved: {flow_id!r}"
+        )
+    if STEPS_PART in flow_id:
+        # Then a step's state id names one flow and one run: flow "a" with run "b/steps/c"
+        # and flow "a/steps/b" with run "c" would share one.
+        raise fs.InvalidCommandError(
+            f"a flow id cannot contain {STEPS_PART!r} (the state ids of a flow's steps are "
+            f"'<flow id>{STEPS_PART}<run id>'): {flow_id!r}"
         )
 
 

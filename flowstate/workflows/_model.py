@@ -480,9 +480,13 @@ def step_of(state: fs.State, record: StepRecord | None = None) -> FlowStep:
     )
 
 
+#: What joins a flow's id and a step's run id in the step's state id (never in a flow id).
+STEPS_PART: Final = "/steps/"
+
+
 def step_id(flow_id: str, run_id: str) -> str:
     """The state id of a flow's step."""
-    return f"{flow_id}/steps/{run_id}"
+    return f"{flow_id}{STEPS_PART}{run_id}"
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)

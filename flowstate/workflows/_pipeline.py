@@ -33,6 +33,9 @@ def latest_key(pipeline_id: str) -> str:
     return f"{FLOW_PREFIX}{pipeline_id}@"
 
 
+#: Why a pipeline id has no ``@``: it ends the id in the flow ids of its runs.
+NO_AT: Final = "it separates the id from the definition's digest in the flow ids of runs"
+
 #: Timeouts and backoffs are shorter than this many seconds.
 MAX_SECONDS: Final = 1e9
 
@@ -166,6 +169,8 @@ class Pipeline:
         given: object = id
         if not isinstance(given, str) or not given:
             raise fs.InvalidCommandError(f"a pipeline id must be a non-empty string, not {id!r}")
+        if "@" in id:
+            raise fs.InvalidCommandError(f"a pipeline id cannot contain '@' ({NO_AT}): {id!r}")
         self.id = id
         self.name = name or id
         self._start = start
@@ -320,6 +325,9 @@ class Pipeline:
         pipeline_id = flow.get("id")
         if not isinstance(pipeline_id, str) or not pipeline_id:
             problems.append('"flow.id" must be a non-empty string')
+            pipeline_id = "?"
+        elif "@" in pipeline_id:
+            problems.append(f"\"flow.id\" cannot contain '@' ({NO_AT}): {pipeline_id!r}")
             pipeline_id = "?"
         name = flow.get("name", "")
         if not isinstance(name, str):

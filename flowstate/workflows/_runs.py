@@ -3,8 +3,9 @@
 A run is a managed flow of runtime ``pipeline``. Its record's ``run`` holds the progress: the
 current ``step``, its ``attempt`` and the ``phase`` (``pending``: nothing started yet;
 ``started``: that attempt is running; ``backoff``: it failed and the next attempt is due at
-``retry_at``), and ``lost``, how many of the step's attempts stopped without an outcome (their
-process stopped), when any did. The flowstate state is *running* at the pipeline's flow id the
+``retry_at``), ``claims``, how many attempts were claimed in the run so far (the latest
+claim's number, which names the attempt running), and ``lost``, how many of the step's attempts
+stopped without an outcome (their process stopped), when any did. The flowstate state is *running* at the pipeline's flow id the
 whole time, so the recoverer retries a run whose executor died.
 
 Claiming is a compare-and-set: an executor starts an attempt only by committing
@@ -17,6 +18,7 @@ whose end was committed never runs again, and a run moves on in one commit per s
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import logging
 import time
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 import flowstate as fs
-from flowstate.workflows._changes import Change, cancelled, failed
+from flowstate.workflows._changes import Change, cancelled, failed, preceded
 from flowstate.workflows._model import (
     RUNTIME,
     STATUS,
@@ -48,7 +50,15 @@ if TYPE_CHECKING:
 
     from flowstate.workflows._manager import FlowManager
 
-__all__ = ["PENDING", "PipelineExecutor", "claimable", "new_progress", "run_steps"]
+__all__ = [
+    "BACKOFF",
+    "PENDING",
+    "STARTED",
+    "PipelineExecutor",
+    "claimable",
+    "new_progress",
+    "run_steps",
+]
 
 logger = logging.getLogger("flowstate.workflows")
 
@@ -76,6 +86,21 @@ def new_progress(pipeline: Pipeline) -> dict[str, Any]:
     return {"step": pipeline.start, "attempt": 0, "phase": PENDING}
 
 
+def _claims(run: dict[str, Any] | None) -> int:
+    """How many attempts were claimed in the run whose progress is ``run``: the number of
+    the latest claim, which tells its attempt from any other, in a pipeline that loops back
+    to a step too."""
+    return 0 if run is None else int(run.get("claims", 0))
+
+
+def _progress(
+    record: Record, step: str | None, attempt: int, phase: str, **more: Any
+) -> dict[str, Any]:
+    """A run's progress, its count of claims carried over from ``record``'s unless ``more``
+    says otherwise."""
+    return {"step": step, "attempt": attempt, "phase": phase, "claims": _claims(record.run), **more}
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -87,6 +112,7 @@ class _Decision:
     action: str = "stop"  # "run" | "wait" | "stop"
     step: str = ""
     attempt: int = 0
+    claim: int = 0
     until: float = 0.0
 
 
@@ -198,8 +224,8 @@ class PipelineExecutor:
     ) -> ManagedFlow:
         """Run the attempt ``decision`` claimed on ``flow`` and commit its outcome (with what
         the run does next); return the run as committed."""
-        step_id, attempt = decision.step, decision.attempt
-        attempts.began(flow.id, flow.revision, step_id, attempt)
+        step_id, attempt, claim = decision.step, decision.attempt, decision.claim
+        attempts.began(flow.id, flow.revision, claim)
         try:
             outcome = await self._attempt(flow, step_id, attempt)
             if outcome is None:
@@ -208,7 +234,7 @@ class PipelineExecutor:
 
             def plan_done(state: fs.State, flow: ManagedFlow, record: Record) -> Change | None:
                 decision.action = "stop"
-                return self._plan_done(flow, record, step_id, attempt, outcome, decision)
+                return self._plan_done(flow, record, claim, outcome, decision)
 
             return await manager._mutate(flow.id, plan_done)
         finally:
@@ -241,15 +267,20 @@ class PipelineExecutor:
         )
         started = time.perf_counter()
         self._hold(flow.id)
+        timer = None if step.timeout is None else asyncio.timeout(step.timeout)
         try:
-            if step.timeout is None:
+            if timer is None:
                 output = await step.fn(context)
             else:
-                async with asyncio.timeout(step.timeout):
+                async with timer:
                     output = await step.fn(context)
-        except TimeoutError:
+        except TimeoutError as exc:
             seconds = time.perf_counter() - started
-            return _Outcome("error", error=f"timed out after {step.timeout}s", seconds=seconds)
+            if timer is not None and timer.expired():
+                error = f"timed out after {step.timeout}s"
+            else:
+                error = _describe(exc)  # the step's own TimeoutError, as any other error
+            return _Outcome("error", error=error, seconds=seconds)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and not task.cancelling() and flow.id not in self._cancelled:
@@ -306,7 +337,7 @@ class PipelineExecutor:
         extra: list[tuple[str, dict[str, Any]]] = []
         if phase == STARTED:
             if fs.recovery.attempt(state) == 0 or any(
-                engine_attempts.runs(flow.id, step_id, attempt)
+                engine_attempts.runs(flow.id, _claims(run))
                 for engine_attempts in self._engines.values()
             ):
                 # A live executor runs it: the recoverer says when it is not, but a step
@@ -323,7 +354,7 @@ class PipelineExecutor:
                 )
                 return self._branch(flow, record, step_id, "failure", reason, extra, decision)
         if record.cancel_requested:
-            return _first(cancelled(flow, record, how="requested"), extra)
+            return preceded(cancelled(flow, record, how="requested"), extra)
         if phase == BACKOFF:
             due = datetime.datetime.fromisoformat(run["retry_at"]).timestamp()
             if due > time.time():
@@ -335,19 +366,23 @@ class PipelineExecutor:
         self,
         flow: ManagedFlow,
         record: Record,
-        step_id: str,
-        attempt: int,
+        claim: int,
         outcome: _Outcome,
         decision: _Decision,
     ) -> Change | None:
-        """Commit how an attempt ended and, in the same commit, what the run does next."""
+        """Commit how the attempt the run's claim number ``claim`` started ended and, in the
+        same commit, what the run does next."""
         run = record.run
         if (
             flow.status.is_terminal
             or run is None
-            or (run["step"], run["attempt"], run["phase"]) != (step_id, attempt, STARTED)
+            or run["phase"] != STARTED
+            or _claims(run) != claim
         ):
-            return None  # cancelled, or another executor took the attempt over
+            # Cancelled, or another executor took the attempt over (and may have gone on
+            # since, even back to this very step and attempt number, in a pipeline that loops).
+            return None
+        step_id, attempt = run["step"], run["attempt"]
         payload: dict[str, Any] = {
             "step": step_id,
             "attempt": attempt,
@@ -368,19 +403,14 @@ class PipelineExecutor:
         step = self.pipeline.step(step_id)
         if record.cancel_requested:
             # Asked to stop: no retry.
-            return _first(cancelled(flow, record, how="requested"), [("step_failed", payload)])
+            return preceded(cancelled(flow, record, how="requested"), [("step_failed", payload)])
         lost = run.get("lost", 0)
         if attempt - lost <= step.retries:
             delay = step.delay(attempt - lost)
             due = _now() + datetime.timedelta(seconds=delay)
             payload["retry_in"] = delay
             payload["retry_at"] = retry_at = iso(due)
-            record.run = {
-                "step": step_id,
-                "attempt": attempt,
-                "phase": BACKOFF,
-                "retry_at": retry_at,
-            }
+            record.run = _progress(record, step_id, attempt, BACKOFF, retry_at=retry_at)
             if lost:
                 record.run["lost"] = lost
             decision.action, decision.until = "wait", due.timestamp()
@@ -410,18 +440,18 @@ class PipelineExecutor:
         if target and record.cancel_requested:
             # Asked to stop: neither the next step nor a finish (as finish() refuses while a
             # cancel is pending). A failure with nowhere to go still fails the run.
-            return _first(cancelled(flow, record, how="requested"), events)
+            return preceded(cancelled(flow, record, how="requested"), events)
         if target == END:
-            record.run = {"step": None, "attempt": 0, "phase": PENDING}
-            return _first(
+            record.run = _progress(record, None, 0, PENDING)
+            return preceded(
                 Change(status=FlowStatus.FINISHED, record=record, event="finished"), events
             )
         if not target:
-            record.run = {"step": None, "attempt": 0, "phase": PENDING}
-            return _first(failed(flow, record, reason, step=step_id), events)
+            record.run = _progress(record, None, 0, PENDING)
+            return preceded(failed(flow, record, reason, step=step_id), events)
         if flow.id in self._hand_back:
             # Stopping: leave the next step for another executor to claim.
-            record.run = {"step": target, "attempt": 0, "phase": PENDING}
+            record.run = _progress(record, target, 0, PENDING)
             record.current_step = target
             (kind, payload), *rest = events
             return Change(
@@ -447,11 +477,13 @@ class PipelineExecutor:
     ) -> Change:
         """Start attempt ``attempt`` of ``step_id`` (event ``step_started``); ``lost`` of the
         step's attempts before it stopped without an outcome."""
-        record.run = {"step": step_id, "attempt": attempt, "phase": STARTED}
+        claim = _claims(record.run) + 1
+        record.run = _progress(record, step_id, attempt, STARTED, claims=claim)
         if lost:
             record.run["lost"] = lost
         record.current_step = step_id
         decision.action, decision.step, decision.attempt = "run", step_id, attempt
+        decision.claim = claim
         started = Change(
             status=FlowStatus.RUNNING,
             record=record,
@@ -459,7 +491,7 @@ class PipelineExecutor:
             payload={"step": step_id, "attempt": attempt},
             flow=self.pipeline.flow_id,
         )
-        return _first(started, events)
+        return preceded(started, events)
 
 
 class _Attempts:
@@ -472,20 +504,20 @@ class _Attempts:
     def __init__(self, executor: PipelineExecutor, engine: fs.Engine) -> None:
         self._executor = executor
         self._engine = engine
-        # Run id: when its attempt began, the revision that claimed it, its step and number.
-        self._running: dict[str, tuple[float, int, str, int]] = {}
+        # Run id: when its attempt began, the revision that claimed it, its claim number.
+        self._running: dict[str, tuple[float, int, int]] = {}
         self._check: asyncio.TimerHandle | None = None
         self._follower: asyncio.Task[None] | None = None
 
-    def began(self, run_id: str, claimed_rev: int, step_id: str, attempt: int) -> None:
-        self._running[run_id] = (time.monotonic(), claimed_rev, step_id, attempt)
+    def began(self, run_id: str, claimed_rev: int, claim: int) -> None:
+        self._running[run_id] = (time.monotonic(), claimed_rev, claim)
         if self._check is None:
             self._check_later()
 
-    def runs(self, run_id: str, step_id: str, attempt: int) -> bool:
-        """True when this process runs attempt ``attempt`` of ``step_id`` in ``run_id``."""
+    def runs(self, run_id: str, claim: int) -> bool:
+        """True when this process runs the attempt claim number ``claim`` of ``run_id`` started."""
         running = self._running.get(run_id)
-        return running is not None and running[2:] == (step_id, attempt)
+        return running is not None and running[2] == claim
 
     def ended(self, run_id: str) -> None:
         del self._running[run_id]
@@ -522,21 +554,6 @@ class _Attempts:
             logger.debug("stopped following cancels: %s", exc)
 
 
-def _first(change: Change, events: list[tuple[str, dict[str, Any]]]) -> Change:
-    """``change`` with ``events`` recorded before its own event, in the same version."""
-    if not events:
-        return change
-    (kind, payload), *rest = events
-    return Change(
-        status=change.status,
-        record=change.record,
-        event=kind,
-        payload=payload,
-        flow=change.flow,
-        more=(*rest, (change.event, change.payload), *change.more),
-    )
-
-
 def _describe(exc: BaseException) -> str:
     """``Type: message`` of a step's error, as text every store can keep (a message may hold
     lone surrogates, e.g. from bytes decoded with ``surrogateescape``)."""
@@ -560,8 +577,13 @@ def claimable(state: fs.State) -> bool:
 
 
 def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
-    """Every attempt of a run as a step record, read from the run's history."""
-    attempts: dict[tuple[str, int], dict[str, Any]] = {}
+    """Every attempt of a run as a step record, read from the run's history.
+
+    A pipeline may loop back to a step: each visit of a step starts again at attempt 1, and
+    the step records of its second and later visits are named ``<step>@<visit>#<attempt>``.
+    """
+    attempts: dict[tuple[str, int, int], dict[str, Any]] = {}
+    visits: collections.Counter[str] = collections.Counter()
     for state in versions:
         for event in events_of(state):
             payload = event.payload
@@ -573,7 +595,10 @@ def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
                 continue
             if event.kind not in ("step_started", "step_completed", "step_failed"):
                 continue
-            key = (payload["step"], payload["attempt"])
+            step_id, attempt = payload["step"], payload["attempt"]
+            if event.kind == "step_started" and attempt == 1:
+                visits[step_id] += 1  # every visit of a step starts with its attempt 1
+            key = (step_id, max(visits[step_id], 1), attempt)
             item = attempts.setdefault(
                 key,
                 {
@@ -600,9 +625,9 @@ def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
                 item["status"] = StepStatus.FAILED
     return [
         FlowStep(
-            id=f"{run_id}/steps/{step_id}#{attempt}",
+            id=f"{run_id}/steps/{name}",
             flow_id=run_id,
-            run_id=f"{step_id}#{attempt}",
+            run_id=name,
             task=step_id,
             runtime="pipeline",
             status=item["status"],
@@ -616,5 +641,6 @@ def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
             ended_at=item["ended_at"],
             revision=item["revision"],
         )
-        for (step_id, attempt), item in attempts.items()
+        for (step_id, visit, attempt), item in attempts.items()
+        for name in [f"{step_id}#{attempt}" if visit == 1 else f"{step_id}@{visit}#{attempt}"]
     ]

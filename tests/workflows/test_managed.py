@@ -313,6 +313,23 @@ async def test_a_stale_cache_is_read_again(engine: fs.Engine) -> None:
         await mine.resume(flow.id)
 
 
+async def test_a_stale_cached_step_is_read_again(engine: fs.Engine) -> None:
+    mine, other = FlowManager(engine, attempts=1), FlowManager(engine)
+    flow = await mine.create_mirrored(controller="agent")
+
+    def seen(status: str) -> StepObservation:
+        return StepObservation(flow_id=flow.id, run_id="r", task="t", status=status)
+
+    await mine.record_step(seen("running"))
+    with pytest.raises(InvalidTransitionError):
+        await mine.start(flow.id)  # refused: `mine` reads the flow again next time
+    await other.record_step(seen("running"))
+    # `mine` last committed the step at an older version; with one attempt, it still lands.
+    done = await mine.record_step(seen("completed"))
+    assert done.status == "completed"
+    assert [(s.run_id, s.status) for s in await other.steps(flow.id)] == [("r", "completed")]
+
+
 # -- timer waits ---------------------------------------------------------------------------------
 
 
@@ -401,16 +418,35 @@ async def test_a_timer_outlives_changes_that_keep_the_wait(
 async def test_a_step_id_taken_by_another_state_is_refused(
     engine: fs.Engine, flows: FlowManager
 ) -> None:
-    # Step ids ("<flow>/steps/<run>") share the id space with flows: never overwrite one.
+    # Step ids ("<flow>/steps/<run>") share the id space with every state: never overwrite one.
     flow = await flows.create_mirrored(controller="agent", id="a")
-    squatter = await flows.create(controller="c", id="a/steps/x", state={"keep": 1})
+    squatter = fs.StateCtx.new("a/steps/x", labels={"keep": "1"})
+    await engine.do(fs.Commit(fs.End(squatter)))
     head = await engine.driver.head_rev()
     with pytest.raises(fs.InvalidCommandError, match="taken by a state that is not a step"):
         await flows.record_step(
             StepObservation(flow_id=flow.id, run_id="x", task="t", status="running")
         )
     assert await engine.driver.head_rev() == head
-    assert (await flows.get(squatter.id)).state == {"keep": 1}
+    assert (await engine.get_state(squatter.id)).committed == squatter.committed
+
+
+async def test_steps_of_two_flows_never_share_a_state(
+    engine: fs.Engine, flows: FlowManager
+) -> None:
+    # Flow "a" with run "b/steps/c" and flow "a/steps/b" with run "c" would both be the state
+    # "a/steps/b/steps/c": a flow id cannot hold "/steps/", so each step id names one step.
+    head = await engine.driver.head_rev()
+    for make in (flows.create, flows.create_mirrored):
+        with pytest.raises(fs.InvalidCommandError, match="cannot contain '/steps/'"):
+            await make(controller="c", id="a/steps/b")
+    assert await engine.driver.head_rev() == head
+    flow = await flows.create_mirrored(controller="agent", id="a")
+    await flows.record_step(
+        StepObservation(flow_id=flow.id, run_id="b/steps/c", task="t", status="completed")
+    )
+    (step,) = await flows.steps(flow.id)
+    assert (step.id, step.run_id) == ("a/steps/b/steps/c", "b/steps/c")
 
 
 async def test_a_timer_racing_a_resume_resumes_once(engine: fs.Engine, flows: FlowManager) -> None:

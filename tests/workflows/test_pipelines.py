@@ -182,6 +182,21 @@ async def test_a_timeout_is_an_error(flows: FlowManager) -> None:
     assert cancelled.is_set(), "the timed-out attempt was cancelled"
 
 
+@pytest.mark.parametrize("limit", [None, 30])
+async def test_a_timeout_error_of_the_step_itself_is_its_own_error(
+    flows: FlowManager, limit: float | None
+) -> None:
+    async def upstream(step: StepContext) -> Any:
+        raise TimeoutError("upstream read timed out")
+
+    flows.register(Pipeline("own").add_step(Step("read", upstream, timeout=limit)))
+    done = await flows.result((await flows.execute("own")).id, timeout=20)
+    assert done.status == "failed"
+    assert done.state["failure"]["reason"] == (
+        "step 'read' failed after 1 attempts: TimeoutError: upstream read timed out"
+    )
+
+
 async def test_a_failure_outcome_branches_without_retry(flows: FlowManager) -> None:
     calls: Calls = collections.Counter()
     flows.register(
@@ -234,6 +249,89 @@ async def test_branches_jump_and_end(flows: FlowManager) -> None:
     done = await flows.result((await flows.execute("unhandled")).id, timeout=20)
     assert done.status == "failed"
     assert "'x' returned a failure" in done.state["failure"]["reason"]
+
+
+def looping(poll: Callable[[StepContext], Any]) -> Pipeline:
+    """``poll`` until it succeeds, through ``pause`` after each failure outcome."""
+    return (
+        Pipeline("loop")
+        .add_step(Step("poll", poll, on_success="end", on_failure="pause"))
+        .add_step(Step("pause", recorder(collections.Counter()), on_success="poll"))
+    )
+
+
+async def test_a_loop_records_every_visit_of_a_step(flows: FlowManager) -> None:
+    visits = 0
+
+    async def poll(step: StepContext) -> Any:
+        nonlocal visits
+        visits += 1
+        return {"status": "ok" if visits == 3 else "failure", "visit": visits}
+
+    flows.register(looping(poll))
+    done = await flows.result((await flows.execute("loop")).id, timeout=20)
+    assert done.status == "finished"
+    assert done.state["outputs"]["poll"] == {"status": "ok", "visit": 3}
+    steps = [(s.run_id, s.task, s.attempt, s.status) for s in await flows.steps(done.id)]
+    assert steps == [
+        ("poll#1", "poll", 1, "failed"),
+        ("pause#1", "pause", 1, "completed"),
+        ("poll@2#1", "poll", 1, "failed"),
+        ("pause@2#1", "pause", 1, "completed"),
+        ("poll@3#1", "poll", 1, "completed"),
+    ]
+    assert [s.id for s in await flows.steps(done.id)][-1] == f"{done.id}/steps/poll@3#1"
+
+
+async def test_an_attempt_taken_over_never_ends_a_later_visit_of_its_step(
+    engine: fs.Engine,
+) -> None:
+    # A slow attempt outlives its takeover: another engine counts it as lost, runs the step
+    # again, loops back to it, and is in the same step and attempt number when the slow
+    # attempt ends. That end belongs to nobody any more and must not be committed.
+    slow_started, slow_go, again_started, again_go = (asyncio.Event() for _ in range(4))
+
+    async def slow_poll(step: StepContext) -> Any:
+        slow_started.set()
+        await slow_go.wait()
+        return {"status": "ok", "by": "the attempt taken over"}
+
+    tries = 0
+
+    async def poll(step: StepContext) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            return {"status": "failure"}
+        again_started.set()
+        await again_go.wait()
+        return {"status": "ok", "by": "the second visit"}
+
+    first = FlowManager(engine)
+    first.register(looping(slow_poll))
+    run = await first.execute("loop", enqueue=True)
+    executor = engine.flows[looping(slow_poll).flow_id]
+    slow = asyncio.create_task(executor(await engine.get_state(run.id), engine))
+    await slow_started.wait()
+    async with fs.Engine(engine.driver) as other:
+        second = FlowManager(other)
+        second.register(looping(poll))
+        async with fs.Recoverer(other, retry_after=0.1, lease_ttl=1, tick=0.02):
+            await asyncio.wait_for(again_started.wait(), 20)
+            slow_go.set()
+            await slow  # its end is discarded: the run is at another claim now
+            assert (await second.get(run.id)).status == "running"
+            again_go.set()
+            done = await second.result(run.id, timeout=20)
+    assert done.status == "finished"
+    assert done.state["outputs"]["poll"] == {"status": "ok", "by": "the second visit"}
+    steps = [(s.run_id, s.status) for s in await first.steps(run.id)]
+    assert steps == [
+        ("poll#1", "failed"),  # taken over: stopped without an outcome
+        ("poll#2", "failed"),
+        ("pause#1", "completed"),
+        ("poll@2#1", "completed"),
+    ]
 
 
 async def test_an_output_that_is_not_json_fails_the_attempt(flows: FlowManager) -> None:
@@ -404,6 +502,35 @@ async def test_request_cancel_ends_a_backoff_wait(flows: FlowManager) -> None:
     done = await flows.result(run.id, timeout=10)
     assert done.status == "cancelled"
     assert [s.attempt for s in await flows.steps(run.id)] == [1]
+
+
+async def test_request_cancel_through_another_engine_ends_a_backoff_wait(
+    engine: fs.Engine, flows: FlowManager
+) -> None:
+    # As from another process: no attempt runs while the run waits to retry, so the request
+    # cancels it at once, wherever the wait sleeps.
+    attempts = 0
+
+    async def flaky(step: StepContext) -> Any:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("down")
+
+    flows.register(Pipeline("waits").add_step(Step("s", flaky, retries=5, backoff=30)))
+    run = await flows.execute("waits")
+    async with asyncio.timeout(20), flows.watch(id=run.id) as versions:
+        async for _ in versions:
+            if "step_failed" in [e.kind for e in await flows.events(run.id)]:
+                break  # the run waits 30 s before its next attempt
+    async with fs.Engine(engine.driver) as other:
+        asked = await FlowManager(other).request_cancel(run.id)
+    assert asked.status == "cancelled"
+    assert [(e.kind, e.payload) for e in (await flows.events(run.id))[-2:]] == [
+        ("cancel_requested", {}),
+        ("cancelled", {"how": "requested", "requested": True}),
+    ]
+    assert attempts == 1
+    assert [(s.attempt, s.status) for s in await flows.steps(run.id)] == [(1, "failed")]
 
 
 async def test_cancel_cancels_the_running_step(flows: FlowManager) -> None:
@@ -853,6 +980,16 @@ def test_a_definition_reports_every_problem_at_once() -> None:
 def test_a_definition_that_is_not_json_text_is_a_definition_error(definition: Any) -> None:
     with pytest.raises(DefinitionError, match="the definition is not JSON"):
         Pipeline.from_definition(definition, tasks={"a": recorder(collections.Counter())})
+
+
+def test_a_pipeline_id_cannot_hold_the_digest_separator() -> None:
+    # "x@" would run at the flow id under which pipeline "x" keeps the executor of its new
+    # runs, and "x@<digest>" at that of a definition of "x".
+    with pytest.raises(fs.InvalidCommandError, match="cannot contain '@'"):
+        Pipeline("x@")
+    definition = {"flow": {"id": "x@1", "start_task": "t", "tasks": [{"name": "t"}]}}
+    with pytest.raises(DefinitionError, match="cannot contain '@'"):
+        Pipeline.from_definition(definition, tasks={"t": recorder(collections.Counter())})
 
 
 def test_builder_problems_are_reported_at_registration() -> None:
