@@ -16,8 +16,10 @@ from attrs import define, field
 from flowstate._checks import as_utc, describe, is_number, is_text, is_text_map
 from flowstate._state import (
     PAUSED_ANNOTATION,
+    State,
     StateCtx,
     Transition,
+    check_shape,
     decode_ctx,
     encode_ctx,
 )
@@ -80,8 +82,16 @@ def _check_annotations(annotations: object, command: str) -> dict[str, str] | No
 
 
 def _set(ctx: StateCtx, transition: Transition) -> None:
-    ctx.current.transition = transition
-    ctx.transitions.append(transition)
+    current, transitions = ctx.current, ctx.transitions
+    if (
+        current.__class__ is not State
+        or current.transition.__class__ is not Transition
+        or transitions.__class__ is not list
+        or ctx.data.__class__ is not dict
+    ):
+        check_shape(ctx)
+    current.transition = transition
+    transitions.append(transition)
 
 
 @define(slots=True, init=False)
@@ -174,6 +184,7 @@ class Resume(Command):
         self.annotations = _check_annotations(annotations, "Resume")
 
     def _mutate(self) -> None:
+        check_shape(self.ctx)
         to = self.ctx.current.transition.to
         _check_flow_id(to, "Resume")
         annotations = {**(self.annotations or {}), RESUMED_ANNOTATION: "true"}
@@ -282,6 +293,7 @@ class Stack(Command):
         return self.carrier
 
     def _mutate(self) -> None:
+        check_shape(self.carrier)
         annotations = self.carrier.current.annotations
         if self.key in annotations:
             raise InvalidCommandError(
@@ -314,6 +326,7 @@ class Unstack(Command):
         return self.carrier
 
     def _mutate(self) -> None:
+        check_shape(self.carrier)
         raw = self.carrier.current.annotations.get(self.key)
         if raw is None:
             raise InvalidCommandError(

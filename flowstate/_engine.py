@@ -37,6 +37,7 @@ from flowstate._state import (
     StateCtx,
     Transition,
     check_id,
+    check_shape,
     check_strings,
 )
 from flowstate._watcher import Signal, Watcher
@@ -446,7 +447,8 @@ class Engine:
         return StateCtx.of(await self.driver.get_state(state_id, rev))
 
     async def find_state(self, labels: Mapping[str, str]) -> StateCtx:
-        """Return a ctx on the latest version whose labels contain every pair in ``labels``.
+        """Return a ctx on the latest version whose labels contain every pair in ``labels``
+        (of two states written by one commit, the one written last).
 
         Raises:
             NotFoundError: No version matches.
@@ -458,7 +460,9 @@ class Engine:
         page = await self.get_states(query)
         if not page.states:
             raise NotFoundError(f"no state has labels {query.labels!r}")
-        return StateCtx.of(page.states[0])
+        # A page never splits a revision: where one commit's states share theirs (etcd), the
+        # page holds them all, in the order they were written.
+        return StateCtx.of(page.states[-1])
 
     async def get_states(self, query: StatesQuery | None = None, **filters: Any) -> StatesPage:
         """Return one page of state versions, ascending by revision.
@@ -531,11 +535,13 @@ def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateW
             ctx = command.ctx
         elif isinstance(command, Delay):
             ctx = command.ctx
+            check_shape(ctx)
             if ctx.id in delays:
                 raise InvalidCommandError(f"state {ctx.id!r} has two Delays in one Commit")
             delays[ctx.id] = command
         elif isinstance(command, StoreData):
             ctx = command.ctx
+            check_shape(ctx)
             alias = command.alias
             data = ctx.data.get(alias)
             if data is None:
@@ -555,6 +561,7 @@ def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateW
             if command.ctx is None:
                 continue
             ctx = command.ctx
+            check_shape(ctx)
         else:
             raise InvalidCommandError(f"{type(command).__name__} cannot be inside a Commit")
         seen = touched.setdefault(ctx.id, ctx)
@@ -570,6 +577,8 @@ def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateW
 def _state_write(ctx: StateCtx, data: dict[str, bytes] | None, delay: Delay | None) -> StateWrite:
     """The write that stores ctx.current, checked, with its data and delay."""
     state = ctx.current
+    if ctx.committed.__class__ is not State:
+        check_shape(ctx)
     if ctx.committed.id != state.id:
         raise InvalidCommandError(
             f"ctx.current.id {describe(state.id)} differs from ctx.committed.id "

@@ -189,6 +189,24 @@ class StateCtx(msgspec.Struct, kw_only=True):
         )
 
 
+def check_shape(ctx: StateCtx) -> None:
+    """Raise InvalidCommandError unless the parts of ``ctx`` are of the types a StateCtx holds
+    (its fields are plain attributes: a caller may have set any of them to anything)."""
+    parts: list[tuple[str, object, type]] = [
+        ("current", ctx.current, State),
+        ("committed", ctx.committed, State),
+        ("transitions", ctx.transitions, list),
+        ("data", ctx.data, dict),
+        ("current.transition", getattr(ctx.current, "transition", None), Transition),
+        ("committed.transition", getattr(ctx.committed, "transition", None), Transition),
+    ]
+    for name, value, kind in parts:
+        if value.__class__ is not kind:
+            raise InvalidCommandError(
+                f"ctx.{name} must be a {kind.__name__}, not {describe(value)}"
+            )
+
+
 def check_id(state_id: object) -> None:
     """Raise InvalidCommandError unless ``state_id`` is a non-empty str every store can keep."""
     if not state_id or not is_text(state_id):

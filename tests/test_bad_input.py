@@ -334,6 +334,42 @@ async def test_bad_queries_are_refused(
         await getattr(engine, name)(*args, **kwargs)
 
 
+def _broken(part: str) -> fs.StateCtx:
+    """A ctx one of whose parts a caller set to None."""
+    ctx = fs.StateCtx.new("a")
+    owner: object = ctx
+    *path, name = part.split(".")
+    for step in path:
+        owner = getattr(owner, step)
+    setattr(owner, name, None)
+    return ctx
+
+
+@pytest.mark.parametrize(
+    "part",
+    ["current", "committed", "transitions", "data", "current.transition", "current.labels"],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda ctx: fs.Commit(fs.Noop(ctx)),
+        lambda ctx: fs.Commit(fs.Transit(ctx, "next")),
+        lambda ctx: fs.Commit(fs.Pause(ctx, "next")),
+        lambda ctx: fs.Commit(fs.Resume(ctx)),
+        lambda ctx: fs.Commit(fs.Transit(ctx, "next"), fs.Delay(ctx, "later", seconds=1)),
+        lambda ctx: fs.Delay(ctx, "later", seconds=1),
+        lambda ctx: fs.Commit(fs.Stack(ctx, fs.StateCtx.new("b"), "k")),
+    ],
+    ids=["noop", "transit", "pause", "resume", "commit-delay", "delay", "stack"],
+)
+async def test_a_ctx_with_a_broken_part_gets_an_invalid_command(
+    engine: fs.Engine, part: str, command: Callable[[fs.StateCtx], fs.Command]
+) -> None:
+    with pytest.raises(fs.InvalidCommandError):
+        await engine.do(command(_broken(part)))
+    assert await engine.driver.head_rev() == 0
+
+
 async def test_a_flow_that_writes_a_lone_surrogate_gets_an_invalid_command(
     engine: fs.Engine,
 ) -> None:
