@@ -29,7 +29,8 @@ class StatesQuery(msgspec.Struct, kw_only=True, frozen=True):
             of mappings (a version matches when any of them matches). Empty: every version.
             At most :attr:`MAX_LABEL_MAPS` mappings of at most :attr:`MAX_LABEL_PAIRS` pairs.
         since_rev: Only versions with a revision greater than this (exclusive).
-        since_latest: Start at the latest matching version (inclusive); ignores ``since_rev``.
+        since_latest: Start at the latest matching version (inclusive) after ``since_rev``
+            (with ``since_rev`` 0: where things stand now); none after it: an empty page.
         since_time: Only versions committed at or after this time (timezone-aware).
         latest_only: Only versions that are still their state's latest version.
         limit: Page size, at least 1. A page never splits one revision, so a page may hold

@@ -967,6 +967,11 @@ class DriverTests:
 
     # -- engine: queries -------------------------------------------------------------------
 
+    async def test_find_state_of_one_commit_is_the_last_written(self, engine: fs.Engine) -> None:
+        pair = [fs.StateCtx.new(f"pair-{n}", labels={"kind": "pair"}) for n in range(2)]
+        await engine.do(fs.Commit(*(fs.Transit(ctx, "a") for ctx in pair)))
+        assert (await engine.find_state({"kind": "pair"})).id == "pair-1"
+
     async def test_engine_queries(self, engine: fs.Engine) -> None:
         for i in range(5):
             ctx = fs.StateCtx.new(f"s{i}", labels={"kind": "even" if i % 2 == 0 else "odd"})
