@@ -122,11 +122,11 @@ class MemoryDriver(Driver):
         for key, value in pairs:
             if key != "keep":
                 raise InvalidURLError(f"{url!r}: unknown option {key!r}; known options: keep")
-            if not value.isdigit() or int(value) < 1:
+            keep = _args.url_count(url, key, value)
+            if keep < 1:
                 raise InvalidURLError(
                     f"{url!r}: keep must be a whole number of versions >= 1, not {value!r}"
                 )
-            keep = int(value)
         return cls(keep=keep)
 
     def __repr__(self) -> str:

@@ -44,7 +44,14 @@ def test_keep_url() -> None:
     assert isinstance(driver, MemoryDriver)
     assert driver.keep == 3
     assert MemoryDriver.from_url("memory://").keep is None
-    for bad in ("memory://?keep=0", "memory://?keep=x", "memory://?keep=-1", "memory://?ttl=3"):
+    for bad in (
+        "memory://?keep=0",
+        "memory://?keep=x",
+        "memory://?keep=-1",
+        "memory://?ttl=3",
+        "memory://?keep=²",  # str.isdigit() says yes, int() says no
+        "memory://?keep=٣",  # a digit, but not an ASCII one
+    ):
         with pytest.raises(fs.InvalidURLError):
             fs.open_driver(bad)
     with pytest.raises(fs.InvalidURLError):
