@@ -1301,7 +1301,9 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connec
             raise DriverError(
                 f"SQLite store {path} cannot be opened or created: {exc.strerror or exc}"
             ) from exc
-        target = f"file:{quote(path)}?mode=rw"
+        # An absolute path goes after an empty authority: "file:" followed by "//" would make
+        # SQLite read a path that starts with "//" (one POSIX allows) as a host name.
+        target = f"file:{'//' if path.startswith('/') else ''}{quote(path)}?mode=rw"
     conn = sqlite3.connect(
         target,
         timeout=busy_timeout,

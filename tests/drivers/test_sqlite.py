@@ -164,6 +164,19 @@ def test_bad_url_names_the_problem() -> None:
 
 
 @pytestmark_anyio
+@pytest.mark.parametrize("slashes", ["/", "//"])
+async def test_an_absolute_path_opens_however_many_slashes_it_starts_with(
+    tmp_path: Path, slashes: str
+) -> None:
+    # POSIX allows "//tmp/x.db" for "/tmp/x.db"; SQLite must not read "tmp" as a host.
+    url = f"sqlite:///{slashes}{str(tmp_path).lstrip('/')}/x.db"
+    async with fs.Engine(url) as engine:
+        await engine.do(fs.Commit(fs.End(fs.StateCtx.new("a"))))
+    async with fs.Engine(f"sqlite:///{tmp_path}/x.db") as engine:
+        assert (await engine.get_state("a")).committed.rev == 1
+
+
+@pytestmark_anyio
 async def test_reopen_keeps_every_version(tmp_path: Path) -> None:
     path = tmp_path / "reopen.db"
     async with SQLiteDriver(path) as driver:
