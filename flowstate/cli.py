@@ -22,6 +22,8 @@ import msgspec
 from attrs import frozen
 
 import flowstate as fs
+from flowstate._checks import MAX_REV
+from flowstate._query import MAX_LIMIT
 from flowstate.drivers.base import hide_password
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.sqlite import SQLiteDriver
@@ -166,7 +168,7 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--since-rev",
         metavar="N",
-        type=_count(0),
+        type=_count(0, MAX_REV),
         default=0,
         help="only versions committed after revision N (default: 0, from the start)",
     )
@@ -200,6 +202,11 @@ def _open_existing(url: str) -> Driver:
 
         if isinstance(driver, PostgresDriver):
             driver.create = False  # open() fails on a missing schema instead of creating it
+    elif driver.scheme == "etcd":
+        from flowstate.drivers.etcd import EtcdDriver  # loaded by open_driver already
+
+        if isinstance(driver, EtcdDriver):
+            driver.create = False  # open() fails on a prefix without a store
     return driver
 
 
@@ -260,7 +267,7 @@ def _configure_states(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit",
         metavar="N",
-        type=_count(1),
+        type=_count(1, MAX_LIMIT),
         default=50,
         help="show at most N versions (default: 50)",
     )
@@ -304,7 +311,7 @@ def _configure_get(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rev",
         metavar="N",
-        type=_count(0),
+        type=_count(0, MAX_REV),
         default=0,
         help="the version at revision N (default: the latest version)",
     )

@@ -713,6 +713,9 @@ class EtcdDriver(Driver):
         ca: PEM file of the CA that signed the server's certificate: connect over TLS.
         cert: PEM file of a client certificate (with ``key``), for ``--client-cert-auth``.
         key: PEM file of the client certificate's private key.
+        create: Make the prefix a store when it is not one yet (the default); when False,
+            ``open()`` fails on a prefix that holds no store instead (readers such as
+            ``flowstate states`` never create a store).
 
     Raises:
         InvalidURLError: An endpoint, the prefix or an option is invalid.
@@ -736,6 +739,7 @@ class EtcdDriver(Driver):
         ca: str | None = None,
         cert: str | None = None,
         key: str | None = None,
+        create: bool = True,
     ) -> None:
         items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         if not items:
@@ -774,6 +778,7 @@ class EtcdDriver(Driver):
         self.max_txn_ops = int(max_txn_ops)
         self.max_request_bytes = int(max_request_bytes)
         self.username = username
+        self.create = create
         self._password = password  # never shown: not in url, repr, logs or errors
         self._tls = None if ca is None and cert is None else _TLSFiles(ca, cert, key)
         self._keys = _Keys(self.prefix)
@@ -945,13 +950,16 @@ class EtcdDriver(Driver):
         """Write or check ``~meta``; return the etcd revision read at and the head."""
         keys = self._keys
         version = str(LAYOUT_VERSION).encode()
+        created = [_put(keys.meta, version)] if self.create else []
         request = rpc.TxnRequest(
             compare=[_absent(keys.meta)],
-            success=[_put(keys.meta, version), _get(_range(keys.head))],
+            success=[*created, _get(_range(keys.head))],
             failure=[_get(_range(keys.meta)), _get(_range(keys.head))],
         )
         response = await self._txn(request, "open", deadline)
         responses = list(response.responses)
+        if response.succeeded and not self.create:
+            raise DriverError(f"no flowstate store under the prefix of {self.url}")
         if not response.succeeded:
             raw = bytes(responses[0].response_range.kvs[0].value)
             try:

@@ -342,6 +342,21 @@ async def test_newer_or_foreign_layout_is_refused(etcd_url: str) -> None:
         await client.close()
 
 
+def test_cli_reading_never_creates_a_store(
+    etcd_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowstate.cli import main
+
+    url = unique_url(etcd_url)
+    for command in (["states", url], ["get", url, "a"], ["flows", url]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("flowstate: error: no flowstate store under the prefix of ")
+        assert err.count("\n") == 1
+    prefix = EtcdDriver.from_url(url).prefix.encode()
+    assert asyncio.run(_raw_keys(url, prefix)) == {}, "nothing was written under the prefix"
+
+
 # -- commits -----------------------------------------------------------------------------------
 
 
