@@ -311,7 +311,7 @@ async def test_an_attempt_taken_over_never_ends_a_later_visit_of_its_step(
     first.register(looping(slow_poll))
     run = await first.execute("loop", enqueue=True)
     executor = engine.flows[looping(slow_poll).flow_id]
-    slow = asyncio.create_task(executor(await engine.get_state(run.id), engine))
+    slow = asyncio.ensure_future(executor(await engine.get_state(run.id), engine))
     await slow_started.wait()
     async with fs.Engine(engine.driver) as other:
         second = FlowManager(other)
