@@ -295,8 +295,12 @@ class HTTPDriver(Driver):
         body: bytes | None = None,
         params: dict[str, Any] | None = None,
         seconds: float | None = None,
+        refused: type[InvalidCommandError | InvalidQueryError] = InvalidCommandError,
     ) -> T:
-        """Send one request and decode the answer as ``kind``; errors become flowstate's."""
+        """Send one request and decode the answer as ``kind``; errors become flowstate's.
+
+        ``refused`` is the error of a body over the server's limit: a body is a command
+        (a commit, a lease) or a query."""
         client = self._check()
         try:
             response = await client.request(
@@ -325,7 +329,7 @@ class HTTPDriver(Driver):
                 f"cannot send {method} {path[:60]!r}... to {self.url}: {exc}"
             ) from exc
         if response.status_code >= 300:
-            raise self._error(response)
+            raise self._error(response, refused)
         try:
             return self._decoder(kind).decode(response.content)
         except msgspec.DecodeError as exc:
@@ -333,7 +337,11 @@ class HTTPDriver(Driver):
                 f"{self.url} answered {method} {path} with something that is not flowstate's"
             ) from exc
 
-    def _error(self, response: httpx.Response) -> FlowstateError:
+    def _error(
+        self,
+        response: httpx.Response,
+        refused: type[InvalidCommandError | InvalidQueryError] = InvalidCommandError,
+    ) -> FlowstateError:
         status = response.status_code
         try:
             info = self._decoder(ErrorBody).decode(response.content).error
@@ -341,11 +349,16 @@ class HTTPDriver(Driver):
             info = ErrorInfo(
                 type="http_error", message=response.text[:200] or response.reason_phrase
             )
-        return self._error_from(status, info)
+        return self._error_from(status, info, refused)
 
-    def _error_from(self, status: int, info: ErrorInfo) -> FlowstateError:
+    def _error_from(
+        self,
+        status: int,
+        info: ErrorInfo,
+        refused: type[InvalidCommandError | InvalidQueryError] = InvalidCommandError,
+    ) -> FlowstateError:
         """The flowstate error an error response stands for (the inverse of the server's
-        table in ``flowstate._wire``)."""
+        table in ``flowstate._wire``); a body over the limit is ``refused``."""
         kind, message = info.type, info.message
         if kind == "conflict":
             return conflict_error(info)
@@ -353,13 +366,11 @@ class HTTPDriver(Driver):
             return NotFoundError(message)
         if kind == "invalid_query":
             return InvalidQueryError(message)
-        if kind in ("invalid_command", "too_large"):
-            if kind == "too_large":
-                message = (
-                    f"the request is larger than the server at {self.url} accepts "
-                    f"({self.max_body_size} bytes; flowstate serve --max-body-size)"
-                )
+        if kind == "invalid_command":
             return InvalidCommandError(message)
+        if kind == "too_large":
+            what = "query" if issubclass(refused, InvalidQueryError) else "request"
+            return self._too_large(refused, what)
         if kind == "unavailable" or status in (502, 503, 504):
             return DriverUnavailableError(f"the flowstate server at {self.url}: {message}")
         if status in (401, 403):
@@ -371,6 +382,26 @@ class HTTPDriver(Driver):
             return DriverError(f"{self.url} has no such route; is it a flowstate server?")
         return DriverError(f"the flowstate server at {self.url} answered {status}: {message}")
 
+    def _too_large(
+        self,
+        refused: type[InvalidCommandError | InvalidQueryError],
+        what: str,
+        size: int | None = None,
+    ) -> InvalidCommandError | InvalidQueryError:
+        """The error of a body (``what``: a commit, a query) larger than the server accepts."""
+        is_size = f"is {size} bytes encoded, more than" if size is not None else "is larger than"
+        return refused(
+            f"the {what} {is_size} the server at {self.url} accepts "
+            f"({self.max_body_size} bytes; flowstate serve --max-body-size)"
+        )
+
+    def _check_size(
+        self, body: bytes, what: str, refused: type[InvalidCommandError | InvalidQueryError]
+    ) -> None:
+        """Refuse a body the server would refuse, before sending it."""
+        if self.max_body_size and len(body) > self.max_body_size:
+            raise self._too_large(refused, what, len(body))
+
     # -- commits -----------------------------------------------------------------------------
 
     async def commit(self, request: CommitRequest) -> CommitResult:
@@ -379,11 +410,7 @@ class HTTPDriver(Driver):
             body = self._encode(request)
         except (UnicodeEncodeError, TypeError, OverflowError) as exc:
             raise InvalidCommandError(f"the commit cannot be sent as JSON: {exc}") from None
-        if self.max_body_size and len(body) > self.max_body_size:
-            raise InvalidCommandError(
-                f"the commit is {len(body)} bytes encoded, more than the server at {self.url} "
-                f"accepts ({self.max_body_size} bytes; flowstate serve --max-body-size)"
-            )
+        self._check_size(body, "commit", InvalidCommandError)
         pending = _PendingCommit(body, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._flush_soon()
@@ -478,7 +505,10 @@ class HTTPDriver(Driver):
             body = self._encode(query)
         except (UnicodeEncodeError, TypeError, OverflowError) as exc:
             raise InvalidQueryError(f"the query cannot be sent as JSON: {exc}") from None
-        page = await self._call("POST", "/api/v1/states/query", StatesPage, body=body)
+        self._check_size(body, "query", InvalidQueryError)
+        page = await self._call(
+            "POST", "/api/v1/states/query", StatesPage, body=body, refused=InvalidQueryError
+        )
         self._advance(page.head_rev)
         return page
 

@@ -13,7 +13,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
 import flowstate
 from flowstate import Engine
@@ -31,6 +31,8 @@ from flowstate.server._context import (
 )
 from flowstate.server._errors import EXCEPTION_HANDLERS, send_error
 from flowstate.server._escape import QueryError, check_query, route_path
+from flowstate.server._origin import refusal
+from flowstate.server._strict import RequestChecks
 from flowstate.workflows import StepFn
 
 __all__ = ["FlowstateApp", "RecoveryInfo", "ServiceInfo", "create_app"]
@@ -66,6 +68,10 @@ class RecoveryInfo(msgspec.Struct, kw_only=True):
 class FlowstateApp:
     """The ASGI application ``flowstate serve`` runs: Litestar, routed on raw paths.
 
+    Before Litestar sees a request, a server without a token refuses it when it is not
+    addressed to a loopback name or changes something from another origin (see
+    :mod:`flowstate.server._origin`), and HEAD is answered as GET, without the body.
+
     Attributes:
         context: What the routes share (the engine, limits, the stop signal).
         litestar: The Litestar application.
@@ -77,6 +83,11 @@ class FlowstateApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP:
+            if not self.context.token_required:
+                refused = refusal(scope)
+                if refused is not None:
+                    await send_error(send, *refused)
+                    return
             raw = scope.get("raw_path")
             try:
                 if raw:
@@ -89,7 +100,40 @@ class FlowstateApp:
             except QueryError as exc:
                 await send_error(send, 400, ErrorInfo(type="bad_request", message=str(exc)))
                 return
+            if scope["method"] == "HEAD":
+                # Answered as GET is, without the body (the ASGI server sends none for HEAD,
+                # and it keeps its own scope): every GET route answers HEAD too.
+                head = _HeadResponse(send)
+                scope = {**scope, "method": "GET"}
+                await self.litestar(scope, head.receive(receive), head.send)
+                return
         await self.litestar(scope, receive, send)
+
+
+class _HeadResponse:
+    """The response to a HEAD request: the GET response's status and headers, complete as
+    soon as they are sent. What the route sends after them is dropped, and the route is told
+    the client left, so that a stream (a watch) ends instead of running on unread."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._complete = False
+
+    async def send(self, message: Message) -> None:
+        if self._complete:
+            return
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self._complete = True
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def receive(self, receive: Receive) -> Receive:
+        async def receive_or_leave() -> ReceiveMessage:
+            if self._complete:
+                return {"type": "http.disconnect"}
+            return await receive()
+
+        return receive_or_leave
 
 
 def create_app(
@@ -108,7 +152,9 @@ def create_app(
     Args:
         engine: The open engine; its driver stores everything the routes read and write.
         token: When set, every route but ``/health`` and the console's files (``/``,
-            ``/console/...``) needs ``Authorization: Bearer <token>``.
+            ``/console/...``) needs ``Authorization: Bearer <token>``. Without it, only
+            requests addressed to a loopback name are served, and only the server's own
+            pages may change the store (the ``Origin`` rule).
         max_body_size: The largest request body accepted, in bytes (413 above it).
         keepalive: Seconds without versions after which a watch stream sends a comment.
         recoverer: A recoverer running on ``engine``, shown by ``GET /api/v1/recovery``.
@@ -150,9 +196,10 @@ def create_app(
         _flows.router(context),
         *(factory(context) for factory in routers),
     ]
+    checks = RequestChecks()
     litestar = Litestar(
         route_handlers=handlers,  # type: ignore[arg-type]
-        guards=[_bearer(token)] if token else [],
+        guards=[_bearer(token), checks] if token else [checks],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_size,
         openapi_config=OpenAPIConfig(
@@ -165,6 +212,7 @@ def create_app(
         ),
         logging_config=None,
     )
+    checks.learn(litestar.routes)
     return FlowstateApp(context, litestar)
 
 

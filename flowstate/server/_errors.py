@@ -33,6 +33,7 @@ _HTTP_TYPES = {
     404: "no_route",
     405: "method_not_allowed",
     413: "too_large",
+    415: "unsupported_media_type",
 }
 
 
@@ -90,10 +91,17 @@ def _recursion(request: Request[Any, Any, Any], exc: Exception) -> Response[Erro
 
 def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     assert isinstance(exc, HTTPException)
+    cause = _flowstate_cause(exc)
+    if cause is not None:
+        # A body's struct refused a value as the library does (StatesQuery(limit=0)): the
+        # error is the library's, as it is when a route builds the struct itself.
+        return _flowstate_error(request, cause)
     message = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
         details = [
-            f"{item.get('key', '?')}: {item.get('message', 'invalid')}"
+            f"{item['key']}: {item.get('message', 'invalid')}"
+            if "key" in item
+            else str(item.get("message", "invalid"))
             for item in exc.extra
             if isinstance(item, dict)
         ]
@@ -101,6 +109,19 @@ def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Err
             message = f"{message}: {'; '.join(details)}"
     type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, ErrorInfo(type=type_, message=message), exc.headers)
+
+
+def _flowstate_cause(exc: BaseException) -> FlowstateError | None:
+    """The flowstate error a decoding error stands for: msgspec chains the error a struct's
+    ``__post_init__`` raised, and Litestar chains msgspec's."""
+    seen: set[int] = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, FlowstateError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

@@ -96,9 +96,12 @@ def router(ctx: ServerContext) -> Router:
     @get("/api/v1/delays", summary="Delays in commit order")
     async def delays(
         since_rev: Annotated[int, QueryParameter(ge=0)] = 0,
-        limit: Annotated[int, QueryParameter(ge=1)] = 100,
+        limit: Annotated[
+            int, QueryParameter(ge=0, description="page size; 0 asks only whether there are any")
+        ] = 100,
     ) -> DelaysPage:
-        """One page of the delays committed after ``since_rev``."""
+        """One page of the delays committed after ``since_rev``. With ``limit=0``, an empty
+        page whose ``more`` says whether there are delays after ``since_rev``."""
         return await driver.get_delays(since_rev, min(limit, MAX_PAGE))
 
     handlers: list[HTTPRouteHandler] = [info, commit, commits, head, delays]

@@ -4,6 +4,7 @@ machine, URLs, and how server-side failures come back as flowstate errors."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowstate as fs
-from flowstate.drivers.base import CommitRequest, StateWrite
+from flowstate.drivers.base import CommitRequest, DelaysPage, StateWrite
 from flowstate.drivers.http import HTTPDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
@@ -185,6 +186,36 @@ async def test_a_commit_over_the_body_limit_is_refused_whole(tmp_path: Path) -> 
             with pytest.raises(fs.InvalidCommandError, match="--max-body-size"):
                 await driver.commit(CommitRequest(writes=[write]))
             assert await driver.head_rev() == 0
+
+
+@pytestmark_anyio
+async def test_a_query_over_the_body_limit_is_an_invalid_query(tmp_path: Path) -> None:
+    # A valid query (64 label sets, the most one may OR) whose JSON is over 4 KiB.
+    query = fs.StatesQuery(labels=[{"kind": f"{n:03d}" + "k" * 100} for n in range(64)])
+    with ServeProcess(f"sqlite:///{tmp_path}/store.db", "--max-body-size", "4096") as server:
+        async with HTTPDriver(server.url) as driver:
+            with pytest.raises(fs.InvalidQueryError, match=r"the query is \d+ bytes encoded"):
+                await driver.get_states(query)
+            # A driver that does not know the limit yet sends the query; the server's 413
+            # is the same error.
+            driver.max_body_size = 0
+            with pytest.raises(fs.InvalidQueryError, match="query is larger than the server"):
+                await driver.get_states(query)
+            assert (await driver.get_states(fs.StatesQuery(labels={"kind": "x"}))).states == []
+
+
+@pytestmark_anyio
+async def test_delays_with_limit_0_say_whether_there_are_any(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    with ServeProcess(url) as server:
+        async with HTTPDriver(server.url) as remote:
+            at = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+            write = StateWrite(state=fs.State(id="d"), expected_rev=0, delay_to="w", delay_at=at)
+            (rev,) = (await remote.commit(CommitRequest(writes=[write]))).revs
+            answers = [await remote.get_delays(since, 0) for since in (0, rev)]
+    async with fs.open_driver(url) as local:
+        assert answers == [await local.get_delays(since, 0) for since in (0, rev)]
+    assert answers == [DelaysPage(delays=[], more=True), DelaysPage(delays=[], more=False)]
 
 
 @pytestmark_anyio

@@ -79,6 +79,24 @@ async def test_the_console_and_health_need_no_token(server: ServeProcess) -> Non
             assert (await client.get(path)).status_code == 200, path
         health = (await client.get("/health")).json()
         assert health["token_required"] is True
+        # A load balancer probes with HEAD, without the token.
+        probe = await client.head("/health")
+        assert (probe.status_code, probe.content) == (200, b"")
+        assert (await client.head("/api/v1/head")).status_code == 401
+
+
+async def test_with_a_token_any_name_and_origin_is_served(server: ServeProcess) -> None:
+    """The token is what a server with one checks: behind a proxy it may be reached under
+    any name, and a page cannot send the token it does not know."""
+    headers = [(b"Authorization", f"Bearer {TOKEN}".encode()), (b"Host", b"flowstate.example")]
+    async with httpx.AsyncClient(base_url=server.url, headers=headers) as client:
+        assert (await client.get("/api/v1/head")).status_code == 200
+        body = {"writes": [{"state": {"id": "proxied"}, "expected_rev": 0}]}
+        posted = await client.post(
+            "/api/v1/commit", json=body, headers={"Origin": "https://console.example"}
+        )
+        assert posted.status_code == 200, posted.text
+        assert (await client.get("/api/v1/states/proxied")).status_code == 200
 
 
 async def test_the_right_token_opens_every_route(server: ServeProcess) -> None:

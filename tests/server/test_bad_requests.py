@@ -120,6 +120,92 @@ async def test_numbers_and_filters_no_store_can_take_are_a_400(
     assert response.json()["error"]["type"] in ("invalid_query", "invalid_command", "bad_request")
 
 
+def _state(state_id: str, **fields: Any) -> dict[str, Any]:
+    return {"writes": [{"state": {"id": state_id, **fields}, "expected_rev": 0}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "unknown"),
+    [
+        ("/api/v1/commit", _state("lables", lables={"kind": "order"}), "writes[0].state.lables"),
+        (
+            "/api/v1/commit",
+            {"writes": [_write("dat", dat={"invoice": "eA=="})]},
+            "writes[0].dat",
+        ),
+        (
+            "/api/v1/commit",
+            _state("to", transition={"to": "x", "annotation": {"a": "b"}}),
+            "writes[0].state.transition.annotation",
+        ),
+        ("/api/v1/commit", {"writes": [_write("atomic")], "atomic": True}, "atomic"),
+        (
+            "/api/v1/commits",
+            {"commits": [{"writes": [_write("batch", delay_too="x")]}]},
+            "commits[0].writes[0].delay_too",
+        ),
+        ("/api/v1/states/query", {"lables": {"kind": "order"}}, "lables"),
+        ("/api/v1/states/query", {"labels": {"k": "v"}, "latest": True}, "latest"),
+        ("/api/v1/leases/fields/acquire", {"holder": "h", "ttl": 5, "tll": 50}, "tll"),
+        (
+            "/api/v1/leases/fields/renew",
+            {"name": "fields", "holder": "h", "token": 1, "ttl": 5, "extend": 1},
+            "extend",
+        ),
+    ],
+)
+async def test_a_body_field_the_route_does_not_know_is_a_400_naming_it(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], unknown: str
+) -> None:
+    # Read without it, "lables" would store a state without its labels: data lost silently.
+    head = await _head(client)
+    response = await client.post(path, json=body)
+    message = _error(response, 400, "bad_request")
+    assert message.startswith(f"Validation failed for POST {path}: "), message
+    assert f"{unknown}: unknown field (the fields are " in message
+    assert await _head(client) == head, "nothing was written"
+    assert (await client.get("/api/v1/leases/fields")).json()["lease"] is None
+
+
+async def test_every_unknown_field_is_named_with_the_bodys_other_problem(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"writes": [{"state": {"id": "x", "lables": {}}, "expected_rev": "zero", "dat": {}}]}
+    response = await client.post("/api/v1/commit", json=body)
+    message = _error(response, 400, "bad_request")
+    assert "writes[0].state.lables: unknown field (the fields are id, rev, labels," in message
+    assert "writes[0].dat: unknown field (the fields are state, expected_rev, data," in message
+    assert "writes[0].expected_rev: Expected `int`, got `str`" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "unknown", "known"),
+    [
+        ("/api/v1/states?lable=kind%3Dorder", "lable", "id, label, latest_only, limit"),
+        ("/api/v1/states?label=kind%3Dorder&latest=true", "latest", "latest_only"),
+        ("/api/v1/watch?lable=kind%3Dorder", "lable", "since_rev"),
+        ("/api/v1/states/a?revision=3", "revision", "rev"),
+        ("/api/v1/states/a/history?limt=1", "limt", "limit, since_rev"),
+        ("/api/v1/states/a/data/x?revision=3", "revision", "rev"),
+        ("/api/v1/head?wait=5", "wait", "timeout, wait_for"),
+        ("/api/v1/delays?since=3", "since", "limit, since_rev"),
+        ("/api/v1/flows?onwer=me", "onwer", "controller, limit, owner"),
+        ("/api/v1/flows/executions?flowid=p", "flowid", "flow_id"),
+        ("/api/v1/leases/l?holder=h", "holder", "this route takes none"),
+        ("/api/v1/info?verbose=1", "verbose", "this route takes none"),
+        ("/health?deep", "deep", "this route takes none"),
+    ],
+)
+async def test_a_query_parameter_the_route_does_not_know_is_a_400_naming_it(
+    client: httpx.AsyncClient, path: str, unknown: str, known: str
+) -> None:
+    # Ignored, "lable" would answer with every state instead of the orders.
+    response = await client.get(httpx.URL(path), timeout=10)  # a watch would stay open
+    message = _error(response, 400, "bad_request")
+    assert f"{unknown}: unknown query parameter (" in message, message
+    assert known in message
+
+
 @pytest.mark.parametrize(
     "path",
     [

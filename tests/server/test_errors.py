@@ -32,7 +32,7 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
     async with BrokenDriver() as driver, fs.Engine(driver) as engine:
         app = create_app(engine)
         transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             with caplog.at_level(logging.ERROR, logger="flowstate.server"):
                 response = await client.get("/api/v1/states/anything")
             assert (await client.get("/health")).status_code == 200, "the server goes on"

@@ -121,3 +121,23 @@ async def test_a_flow_reads_the_same_through_http_and_the_manager(
     flow = await flows.create(controller="c", owner=owner, goal="same", state={"x": [1, 2]})
     decoded = msgspec.convert((await client.get(f"/api/v1/flows/{flow.id}")).json(), ManagedFlow)
     assert decoded == flow
+
+
+async def test_a_misspelled_field_is_a_400_and_the_flow_does_not_move(
+    client: httpx.AsyncClient, flows: FlowManager, owner: str
+) -> None:
+    flow = await flows.start((await flows.create(controller="c", owner=owner, state={"a": 1})).id)
+    flow = await flows.wait(flow.id, {"kind": "approval"})
+    # Read without it, "pach" would resume the flow without its patch.
+    resume = await client.post(f"/api/v1/flows/{flow.id}/resume", json={"pach": {"b": 2}})
+    assert error_type(resume, 400) == "bad_request"
+    assert "pach: unknown field (the fields are patch)" in resume.json()["error"]["message"]
+    report = {"run_id": "r1", "task": "t", "status": "failed", "eror": "boom"}
+    step = await client.post(f"/api/v1/flows/{flow.id}/steps", json=report)
+    assert error_type(step, 400) == "bad_request"
+    assert "eror: unknown field (the fields are run_id, task, status," in step.text
+    assert await flows.get(flow.id) == flow, "neither moved nor changed"
+    assert await flows.steps(flow.id) == []
+    listed = await client.get("/api/v1/flows", params={"onwer": owner})
+    assert error_type(listed, 400) == "bad_request"
+    assert "onwer: unknown query parameter" in listed.text

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -153,7 +155,86 @@ async def test_bad_bodies_and_parameters_are_400(client: httpx.AsyncClient) -> N
     naive = await client.get("/api/v1/states", params={"since_time": "2024-01-01T00:00:00"})
     assert_error(naive, 400, "invalid_query")
     bad_query = await client.post("/api/v1/states/query", json={"limit": -1})
-    assert_error(bad_query, 400, "bad_request")
+    assert_error(bad_query, 400, "invalid_query")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": 0},
+        {"limit": -1},
+        {"since_time": "2024-01-01T00:00:00"},  # no time zone
+        {"id": ""},
+    ],
+)
+async def test_a_query_the_library_refuses_is_an_invalid_query_by_get_and_post(
+    client: httpx.AsyncClient, query: dict[str, Any]
+) -> None:
+    by_get = assert_error(await client.get("/api/v1/states", params=query), 400, "invalid_query")
+    posted = await client.post("/api/v1/states/query", json=query)
+    assert assert_error(posted, 400, "invalid_query") == by_get
+
+
+#: GET routes, each answering 200 once the test's state ``{run}-a`` is stored.
+GET_ROUTES = [
+    "/health",
+    "/",
+    "/console/app.js",
+    "/schema/openapi.json",
+    "/api/v1/info",
+    "/api/v1/head",
+    "/api/v1/recovery",
+    "/api/v1/states?limit=2",
+    "/api/v1/states/{run}-a",
+    "/api/v1/states/{run}-a/history",
+    "/api/v1/states/{run}-a/data/d",
+    "/api/v1/delays",
+    "/api/v1/leases/{run}",
+    "/api/v1/flows",
+    "/api/v1/flows/executions",
+]
+
+
+async def test_head_answers_as_get_does_without_the_body(
+    client: httpx.AsyncClient, server: ServeProcess, run: str
+) -> None:
+    await commit(client, (state_json(f"{run}-a"), 0), data={"d": "eA=="})
+    for route in GET_ROUTES:
+        path = route.format(run=run)
+        got = await client.get(path)
+        head = await client.head(path)
+        assert (head.status_code, got.status_code) == (200, 200), (path, head, got.text)
+        assert head.content == b"", path
+        for name in ("content-type", "content-length", "content-security-policy"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    missing = await client.head(f"/api/v1/states/{run}-nobody")
+    assert (missing.status_code, missing.content) == (404, b"")
+    assert missing.headers["content-type"] == "application/json"
+    post_only = await client.head("/api/v1/commit")
+    assert (post_only.status_code, post_only.content) == (405, b"")
+
+
+def test_head_of_a_watch_stream_ends_at_once(server: ServeProcess) -> None:
+    # Pipelined on one connection: the stream's headers, then the next request's answer.
+    parts = urlsplit(server.url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    host = parts.netloc
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(
+            f"HEAD /api/v1/watch HTTP/1.1\r\nHost: {host}\r\n\r\n"
+            f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    stream, _, rest = data.partition(b"\r\n\r\n")
+    assert stream.startswith(b"HTTP/1.1 200 "), data
+    assert b"content-type: text/event-stream" in stream.lower()
+    assert rest.startswith(b"HTTP/1.1 200 "), "the stream sent no body and ended"
+    assert rest.endswith(b'"token_required":false}'), rest
+    assert "Traceback" not in server.output
+    assert "ASGI callable" not in server.output
 
 
 async def test_bodies_over_the_limit_are_refused(client: httpx.AsyncClient, run: str) -> None:

@@ -59,7 +59,8 @@ def read_slowly(url: str, count: int) -> list[int]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     sock.connect((parts.hostname, parts.port))
     try:
-        sock.sendall(f"GET /api/v1/watch?limit={PAGE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = f"GET /api/v1/watch?limit={PAGE} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n"
+        sock.sendall(head.encode())
         revs: list[int] = []
         buffer = b""
         while len(revs) < count:
