@@ -109,7 +109,9 @@ Failures:
     revisions is safe: it conflicts if the first attempt was applied). PostgreSQL cannot
     store the NUL character in text: a state id, label, data alias or delay target holding
     one is refused with ``InvalidCommandError`` before anything is sent (so is a lease name
-    or holder), and a read that asks for one finds nothing.
+    or holder), and a read that asks for one finds nothing. The same goes for indexed text
+    longer than ``MAX_INDEXED_BYTES`` (2,000 UTF-8 bytes): a state id, a label's key and
+    value, a state id with a data alias, a lease name.
 
 Watching:
     ``fs_commit`` ends with ``pg_notify`` on the store's channel (``flowstate:<schema>``) with
@@ -206,6 +208,11 @@ _GROUP_WRITES = 1000
 _GROUP_BYTES = 8 << 20
 # Upper bound on the label postings counted to pick the most selective pair of an AND-map.
 _PROBE_CAP = 1024
+# The most label pairs a filter may hold in all for statements that name each pair (an EXISTS
+# probe, or a count column, per pair): the cheapest form per candidate, but the server's
+# planning of it grows faster than the number of pairs, and a select list holds at most 1,664
+# columns. A larger filter hands each AND-map's pairs over as two arrays instead.
+_NAMED_PAIRS = 16
 # Retry pacing after a failure: from 25 ms, doubling, up to 1 s.
 _MIN_BACKOFF = 0.025
 _MAX_BACKOFF = 1.0
@@ -510,6 +517,14 @@ class _Sql:
             f"AND value = {{}} AND rev > {{}} LIMIT {_PROBE_CAP}) p)"
         )
         self.probe_latest = self.probe.replace(".fs_labels ", ".fs_latest_labels ")
+        # The same count for each pair of the arrays $1 (keys) and $2 (values), a row per
+        # pair in array order: one statement of the same text, whatever the number of pairs.
+        self.probe_arrays = (
+            f"SELECT (SELECT count(*) FROM (SELECT 1 FROM {s}.fs_labels l WHERE l.key = q.key "
+            f"AND l.value = q.value AND l.rev > $3 LIMIT {_PROBE_CAP}) p) "
+            "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY q(key, value, n) ORDER BY q.n"
+        )
+        self.probe_arrays_latest = self.probe_arrays.replace(".fs_labels ", ".fs_latest_labels ")
 
 
 class _Params:
@@ -523,6 +538,12 @@ class _Params:
         return f"${len(self.values)}{cast_to}"
 
 
+def _named(leads: list[list[tuple[str, str]]]) -> bool:
+    """True when a label filter is small enough for statements that name each of its pairs
+    (see :data:`_NAMED_PAIRS`)."""
+    return sum(len(pairs) for pairs in leads) <= _NAMED_PAIRS
+
+
 def _page_sql(
     s: str, query: StatesQuery, leads: list[list[tuple[str, str]]]
 ) -> tuple[str, list[object]]:
@@ -531,7 +552,9 @@ def _page_sql(
     The candidates come from one index walk per AND-map (or one state's history); every other
     filter is an ``EXISTS`` probe of a primary key or unique index on each candidate. ``OFFSET
     0`` in those probes keeps PostgreSQL from turning them into joins that read a whole
-    posting list: the cost of a page stays that of the candidates it looks at. A
+    posting list: the cost of a page stays that of the candidates it looks at. A filter of
+    more than :data:`_NAMED_PAIRS` pairs checks each AND-map's pairs with one probe per
+    candidate, over two arrays, instead of one per pair (see ``holds_all``). A
     ``latest_only`` label filter walks and probes ``fs_latest_labels``, which holds latest
     versions only: versions that are latest no more cost it nothing, however long the history.
 
@@ -540,6 +563,7 @@ def _page_sql(
     the head when the page is empty.
     """
     p = _Params()
+    named = _named(leads)
     start = p.add(query.since_rev, "::bigint")
     if query.since_time is not None:
         start = f"greatest({start}, {s}.fs_time_rev({p.add(_ceil_ms(query.since_time))}::bigint))"
@@ -562,17 +586,33 @@ def _page_sql(
                     f"AND a.value = {p.add(value)} AND a.rev > {since}"
                 )
             ]
-            for n, (other_key, other_value) in enumerate(others):
-                sql.append(
-                    f" AND EXISTS (SELECT 1 FROM {labels} b{n} WHERE b{n}.key = "
-                    f"{p.add(other_key)} AND b{n}.value = {p.add(other_value)} "
-                    f"AND b{n}.rev = a.rev OFFSET 0)"
-                )
+            if not named and others:
+                sql.append(f" AND {holds_all(labels, 'a.rev', others)}")
+            elif named:
+                for n, (other_key, other_value) in enumerate(others):
+                    sql.append(
+                        f" AND EXISTS (SELECT 1 FROM {labels} b{n} WHERE b{n}.key = "
+                        f"{p.add(other_key)} AND b{n}.value = {p.add(other_value)} "
+                        f"AND b{n}.rev = a.rev OFFSET 0)"
+                    )
             sql.append(f" ORDER BY a.rev {order} LIMIT {limit})")
             selects.append("".join(sql))
         if len(selects) == 1:
             return selects[0]
         return f"SELECT rev FROM ({' UNION '.join(selects)}) u ORDER BY rev {order} LIMIT {limit}"
+
+    def holds_all(labels: str, rev: str, pairs: list[tuple[str, str]]) -> str:
+        """The condition of a large filter that the version at ``rev`` has every pair of
+        ``pairs`` (in ``labels``): one probe per candidate, over two arrays, that looks for a
+        pair the version lacks, pair by pair through the primary key, and stops at the first.
+        Its text stays the same size however many pairs there are."""
+        keys = p.add([key for key, _ in pairs], "::text[]")
+        values = p.add([value for _, value in pairs], "::text[]")
+        return (
+            f"NOT EXISTS (SELECT 1 FROM unnest({keys}, {values}) o(key, value) WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {labels} b WHERE b.key = o.key AND b.value = o.value "
+            f"AND b.rev = {rev} OFFSET 0) OFFSET 0)"
+        )
 
     def history(since: str, order: str, limit: str) -> str:
         """One state's versions: its own history drives, the other filters are checked on
@@ -590,6 +630,8 @@ def _page_sql(
                     f"AND b.value = {p.add(value)} AND b.rev = g.rev OFFSET 0)"
                     for key, value in pairs
                 )
+                if named
+                else holds_all(f"{s}.fs_labels", "g.rev", pairs)
                 for pairs in leads
             ]
             conditions.append("(" + " OR ".join(f"({m})" for m in maps) + ")")
@@ -718,9 +760,14 @@ def _settle(fut: asyncio.Future[T], value: T | None, error: BaseException | None
 
 
 #: The most UTF-8 bytes one index row holds of a state id, of a label's key and value
-#: together, and of a state id and a data alias together (a PostgreSQL B-tree row holds at
-#: most 2,704 bytes; the rest is the row's own overhead, and a margin).
+#: together, of a state id and a data alias together, and of a lease name (a PostgreSQL
+#: B-tree row holds at most 2,704 bytes; the rest is the row's own overhead, and a margin).
 MAX_INDEXED_BYTES: Final = 2000
+
+
+def _size(*texts: str) -> int:
+    """The UTF-8 bytes ``texts`` take together in an index row."""
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
 
 def _check_text(write: StateWrite) -> None:
@@ -761,12 +808,28 @@ def _check_indexed(write: StateWrite) -> None:
         for alias in write.data or ()
     ]
     for what, one, other in rows:
-        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in (one, other))
+        size = _size(one, other)
         if size > MAX_INDEXED_BYTES:
             raise InvalidCommandError(
                 f"{what} takes {size} bytes, more than the {MAX_INDEXED_BYTES} that a "
                 "PostgreSQL store indexes"
             )
+
+
+def _check_lease_name(name: str) -> None:
+    """Refuse, before anything is sent, a lease name longer than :data:`MAX_INDEXED_BYTES`
+    (the primary key of ``fs_leases``; a holder is not indexed)."""
+    size = _size(name)
+    if size > MAX_INDEXED_BYTES:
+        raise InvalidCommandError(
+            f"the lease name {describe(name)} takes {size} bytes, more than the "
+            f"{MAX_INDEXED_BYTES} that a PostgreSQL store indexes"
+        )
+
+
+def _claimable(name: str) -> bool:
+    """False for a lease name no claim can hold here: NUL, or too long to index."""
+    return "\x00" not in name and _size(name) <= MAX_INDEXED_BYTES
 
 
 def _holds_nul(labels: dict[str, str]) -> bool:
@@ -1469,16 +1532,25 @@ class PostgresDriver(Driver):
         self, leads: list[list[tuple[str, str]]], since_rev: int, latest_only: bool
     ) -> list[list[tuple[str, str]]]:
         """Put each AND-map's pair with the fewest postings after ``since_rev`` first (among
-        latest versions' postings when ``latest_only``: the ones the page will walk)."""
-        p = _Params()
-        since = p.add(since_rev, "::bigint")
-        probe = self._sql.probe_latest if latest_only else self._sql.probe
-        probes = []
-        for pairs in leads:
-            for key, value in pairs if len(pairs) > 1 else []:
-                probes.append(probe.format(p.add(key), p.add(value), since))
-        sql = "SELECT " + ", ".join(probes)
-        counts = list(await self._read("query", lambda c: c.fetchrow(sql, *p.values)))
+        latest versions' postings when ``latest_only``: the ones the page will walk).
+
+        One statement: a count column per pair for a small filter, a row per pair, over two
+        arrays, for a large one (see :data:`_NAMED_PAIRS`)."""
+        probed = [pair for pairs in leads if len(pairs) > 1 for pair in pairs]
+        if _named(leads):
+            p = _Params()
+            since = p.add(since_rev, "::bigint")
+            probe = self._sql.probe_latest if latest_only else self._sql.probe
+            sql = "SELECT " + ", ".join(
+                probe.format(p.add(key), p.add(value), since) for key, value in probed
+            )
+            counts = list(await self._read("query", lambda c: c.fetchrow(sql, *p.values)))
+        else:
+            keys = [key for key, _ in probed]
+            values = [value for _, value in probed]
+            sql = self._sql.probe_arrays_latest if latest_only else self._sql.probe_arrays
+            rows = await self._read("query", lambda c: c.fetch(sql, keys, values, since_rev))
+            counts = [row[0] for row in rows]
         ordered = []
         for pairs in leads:
             if len(pairs) > 1:
@@ -1626,6 +1698,8 @@ class PostgresDriver(Driver):
             The lease (with a new token), or None when another holder's claim is live.
 
         Raises:
+            InvalidCommandError: The name or holder holds a NUL character, or the name takes
+                more than :data:`MAX_INDEXED_BYTES` bytes; nothing was sent.
             ClosedError: The driver is not open.
             DriverUnavailableError: PostgreSQL could not be reached within ``timeout``.
             DriverError: PostgreSQL failed otherwise.
@@ -1636,6 +1710,7 @@ class PostgresDriver(Driver):
                 raise InvalidCommandError(
                     f"the {what} {text!r} holds a NUL character, which PostgreSQL cannot store"
                 )
+        _check_lease_name(name)
         token = await self._read(
             "lease claim",
             lambda c: c.fetchval(self._sql.acquire_lease, name, holder, float(ttl)),
@@ -1656,8 +1731,8 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease(lease)
-        if "\x00" in lease.name:
-            return None  # never claimed here: no lease name holds a NUL
+        if not _claimable(lease.name):
+            return None  # never claimed here
         token = await self._read(
             "lease renewal",
             lambda c: c.fetchval(self._sql.renew_lease, lease.name, lease.token),
@@ -1673,8 +1748,8 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease(lease)
-        if "\x00" in lease.name:
-            return  # never claimed here: no lease name holds a NUL
+        if not _claimable(lease.name):
+            return  # never claimed here
         await self._read(
             "lease release",
             lambda c: c.execute(self._sql.release_lease, lease.name, lease.token),
@@ -1689,7 +1764,7 @@ class PostgresDriver(Driver):
             DriverError: PostgreSQL failed otherwise.
         """
         _args.check_lease_name(name)
-        if "\x00" in name:
+        if not _claimable(name):
             return None  # no lease can hold it
         row = await self._read("lease read", lambda c: c.fetchrow(self._sql.get_lease, name))
         if row is None:

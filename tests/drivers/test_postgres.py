@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import uuid
@@ -38,6 +39,7 @@ from flowstate.drivers.base import (
     StateWrite,
     SupportsLease,
 )
+from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.postgres import MAX_INDEXED_BYTES, SCHEMA_VERSION, PostgresDriver
 from flowstate.testing.conformance import DriverTests
 from flowstate.testing.stateful import run_driver_machine
@@ -733,6 +735,38 @@ async def test_leases_with_nul_characters(postgres_url: str) -> None:
         assert await driver.acquire_lease("n", "me", 10) is not None
 
 
+async def test_a_lease_name_an_index_row_cannot_hold_is_refused_before_sending(
+    postgres_url: str,
+) -> None:
+    # Random letters: PostgreSQL compresses repetitive text, which would hide the limit.
+    rng = random.Random(2704)
+    fits, too_long, far_too_long = (
+        "".join(rng.choice(string.ascii_letters) for _ in range(size))
+        for size in (MAX_INDEXED_BYTES, MAX_INDEXED_BYTES + 1, 3000)
+    )
+    url = unique_url(postgres_url)
+    async with PostgresDriver.from_url(url) as driver:
+        lease = await driver.acquire_lease(fits, "me", 10)
+        assert lease is not None
+        assert await driver.get_lease(fits) == lease
+        for name in (too_long, far_too_long):
+            size = len(name)
+            with pytest.raises(
+                fs.InvalidCommandError,
+                match=rf"the lease name '{name[:20]}\w+\.\.\. takes {size} bytes, more than "
+                f"the {MAX_INDEXED_BYTES} ",
+            ):
+                await driver.acquire_lease(name, "me", 10)
+            # No claim can hold such a name: reads find none, as for a name holding NUL.
+            assert await driver.get_lease(name) is None
+            forged = Lease(name=name, holder="me", token=lease.token, ttl=10)
+            assert await driver.renew_lease(forged) is None
+            await driver.release_lease(forged)
+        assert await driver.get_lease(fits) == lease
+    rows = await _sql(url, f"SELECT name FROM {_quote(_schema(url))}.fs_leases")
+    assert [row[0] for row in rows] == [fits]
+
+
 async def test_values_flowstate_did_not_write_are_driver_errors(postgres_url: str) -> None:
     url = unique_url(postgres_url)
     async with PostgresDriver.from_url(url) as driver:
@@ -921,6 +955,78 @@ async def test_selective_label_among_many(postgres_url: str) -> None:
         assert leads == [[("rare", "yes"), ("kind", "order")]], "the rarest pair leads"
 
 
+_Page = tuple[list[tuple[str, int, dict[str, str]]], bool, int]
+
+
+async def _pages(driver: fs.Driver, query: fs.StatesQuery) -> list[_Page]:
+    """Every page of ``query``, from the first to the one that says there is no more, as
+    ``(id, rev, labels)`` of each version, ``more`` and ``head_rev`` (stores' clocks differ)."""
+    pages = [await driver.get_states(query)]
+    while pages[-1].more:
+        since = pages[-1].states[-1].rev
+        pages.append(await driver.get_states(query.replace(since_rev=since, since_latest=False)))
+    return [([(s.id, s.rev, s.labels) for s in p.states], p.more, p.head_rev) for p in pages]
+
+
+@pytest.mark.slow
+async def test_the_largest_label_filters_match_the_memory_driver(postgres_url: str) -> None:
+    """Every label filter StatesQuery allows is answered, up to 64 OR-ed maps of 64 pairs
+    (4,096 pairs, far past what the server takes one by one in a statement), with the pages
+    the memory driver gives for the same commits, and a watcher streams what they hold."""
+    rng = random.Random(4096)
+    most_maps, most_pairs = fs.StatesQuery.MAX_LABEL_MAPS, fs.StatesQuery.MAX_LABEL_PAIRS
+    keys = [f"k{j}" for j in range(most_pairs)]
+    # 12 states, 4 versions each; half the keys take one value only (postings of every length).
+    commits: list[StateWrite] = []
+    revs: dict[str, int] = {}
+    for _ in range(4):
+        for i in range(12):
+            labels = {key: rng.choice("ab" if j % 2 else "a") for j, key in enumerate(keys)}
+            commits.append(_write(f"s{i}", revs.get(f"s{i}", 0), **labels))
+            revs[f"s{i}"] = len(commits)
+    # Each version's labels, all of them (the first two: the last and first versions of s11),
+    # every one followed by a copy with a pair no version has: a map that matches nothing.
+    sources = [commits[-1], commits[11], *rng.sample(commits, most_maps // 2 - 2)]
+    maps = []
+    for source in sources:
+        labels = source.state.labels
+        maps += [dict(labels), {**labels, rng.choice(keys): "c"}]
+    queries = [
+        fs.StatesQuery(labels=maps, limit=5),
+        fs.StatesQuery(labels=maps, limit=5, latest_only=True),
+        fs.StatesQuery(labels=maps, limit=5, since_latest=True),
+        fs.StatesQuery(labels=maps, limit=5, since_latest=True, latest_only=True),
+        fs.StatesQuery(labels=maps[:27], limit=3, since_rev=10),
+        fs.StatesQuery(labels=maps[0], limit=2),
+        fs.StatesQuery(labels=maps, id="s11", limit=1),
+        fs.StatesQuery(labels=maps, id="s11", since_latest=True, latest_only=True),
+    ]
+    async with (
+        MemoryDriver() as memory,
+        PostgresDriver.from_url(unique_url(postgres_url)) as driver,
+    ):
+        for write in commits:
+            assert await _commit(memory, write) == await _commit(driver, write)
+        for query in queries:
+            expected = await _pages(memory, query)
+            assert any(states for states, _, _ in expected), query
+            assert await _pages(driver, query) == expected, query
+        matching = [
+            version for states, _, _ in await _pages(memory, queries[0]) for version in states
+        ]
+        async with fs.Engine(driver) as engine, engine.watch(labels=maps, limit=5) as watcher:
+            async with asyncio.timeout(10):
+                seen = [await anext(watcher) for _ in matching]
+        assert [(s.id, s.rev, s.labels) for s in seen] == matching
+
+
+# A filter of more pairs than the SQL names one by one: its AND-maps' pairs go to the server
+# as arrays.
+_LARGE_FILTER = [
+    {"kind": "order", "rare": "yes"},
+    *({"kind": "order", f"absent{n}": "x"} for n in range(8)),
+]
+
 _QUERIES = [
     fs.StatesQuery(limit=5),
     fs.StatesQuery(limit=5, latest_only=True),
@@ -933,6 +1039,9 @@ _QUERIES = [
     fs.StatesQuery(limit=5, since_time=datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)),
     fs.StatesQuery(limit=5, id="s3-50"),
     fs.StatesQuery(limit=5, id="s3-50", labels={"rare": "yes"}, since_latest=True),
+    fs.StatesQuery(limit=5, labels=_LARGE_FILTER),
+    fs.StatesQuery(limit=5, labels=_LARGE_FILTER, since_latest=True),
+    fs.StatesQuery(limit=5, id="s3-50", labels=_LARGE_FILTER),
 ]
 
 
@@ -979,6 +1088,7 @@ async def _page_costs(
 async def test_page_cost_does_not_grow_with_history(postgres_url: str) -> None:
     """Every page read walks an index and stops at its limit: four times the history costs
     no more (the binary search of since_time a few probes more)."""
+    assert sum(len(labels) for labels in _LARGE_FILTER) > postgres_driver._NAMED_PAIRS
     url = unique_url(postgres_url)
     async with PostgresDriver.from_url(url) as driver:
         conn = await asyncpg.connect(driver._dsn)
@@ -1000,6 +1110,8 @@ _HISTORY_QUERIES = [
     fs.StatesQuery(limit=20, labels={"rare": "yes", "kind": "order"}, latest_only=True),
     fs.StatesQuery(limit=20, labels={"kind": "order"}, latest_only=True, since_latest=True),
     fs.StatesQuery(limit=20, labels=[{"rare": "yes"}, {"kind": "order"}], latest_only=True),
+    fs.StatesQuery(limit=20, labels=_LARGE_FILTER, latest_only=True),
+    fs.StatesQuery(limit=20, labels=_LARGE_FILTER, latest_only=True, since_latest=True),
 ]
 
 
