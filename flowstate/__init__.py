@@ -24,7 +24,7 @@ from flowstate._commands import (
 )
 from flowstate._engine import Engine, ExecuteResult, Flow, FlowRegistry
 from flowstate._query import StatesPage, StatesQuery
-from flowstate._state import Data, State, StateCtx, Status, Transition
+from flowstate._state import CLAIM_ANNOTATION, Data, State, StateCtx, Status, Transition
 from flowstate._watcher import Watcher
 from flowstate.drivers.base import Driver, open_driver
 from flowstate.errors import (
@@ -57,6 +57,7 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
     __version__ = "0+unknown"
 
 __all__ = [
+    "CLAIM_ANNOTATION",
     "AlreadyTerminalError",
     "CancelPendingError",
     "ClosedError",

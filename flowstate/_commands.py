@@ -73,7 +73,10 @@ def _check_name(name: object, command: str, what: str) -> None:
 def _check_annotations(annotations: object, command: str) -> dict[str, str] | None:
     if annotations is None:
         return None
-    if not isinstance(annotations, Mapping) or not is_text_map(annotations):
+    # A dict is checked without the (slower) Mapping ABC check: flows pass dicts.
+    if not (type(annotations) is dict or isinstance(annotations, Mapping)) or not is_text_map(
+        annotations
+    ):
         raise InvalidCommandError(
             f"{command} annotations must map str to str (valid Unicode text), "
             f"not {describe(annotations)}"
@@ -246,13 +249,23 @@ class Delay(Command):
 class Execute(Command):
     """Run ``ctx``'s flow loop. Passed to ``Engine.do`` it runs in the background, owned by
     the engine; returned by a flow, ``Engine.execute`` goes on with ``ctx``.
+
+    ``claim`` (passed to ``Engine.do``): a name written as the ``flowstate.claim`` transition
+    annotation on every version the execution commits and goes on running, so that workers
+    leave those versions to it (see ``Engine.execute``).
     """
 
     ctx: StateCtx = field()
+    claim: str | None = field(default=None, kw_only=True)
 
     @ctx.validator
     def _validate(self, _attr: object, value: object) -> None:
         _check_ctx(value, "Execute")
+
+    @claim.validator
+    def _validate_claim(self, _attr: object, value: object) -> None:
+        if value is not None:
+            _check_name(value, "Execute", "claim")
 
 
 @define(slots=True, init=False)

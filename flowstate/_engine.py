@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 import msgspec
 from attrs import define, field
 
-from flowstate._checks import MAX_REV, describe, is_number, is_rev
+from flowstate._checks import MAX_REV, describe, is_number, is_rev, is_text
 from flowstate._commands import (
     Command,
     Commit,
@@ -29,6 +29,7 @@ from flowstate._commands import (
 from flowstate._lifecycle import Lifecycle
 from flowstate._query import StatesPage, StatesQuery
 from flowstate._state import (
+    CLAIM_ANNOTATION,
     DELAY_AT_ANNOTATION,
     DELAY_TO_ANNOTATION,
     PAUSED_ANNOTATION,
@@ -303,7 +304,7 @@ class Engine:
         elif kind is GetData:
             await self._get_data(command)  # type: ignore[arg-type]
         elif kind is Execute:
-            self._spawn(command.ctx)  # type: ignore[attr-defined]
+            self._spawn(command.ctx, command.claim)  # type: ignore[attr-defined]
         elif kind is not Noop:
             raise InvalidCommandError(f"not a flowstate command: {command!r}")
 
@@ -312,17 +313,22 @@ class Engine:
         rev, blob = await self.driver.get_data(ctx.id, command.alias, ctx.committed.rev)
         ctx.data[command.alias] = Data(blob=blob, rev=rev)
 
-    async def _commit(self, commit: Commit) -> None:
-        """Apply the commit's commands in memory, then store every touched state at once."""
+    async def _commit(
+        self, commit: Commit, claimed: StateCtx | None = None, claim: str = ""
+    ) -> None:
+        """Apply the commit's commands in memory, then store every touched state at once;
+        ``claimed`` (one of them) carries the transition annotation ``claim``."""
         commands = commit.commands
         if len(commands) == 1 and type(commands[0]) in _MUTATOR_TYPES:
             # The common case, one state moved by one command: skip the bookkeeping.
             command = commands[0]
             command._mutate()  # type: ignore[attr-defined]
             ctxs = [command.ctx]  # type: ignore[attr-defined]
+            if claimed is not None:
+                claimed.current.transition.annotations[CLAIM_ANNOTATION] = claim
             writes = [_state_write(ctxs[0], None, None)]
         else:
-            ctxs, writes = _collect(commands)
+            ctxs, writes = _collect(commands, claimed, claim)
             if not writes:
                 return
         result = await self.driver.commit(CommitRequest(writes=writes))
@@ -341,7 +347,7 @@ class Engine:
 
     # -- execution -------------------------------------------------------------------------
 
-    async def execute(self, ctx: StateCtx) -> ExecuteResult:
+    async def execute(self, ctx: StateCtx, *, claim: str | None = None) -> ExecuteResult:
         """Run flows on ``ctx`` until it rests.
 
         Looks up the flow ``ctx.current.transition.to`` names, calls it, applies the command
@@ -349,6 +355,10 @@ class Engine:
         (alone, or as the last command for the running ctx inside a ``Commit``). ``End``,
         ``Pause``, ``Delay`` and ``Noop`` stop it. A ctx that is already ended or paused
         returns at once, with no flow called.
+
+        ``claim``: a name (such as a process's) that every version this execution commits
+        and goes on running carries as the transition annotation ``flowstate.claim``: a
+        worker, which takes the running versions nobody claimed, leaves those to it.
 
         Returns:
             Why execution stopped. A commit that lost the revision race stops it quietly
@@ -364,6 +374,8 @@ class Engine:
         self._check_open()
         if not isinstance(ctx, StateCtx):
             raise InvalidCommandError(f"execute needs a StateCtx, not {type(ctx).__name__}")
+        if claim is not None and (not claim or not is_text(claim)):
+            raise InvalidCommandError(f"a claim must be a non-empty string, not {describe(claim)}")
         flows = self.flows
         steps = 0
         while True:
@@ -379,11 +391,15 @@ class Engine:
             steps += 1
             kind = type(command)
             if kind is Commit:
+                last = _last_for(command, ctx)  # type: ignore[arg-type]
+                goes_on = claim is not None and type(last) in _GOES_ON
                 try:
-                    await self._commit(command)  # type: ignore[arg-type]
+                    if goes_on:
+                        await self._commit(command, ctx, claim)  # type: ignore[arg-type]
+                    else:
+                        await self._commit(command)  # type: ignore[arg-type]
                 except ConflictError as exc:
                     return ExecuteResult("conflict", ctx, steps, exc)
-                last = _last_for(command, ctx)  # type: ignore[arg-type]
                 if last is None:
                     return ExecuteResult("noop", ctx, steps)
                 kind = type(last)
@@ -414,15 +430,15 @@ class Engine:
                 return ExecuteResult("delayed", ctx, steps)
             return ExecuteResult("noop", ctx, steps)
 
-    def _spawn(self, ctx: StateCtx) -> None:
+    def _spawn(self, ctx: StateCtx, claim: str | None = None) -> None:
         assert self._task_group is not None  # _check_open() ran
-        task = self._task_group.create_task(self._execute_in_background(ctx))
+        task = self._task_group.create_task(self._execute_in_background(ctx, claim))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute_in_background(self, ctx: StateCtx) -> None:
+    async def _execute_in_background(self, ctx: StateCtx, claim: str | None) -> None:
         try:
-            result = await self.execute(ctx)
+            result = await self.execute(ctx, claim=claim)
         except ClosedError:
             logger.debug("background execution of state %r stopped: engine closed", ctx.id)
         except FlowNotFoundError as exc:
@@ -524,8 +540,11 @@ class Engine:
         )
 
 
-def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateWrite]]:
-    """Apply a commit's commands in memory; return the touched ctxs and their writes."""
+def _collect(
+    commands: tuple[Command, ...], claimed: StateCtx | None = None, claim: str = ""
+) -> tuple[list[StateCtx], list[StateWrite]]:
+    """Apply a commit's commands in memory; return the touched ctxs and their writes, the
+    one of ``claimed`` with the transition annotation ``claim``."""
     touched: dict[str, StateCtx] = {}
     delays: dict[str, Delay] = {}
     stored_data: dict[str, dict[str, bytes]] = {}
@@ -570,6 +589,8 @@ def _collect(commands: tuple[Command, ...]) -> tuple[list[StateCtx], list[StateW
                 f"two different StateCtx objects for state {ctx.id!r} in one Commit"
             )
     ctxs = list(touched.values())
+    if claimed is not None:
+        claimed.current.transition.annotations[CLAIM_ANNOTATION] = claim
     writes = [_state_write(c, stored_data.get(c.id), delays.get(c.id)) for c in ctxs]
     return ctxs, writes
 
@@ -633,3 +654,5 @@ def _last_for(commit: Commit, ctx: StateCtx) -> Command | None:
 
 
 _MOVES = frozenset({Transit, Resume, End, Pause, Delay})
+#: The moves after which execution goes on with the ctx.
+_GOES_ON = frozenset({Transit, Resume})

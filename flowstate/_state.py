@@ -11,6 +11,7 @@ from flowstate._checks import RESERVED_PREFIX, describe, is_text, is_text_map
 from flowstate.errors import InvalidCommandError
 
 __all__ = [
+    "CLAIM_ANNOTATION",
     "PAUSED_ANNOTATION",
     "Data",
     "State",
@@ -26,6 +27,11 @@ PAUSED_ANNOTATION = "flowstate.paused"
 #: Transition annotations written by ``Delay``: when the delay is due (ISO 8601) and where it leads.
 DELAY_AT_ANNOTATION = "flowstate.delay.at"
 DELAY_TO_ANNOTATION = "flowstate.delay.to"
+#: Transition annotation that names who runs the state from this version on: an execution
+#: started with a ``claim`` (``Execute(ctx, claim=...)``, ``engine.execute(ctx, claim=...)``)
+#: writes it on every version it commits and goes on running, and a worker on the version it
+#: claims. Workers leave a claimed version alone; the recoverer retries it like any other.
+CLAIM_ANNOTATION = "flowstate.claim"
 
 
 class Transition(msgspec.Struct, kw_only=True, gc=False):

@@ -109,6 +109,53 @@ async def test_execute_follows_returned_execute_to_another_state(engine: fs.Engi
     assert (result.status, result.ctx.id, result.steps) == ("ended", "other", 2)
 
 
+async def test_a_claimed_execution_marks_the_versions_it_goes_on_running() -> None:
+    async def start(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.Transit(ctx, "fork"), fs.Transit(side, "side"))
+
+    async def fork(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.Transit(ctx, "last"))
+
+    async def last(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        return fs.Commit(fs.End(ctx))
+
+    side = fs.StateCtx.new("side")
+    flows = {"start": start, "fork": fork, "last": last}
+    async with fs.Engine("memory://", flows=flows) as engine:
+        ctx = fs.StateCtx.new("job")
+        await engine.do(fs.Commit(fs.Transit(ctx, "start")))
+        result = await engine.execute(ctx, claim="host:1")
+        assert (result.status, result.steps) == ("ended", 3)
+        claims = [
+            (v.transition.to, v.transition.annotations.get(fs.CLAIM_ANNOTATION))
+            async for v in engine.iter_states(id="job")
+        ]
+        # The first version was not committed by it; the last is not run by anyone.
+        assert claims == [("start", None), ("fork", "host:1"), ("last", "host:1"), ("", None)]
+        # Another state moved by the same commit is not the execution's to run.
+        assert (
+            fs.CLAIM_ANNOTATION
+            not in (await engine.get_state("side")).committed.transition.annotations
+        )
+        plain = fs.StateCtx.new("plain")
+        await engine.do(fs.Commit(fs.Transit(plain, "fork")))
+        await engine.execute(plain)
+        assert not [
+            v
+            async for v in engine.iter_states(id="plain")
+            if fs.CLAIM_ANNOTATION in v.transition.annotations
+        ]
+
+
+@pytest.mark.parametrize("claim", ["", 5, "\ud800"])
+async def test_a_claim_is_a_name(engine: fs.Engine, claim: object) -> None:
+    ctx = fs.StateCtx.new("job")
+    with pytest.raises(fs.InvalidCommandError):
+        await engine.execute(ctx, claim=claim)  # type: ignore[arg-type]
+    with pytest.raises(fs.InvalidCommandError):
+        fs.Execute(ctx, claim=claim)  # type: ignore[arg-type]
+
+
 async def test_transit_without_commit_stays_in_memory(engine: fs.Engine) -> None:
     @engine.flow("a")
     async def a(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:

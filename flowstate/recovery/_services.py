@@ -15,7 +15,7 @@ from attrs import define
 from flowstate._checks import RESERVED_PREFIX, is_int, is_number, is_rev
 from flowstate._commands import Commit, End, Execute, Noop, Transit
 from flowstate._lifecycle import Lifecycle
-from flowstate._state import State, StateCtx, internal_ctx
+from flowstate._state import CLAIM_ANNOTATION, State, StateCtx, internal_ctx
 from flowstate.drivers._args import MAX_LEASE_TTL
 from flowstate.drivers.base import DelayedState, Driver, SupportsLease
 from flowstate.errors import (
@@ -69,30 +69,38 @@ class RecoveryStats:
     leader_changes: int = 0
 
 
-def recovery_step(ctx: StateCtx, max_attempts: int) -> Transit | End:
+def recovery_step(ctx: StateCtx, max_attempts: int, claim: str | None = None) -> Transit | End:
     """What the recoverer commits for a stalled state that ``ctx`` holds.
 
     The same transition again with the next attempt number, or, once the state's attempts
     (its own ``max_attempts`` setting, else ``max_attempts``) are spent, ``End`` with the
     reason in the state annotation ``flowstate.recovery.ended`` (or a transit to the
     state's ``on_exhausted`` flow, unless that is the flow whose attempts are spent, with
-    the reason in that transition's annotation ``flowstate.recovery.ended``).
+    the reason in that transition's annotation ``flowstate.recovery.ended``). A transit
+    carries ``claim`` (``flowstate.claim``), when given: who goes on running it.
     """
+    claimed = {} if claim is None else {CLAIM_ANNOTATION: claim}
     state = ctx.committed
     done = settings.attempt(state)
     if done >= settings.max_attempts_of(state, max_attempts):
         reason = f"still running {state.transition.to!r} after {done} retries"
         on_exhausted = state.annotations.get(settings.ON_EXHAUSTED)
         if on_exhausted and on_exhausted != state.transition.to:
-            return Transit(ctx, on_exhausted, annotations={settings.ENDED_REASON: reason})
+            annotations = {settings.ENDED_REASON: reason, **claimed}
+            return Transit(ctx, on_exhausted, annotations=annotations)
         ctx.current.annotations[settings.ENDED_REASON] = reason
         return End(ctx)
-    return Transit(ctx, state.transition.to, annotations={settings.ATTEMPT: str(done + 1)})
+    annotations = {settings.ATTEMPT: str(done + 1), **claimed}
+    return Transit(ctx, state.transition.to, annotations=annotations)
 
 
-def fire_step(ctx: StateCtx, delayed: DelayedState) -> Transit:
-    """What the delayer commits when ``delayed`` is due and its state has not moved."""
-    return Transit(ctx, delayed.to, annotations={FIRED_ANNOTATION: delayed.at.isoformat()})
+def fire_step(ctx: StateCtx, delayed: DelayedState, claim: str | None = None) -> Transit:
+    """What the delayer commits when ``delayed`` is due and its state has not moved; it
+    carries ``claim`` (``flowstate.claim``), when given: who goes on running it."""
+    annotations = {FIRED_ANNOTATION: delayed.at.isoformat()}
+    if claim is not None:
+        annotations[CLAIM_ANNOTATION] = claim
+    return Transit(ctx, delayed.to, annotations=annotations)
 
 
 #: Seconds before the delayer tries again to fire a delay the store failed to take.
@@ -430,7 +438,7 @@ class Recoverer(_LeaderService):
         done = settings.attempt(state)
         extra = {"state_id": state_id, "rev": rev, "attempt": done}
         ctx = StateCtx.of(state)
-        step = recovery_step(ctx, self.max_attempts)
+        step = recovery_step(ctx, self.max_attempts, claim=self.holder)
         try:
             await self.engine.do(Commit(step))
         except ConflictError:
@@ -456,11 +464,11 @@ class Recoverer(_LeaderService):
                 done,
                 extra=extra,
             )
-            await self.engine.do(Execute(ctx))
+            await self.engine.do(Execute(ctx, claim=self.holder))
             return
         self.stats.retried += 1
         logger.info("retrying stalled state %r (attempt %d)", state_id, done + 1, extra=extra)
-        await self.engine.do(Execute(ctx))
+        await self.engine.do(Execute(ctx, claim=self.holder))
 
 
 class Delayer(_LeaderService):
@@ -528,7 +536,7 @@ class Delayer(_LeaderService):
         ctx = StateCtx.of(delayed.state)
         while True:
             try:
-                await self.engine.do(Commit(fire_step(ctx, delayed)))
+                await self.engine.do(Commit(fire_step(ctx, delayed, claim=self.holder)))
             except ConflictError:
                 unsettled.settle(delayed.rev)
                 self.stats.dropped += 1
@@ -542,4 +550,4 @@ class Delayer(_LeaderService):
         unsettled.settle(delayed.rev)
         self.stats.fired += 1
         logger.debug("fired delay on %r", state_id, extra=extra)
-        await self.engine.do(Execute(ctx))
+        await self.engine.do(Execute(ctx, claim=self.holder))

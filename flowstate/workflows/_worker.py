@@ -27,8 +27,9 @@ __all__ = ["CLAIM", "Worker", "WorkerStats", "workflow_flows"]
 
 logger = logging.getLogger("flowstate.workflows")
 
-#: Transition annotation of the version a worker commits to claim a plain flow's step.
-CLAIM: Final = "flowstate.worker"
+#: Transition annotation of the version a worker commits to claim a plain flow's step (the
+#: engine's: an execution started with a claim writes it on the versions it goes on running).
+CLAIM: Final = fs.CLAIM_ANNOTATION
 
 
 #: The workflow layer's own flows, which the delayer and the recoverer run (a worker's
@@ -91,8 +92,11 @@ class Worker:
       step runs twice while its executor lives;
     * a **plain flow** step (a running state at a flow of the engine, not retried by the
       recoverer) is claimed by committing the same transition with the annotation
-      ``flowstate.worker``, then the flow is called once and what it returns is committed;
-      its next step is claimed afresh, by whichever worker wins.
+      ``flowstate.claim`` (its name), then the flow is called once and what it returns is
+      committed; its next step is claimed afresh, by whichever worker wins. A version that
+      carries ``flowstate.claim`` already is left alone: another worker runs it, or an
+      execution started with a claim (the recoverer's and the delayer's are; so is
+      ``Execute(ctx, claim=...)``) goes on running it.
 
     ``aclose()`` (or leaving ``async with``) stops taking work and hands back what it holds:
     work still waiting for a free slot is handed back untouched (nothing is committed for
@@ -263,8 +267,9 @@ class Worker:
         elif to not in _LAYER_FLOWS and to in self.engine.flows:
             annotations = state.transition.annotations
             if CLAIM in annotations or fs.recovery.attempt(state) or state.is_delayed:
-                # Claimed by a worker, retried by the recoverer (which runs it), or waiting
-                # for its delay (a commit now would cancel it).
+                # Claimed (by a worker, or an execution that goes on with it: the
+                # recoverer's, the delayer's), retried by the recoverer (which runs it), or
+                # waiting for its delay (a commit now would cancel it).
                 return
             self._start(state, self._run_plain(state))
 

@@ -54,6 +54,87 @@ async def test_workers_run_each_plain_step_once(new_driver: Callable[[], Driver]
         assert claims[1] in ("one", "two"), "each step is claimed before it runs"
 
 
+class _Chain:
+    """Flows ``s1`` -> ``s2`` -> end that count their calls; the first call of ``s2`` waits
+    for ``release``, so that a worker has every chance to run the step beside it. ``probe``
+    sets ``probed``: once a worker ran it, the worker has looked at every version before."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.release = asyncio.Event()
+        self.probed = asyncio.Event()
+
+    def flows(self) -> dict[str, fs.Flow]:
+        async def s1(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+            self.calls["s1"] += 1
+            return fs.Commit(fs.Transit(ctx, "s2"))
+
+        async def s2(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+            self.calls["s2"] += 1
+            if self.calls["s2"] == 1:
+                await self.release.wait()
+            return fs.Commit(fs.End(ctx))
+
+        async def probe(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+            self.probed.set()
+            return fs.Commit(fs.End(ctx))
+
+        return {"s1": s1, "s2": s2, "probe": probe}
+
+    async def run_beside(self, engine: fs.Engine, state_id: str) -> None:
+        """Once ``state_id`` waits in ``s2`` (run by another executor), let a worker look at
+        it, then let ``s2`` go on, and wait for the state to end."""
+        async with engine.watch(id=state_id) as versions:
+            async for version in versions:
+                if version.transition.to == "s2":
+                    assert CLAIM in version.transition.annotations
+                    break
+            await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new("probe"), "probe")))
+            await asyncio.wait_for(self.probed.wait(), 20)
+            self.release.set()
+            async for version in versions:
+                if version.is_ended:
+                    break
+
+
+async def test_a_worker_leaves_the_delayers_execution_alone(engine: fs.Engine) -> None:
+    chain = _Chain()
+    async with fs.Engine(engine.driver, flows=chain.flows()) as runner:
+        async with Worker(runner) as worker, fs.Delayer(runner):
+            await worker.started()
+            ctx = fs.StateCtx.new("job")
+            await runner.do(fs.Commit(fs.Transit(ctx, "wait")))
+            await runner.do(fs.Delay(ctx, "s1", seconds=0))
+            await asyncio.wait_for(chain.run_beside(runner, "job"), 30)
+        assert chain.calls == {"s1": 1, "s2": 1}
+
+
+async def test_a_worker_leaves_the_recoverers_execution_alone(engine: fs.Engine) -> None:
+    chain = _Chain()
+    async with fs.Engine(engine.driver, flows=chain.flows()) as runner:
+        # Claimed by a worker that died: the recoverer retries it, and runs on to s2.
+        ctx = fs.StateCtx.new("job")
+        await runner.do(fs.Commit(fs.Transit(ctx, "s1", annotations={CLAIM: "gone"})))
+        async with Worker(runner) as worker, fs.Recoverer(runner, retry_after=0.1, tick=0.02):
+            await worker.started()
+            await asyncio.wait_for(chain.run_beside(runner, "job"), 30)
+        assert chain.calls == {"s1": 1, "s2": 1}
+
+
+async def test_a_worker_leaves_a_claimed_execution_alone(engine: fs.Engine) -> None:
+    chain = _Chain()
+    async with fs.Engine(engine.driver, flows=chain.flows()) as runner:
+        async with Worker(runner) as worker:
+            await worker.started()
+            ctx = fs.StateCtx.new("job")
+            await runner.do(
+                fs.Commit(fs.Transit(ctx, "s1", annotations={CLAIM: "me"})),
+                fs.Execute(ctx, claim="me"),
+            )
+            await asyncio.wait_for(chain.run_beside(runner, "job"), 30)
+        assert chain.calls == {"s1": 1, "s2": 1}
+
+
 async def test_a_worker_runs_json_runs_from_their_stored_definition(engine: fs.Engine) -> None:
     calls: collections.Counter[str] = collections.Counter()
 
