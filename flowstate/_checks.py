@@ -68,6 +68,8 @@ def is_text_map(mapping: Mapping[Any, object]) -> bool:
     The same answer as checking each one with :func:`is_text`, with the common case (ASCII
     str keys and values) inlined: this runs on every label and annotation of every commit.
     """
+    if not mapping:
+        return True  # most labels and annotations are empty
     for key, value in mapping.items():
         if type(key) is str and type(value) is str and key.isascii() and value.isascii():
             continue
