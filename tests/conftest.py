@@ -14,7 +14,7 @@ from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
 from tests import etcd_server, postgres_server
 from tests.etcd_server import etcd_url
-from tests.markers import SERVER_FIXTURES, refuse_in_a_quick_run
+from tests.markers import SERVER_FIXTURES, SLOW_KIT_TESTS, refuse_in_a_quick_run
 from tests.postgres_server import postgres_url
 from tests.processes import Process
 from tests.serve_process import ServerPool
@@ -76,6 +76,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture, marker in SERVER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+        if getattr(item, "originalname", item.name) in SLOW_KIT_TESTS:
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--quick"):
         left_out = {"slow", "browser", *SERVER_FIXTURES.values()}
         quick = [i for i in items if not any(i.get_closest_marker(m) for m in left_out)]

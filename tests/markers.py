@@ -11,6 +11,10 @@ import pytest
 
 SERVER_FIXTURES = {"etcd_url": "etcd", "postgres_url": "postgres", "serve_pool": "slow"}
 
+#: Tests of the conformance kit that wait out a second or more, marked ``slow`` where they
+#: are collected (the kit, which other projects run, carries no marker of ours).
+SLOW_KIT_TESTS = frozenset({"test_lease_expires"})
+
 
 def refuse_in_a_quick_run(request: pytest.FixtureRequest, fixture: str) -> None:
     """Fail the test that reached ``fixture`` in a ``--quick`` run, which leaves out the tests

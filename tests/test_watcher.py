@@ -266,7 +266,7 @@ async def test_unavailable_timeout_bounds_an_outage(
         # The outage is counted from the start of the read that failed, not from its end.
         (0.5, "down", 1),
         # The first read fails after 0.6 s; the next one is cut at the timeout's end.
-        (1, "did not answer within", 2),
+        pytest.param(1, "did not answer within", 2, marks=pytest.mark.slow),
     ],
 )
 async def test_a_read_slow_to_fail_counts_toward_the_timeout(
@@ -280,6 +280,7 @@ async def test_a_read_slow_to_fail_counts_toward_the_timeout(
     assert driver.failed_reads == reads
 
 
+@pytest.mark.slow
 async def test_a_caught_up_watcher_notices_an_outage(
     flaky: tuple[_FlakyReads, fs.Engine],
 ) -> None:
@@ -296,6 +297,7 @@ async def test_a_caught_up_watcher_notices_an_outage(
     assert driver.failed_reads > 1
 
 
+@pytest.mark.slow
 async def test_a_caught_up_watcher_goes_on_after_a_shorter_outage(
     flaky: tuple[_FlakyReads, fs.Engine],
 ) -> None:
