@@ -443,10 +443,12 @@ class _Run:
         while pending := [task for task in engine._tasks if not task.done()]:
             await asyncio.wait(pending)
 
-    async def _execute(self, engine: Engine, ctx: StateCtx, who: str) -> None:
+    async def _execute(
+        self, engine: Engine, ctx: StateCtx, who: str, claim: str | None = None
+    ) -> None:
         result: ExecuteResult | None = None
         try:
-            result = await engine.execute(ctx)
+            result = await engine.execute(ctx, claim=claim)
         except (DriverError, ConflictError) as exc:
             # What a store can answer in production: the worker gives up and the state waits
             # for the recoverer.
@@ -513,7 +515,7 @@ class _Run:
             # As the Recoverer does: commit against the version it found, no second read.
             ctx = StateCtx.of(stalled)
             done = recovery.attempt(stalled)
-            step = recovery_step(ctx, self.config.max_attempts)
+            step = recovery_step(ctx, self.config.max_attempts, claim="recoverer")
             try:
                 await engine.do(Commit(step))
             except ConflictError:
@@ -527,9 +529,9 @@ class _Run:
                 return
             if step.to != stalled.transition.to:
                 what = f"{state_id!r} handed to its on_exhausted flow after {done} retries"
-                await self._execute(engine, ctx, what)
+                await self._execute(engine, ctx, what, claim="recoverer")
                 return
-            await self._execute(engine, ctx, f"retry {done + 1} of {state_id!r}")
+            await self._execute(engine, ctx, f"retry {done + 1} of {state_id!r}", "recoverer")
 
         return work
 
@@ -541,14 +543,14 @@ class _Run:
             # As the Delayer does: commit against the version the delay is bound to.
             ctx = StateCtx.of(delayed.state)
             try:
-                await engine.do(Commit(fire_step(ctx, delayed)))
+                await engine.do(Commit(fire_step(ctx, delayed, claim="delayer")))
             except ConflictError:
                 self.trace.append(f"  the delay of {state_id!r} lost a conflict")
                 return
             except DriverError as exc:
                 self.trace.append(f"  could not fire the delay of {state_id!r} now: {exc}")
                 return
-            await self._execute(engine, ctx, f"delay of {state_id!r}")
+            await self._execute(engine, ctx, f"delay of {state_id!r}", claim="delayer")
 
         return work
 
