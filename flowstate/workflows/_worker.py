@@ -23,14 +23,9 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-__all__ = ["CLAIM", "Worker", "WorkerStats", "workflow_flows"]
+__all__ = ["Worker", "WorkerStats", "workflow_flows"]
 
 logger = logging.getLogger("flowstate.workflows")
-
-#: Transition annotation of the version a worker commits to claim a plain flow's step (the
-#: engine's: an execution started with a claim writes it on the versions it goes on running).
-CLAIM: Final = fs.CLAIM_ANNOTATION
-
 
 #: The workflow layer's own flows, which the delayer and the recoverer run (a worker's
 #: plain flows are the others).
@@ -266,7 +261,7 @@ class Worker:
                 self._start(state, self._run_pipeline(executor, state))
         elif to not in _LAYER_FLOWS and to in self.engine.flows:
             annotations = state.transition.annotations
-            if CLAIM in annotations or fs.recovery.attempt(state) or state.is_delayed:
+            if fs.CLAIM_ANNOTATION in annotations or fs.recovery.attempt(state) or state.is_delayed:
                 # Claimed (by a worker, or an execution that goes on with it: the
                 # recoverer's, the delayer's), retried by the recoverer (which runs it), or
                 # waiting for its delay (a commit now would cancel it).
@@ -326,7 +321,9 @@ class Worker:
         ctx = fs.StateCtx.of(state)
         to = state.transition.to
         try:
-            await engine.do(fs.Commit(fs.Transit(ctx, to, annotations={CLAIM: self.name})))
+            await engine.do(
+                fs.Commit(fs.Transit(ctx, to, annotations={fs.CLAIM_ANNOTATION: self.name}))
+            )
         except fs.ConflictError:
             self.stats.lost += 1
             return

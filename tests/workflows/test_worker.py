@@ -13,7 +13,6 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.base import Driver
 from flowstate.workflows import FlowManager, Pipeline, Step, StepContext, Worker, workflow_flows
-from flowstate.workflows._worker import CLAIM
 from tests.log_events import first_record
 from tests.workflows.steps import Forever, until_ended
 
@@ -50,7 +49,7 @@ async def test_workers_run_each_plain_step_once(new_driver: Callable[[], Driver]
         assert calls == {(i, step): 1 for i in ids for step in ("pick", "pack")}
         assert first.stats.steps + second.stats.steps == 40
         versions = [v async for v in producer.iter_states(id="order-0")]
-        claims = [v.transition.annotations.get(CLAIM) for v in versions]
+        claims = [v.transition.annotations.get(fs.CLAIM_ANNOTATION) for v in versions]
         assert claims[1] in ("one", "two"), "each step is claimed before it runs"
 
 
@@ -87,7 +86,7 @@ class _Chain:
         async with engine.watch(id=state_id) as versions:
             async for version in versions:
                 if version.transition.to == "s2":
-                    assert CLAIM in version.transition.annotations
+                    assert fs.CLAIM_ANNOTATION in version.transition.annotations
                     break
             await engine.do(fs.Commit(fs.Transit(fs.StateCtx.new("probe"), "probe")))
             await asyncio.wait_for(self.probed.wait(), 20)
@@ -114,7 +113,7 @@ async def test_a_worker_leaves_the_recoverers_execution_alone(engine: fs.Engine)
     async with fs.Engine(engine.driver, flows=chain.flows()) as runner:
         # Claimed by a worker that died: the recoverer retries it, and runs on to s2.
         ctx = fs.StateCtx.new("job")
-        await runner.do(fs.Commit(fs.Transit(ctx, "s1", annotations={CLAIM: "gone"})))
+        await runner.do(fs.Commit(fs.Transit(ctx, "s1", annotations={fs.CLAIM_ANNOTATION: "gone"})))
         async with Worker(runner) as worker, fs.Recoverer(runner, retry_after=0.1, tick=0.02):
             await worker.started()
             await asyncio.wait_for(chain.run_beside(runner, "job"), 30)
@@ -128,7 +127,7 @@ async def test_a_worker_leaves_a_claimed_execution_alone(engine: fs.Engine) -> N
             await worker.started()
             ctx = fs.StateCtx.new("job")
             await runner.do(
-                fs.Commit(fs.Transit(ctx, "s1", annotations={CLAIM: "me"})),
+                fs.Commit(fs.Transit(ctx, "s1", annotations={fs.CLAIM_ANNOTATION: "me"})),
                 fs.Execute(ctx, claim="me"),
             )
             await asyncio.wait_for(chain.run_beside(runner, "job"), 30)

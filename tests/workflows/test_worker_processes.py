@@ -12,7 +12,6 @@ import pytest
 
 import flowstate as fs
 from flowstate.workflows import FlowManager, ManagedFlow
-from flowstate.workflows._worker import CLAIM
 from tests.processes import Process
 from tests.workflows.pipeline_app import CRASHY, GATED, SHARED, SLOW
 
@@ -205,7 +204,7 @@ async def test_a_stopped_worker_hands_plain_steps_to_the_next_one(
         assert [version.transition.to for version in untouched] == ["pick"], "never claimed"
         handed_back = (await engine.get_state(held)).current
         assert handed_back.transition.to == "pack"
-        assert CLAIM not in handed_back.transition.annotations
+        assert fs.CLAIM_ANNOTATION not in handed_back.transition.annotations
 
         # Both were committed while no worker watched: the next worker finds them.
         async with engine.watch(latest_only=True) as watcher:
