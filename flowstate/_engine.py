@@ -392,12 +392,9 @@ class Engine:
             kind = type(command)
             if kind is Commit:
                 last = _last_for(command, ctx)  # type: ignore[arg-type]
-                goes_on = claim is not None and type(last) in _GOES_ON
+                claimed = ctx if claim is not None and type(last) in _GOES_ON else None
                 try:
-                    if goes_on:
-                        await self._commit(command, ctx, claim)  # type: ignore[arg-type]
-                    else:
-                        await self._commit(command)  # type: ignore[arg-type]
+                    await self._commit(command, claimed, claim or "")  # type: ignore[arg-type]
                 except ConflictError as exc:
                     return ExecuteResult("conflict", ctx, steps, exc)
                 if last is None:

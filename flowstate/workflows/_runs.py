@@ -625,9 +625,9 @@ def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
                 item["status"] = StepStatus.FAILED
     return [
         FlowStep(
-            id=f"{run_id}/steps/{name}",
+            id=f"{run_id}/steps/{_attempt_name(step_id, visit, attempt)}",
             flow_id=run_id,
-            run_id=name,
+            run_id=_attempt_name(step_id, visit, attempt),
             task=step_id,
             runtime="pipeline",
             status=item["status"],
@@ -642,5 +642,10 @@ def run_steps(run_id: str, versions: Iterable[fs.State]) -> list[FlowStep]:
             revision=item["revision"],
         )
         for (step_id, visit, attempt), item in attempts.items()
-        for name in [f"{step_id}#{attempt}" if visit == 1 else f"{step_id}@{visit}#{attempt}"]
     ]
+
+
+def _attempt_name(step_id: str, visit: int, attempt: int) -> str:
+    """How a step record names an attempt: ``<step>#<attempt>``, and after the step's first
+    visit ``<step>@<visit>#<attempt>``."""
+    return f"{step_id}#{attempt}" if visit == 1 else f"{step_id}@{visit}#{attempt}"
