@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.serve_process import ServeProcess
+from tests.server.answers import head_rev, json_error
 from tests.server.pipeline_tasks import __name__ as TASKS_MODULE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -45,20 +46,6 @@ def _write(state_id: str, **extra: Any) -> dict[str, Any]:
     return {"state": {"id": state_id}, "expected_rev": 0, **extra}
 
 
-async def _head(client: httpx.AsyncClient) -> int:
-    rev: int = (await client.get("/api/v1/head")).json()["rev"]
-    return rev
-
-
-def _error(response: httpx.Response, status: int, type_: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["type"] == type_, error
-    message: str = error["message"]
-    return message
-
-
 @pytest.mark.parametrize(
     ("writes", "says"),
     [
@@ -78,16 +65,16 @@ def _error(response: httpx.Response, status: int, type_: str) -> str:
 async def test_a_commit_the_engine_could_not_send_is_refused_whole(
     client: httpx.AsyncClient, server: ServeProcess, writes: list[dict[str, Any]], says: str
 ) -> None:
-    head = await _head(client)
+    head = await head_rev(client)
     innocent = _write(f"innocent-{uuid.uuid4().hex[:8]}")
     single = await client.post("/api/v1/commit", json={"writes": [innocent, *writes]})
-    assert says in _error(single, 400, "invalid_command")
+    assert says in json_error(single, 400, "invalid_command")
     batch = await client.post("/api/v1/commits", json={"commits": [{"writes": writes}]})
     assert batch.status_code == 200
     (outcome,) = batch.json()["outcomes"]
     assert outcome["error"]["type"] == "invalid_command"
     assert says in outcome["error"]["message"]
-    assert await _head(client) == head, "nothing was written"
+    assert await head_rev(client) == head, "nothing was written"
     # The recovery services read delays and cursors from the store: they are still running.
     health = (await client.get("/api/v1/recovery")).json()
     assert health["delayer"]["is_leader"]
@@ -158,12 +145,12 @@ async def test_a_body_field_the_route_does_not_know_is_a_400_naming_it(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], unknown: str
 ) -> None:
     # Read without it, "lables" would store a state without its labels: data lost silently.
-    head = await _head(client)
+    head = await head_rev(client)
     response = await client.post(path, json=body)
-    message = _error(response, 400, "bad_request")
+    message = json_error(response, 400, "bad_request")
     assert message.startswith(f"Validation failed for POST {path}: "), message
     assert f"{unknown}: unknown field (the fields are " in message
-    assert await _head(client) == head, "nothing was written"
+    assert await head_rev(client) == head, "nothing was written"
     assert (await client.get("/api/v1/leases/fields")).json()["lease"] is None
 
 
@@ -172,7 +159,7 @@ async def test_every_unknown_field_is_named_with_the_bodys_other_problem(
 ) -> None:
     body = {"writes": [{"state": {"id": "x", "lables": {}}, "expected_rev": "zero", "dat": {}}]}
     response = await client.post("/api/v1/commit", json=body)
-    message = _error(response, 400, "bad_request")
+    message = json_error(response, 400, "bad_request")
     assert "writes[0].state.lables: unknown field (the fields are id, rev, labels," in message
     assert "writes[0].dat: unknown field (the fields are state, expected_rev, data," in message
     assert "writes[0].expected_rev: Expected `int`, got `str`" in message
@@ -201,7 +188,7 @@ async def test_a_query_parameter_the_route_does_not_know_is_a_400_naming_it(
 ) -> None:
     # Ignored, "lable" would answer with every state instead of the orders.
     response = await client.get(httpx.URL(path), timeout=10)  # a watch would stay open
-    message = _error(response, 400, "bad_request")
+    message = json_error(response, 400, "bad_request")
     assert f"{unknown}: unknown query parameter (" in message, message
     assert known in message
 
@@ -220,7 +207,7 @@ async def test_a_body_nested_too_deeply_is_a_400(client: httpx.AsyncClient, path
     response = await client.post(
         path, content=f'{{"x": {nested}}}', headers={"content-type": "application/json"}
     )
-    assert "nested too deeply" in _error(response, 400, "bad_request")
+    assert "nested too deeply" in json_error(response, 400, "bad_request")
 
 
 @pytest.mark.parametrize(
@@ -238,7 +225,7 @@ async def test_a_path_or_query_that_is_not_utf8_is_a_400(
     # Read with replacement characters, %ED%A0%80 would name the state "\ufffd\ufffd\ufffd".
     await client.post("/api/v1/commit", json={"writes": [_write("\ufffd\ufffd\ufffd")]})
     response = await client.get(httpx.URL(path))
-    assert "not UTF-8" in _error(response, 400, "bad_request")
+    assert "not UTF-8" in json_error(response, 400, "bad_request")
 
 
 @pytest.mark.parametrize(
@@ -254,7 +241,7 @@ async def test_a_path_or_query_that_is_not_utf8_is_a_400(
 async def test_a_query_parameter_given_twice_is_a_400(client: httpx.AsyncClient, path: str) -> None:
     # Taking either value would answer a question the client did not ask.
     response = await client.get(httpx.URL(path), timeout=10)  # not a watch stream that stays
-    message = _error(response, 400, "bad_request")
+    message = json_error(response, 400, "bad_request")
     assert message.endswith("is given more than once")
 
 
@@ -276,12 +263,12 @@ async def test_odd_paths_are_json_404s_and_cannot_write_the_log(server: ServePro
     async with httpx.AsyncClient(base_url=server.url) as anonymous:
         # The console's files need no token; a NUL in a file name cannot name one.
         nul = await anonymous.get(httpx.URL(f"/console/%00%0A{forged.replace(' ', '%20')}"))
-        _error(nul, 404, "no_route")
+        json_error(nul, 404, "no_route")
     async with httpx.AsyncClient(
         base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
     ) as client:
-        _error(await client.get("/schema/swagger"), 404, "no_route")
-        _error(await client.get("/schema/nothing/here"), 404, "no_route")
+        json_error(await client.get("/schema/swagger"), 404, "no_route")
+        json_error(await client.get("/schema/nothing/here"), 404, "no_route")
         assert (await client.get("/schema/openapi.json")).json()["info"]["title"] == "flowstate"
         # Whatever was logged about these requests, no client text starts a line of the log.
         await client.get("/health")

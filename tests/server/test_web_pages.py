@@ -25,6 +25,7 @@ import flowstate as fs
 from flowstate.server._origin import loopback_authority
 from flowstate.workflows import FlowManager, FlowStatus
 from tests.serve_process import ServeProcess
+from tests.server.answers import head_rev, json_error
 from tests.server.console_browser import CHROMIUM, LAUNCH_FLAGS, in_thread
 
 pytestmark = pytest.mark.slow
@@ -55,24 +56,10 @@ def commit_body(state_id: str) -> dict[str, Any]:
     return {"writes": [{"state": {"id": state_id, "transition": {"to": "x"}}, "expected_rev": 0}]}
 
 
-def json_error(response: httpx.Response, status: int, kind: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["type"] == kind, error
-    message: str = error["message"]
-    return message
-
-
 async def stored(client: httpx.AsyncClient, state_id: str) -> bool:
     response = await client.get(f"/api/v1/states/{state_id}")
     assert response.status_code in (200, 404), response.text
     return response.status_code == 200
-
-
-async def head(client: httpx.AsyncClient) -> int:
-    rev: int = (await client.get("/api/v1/head")).json()["rev"]
-    return rev
 
 
 # -- bodies that are not JSON -----------------------------------------------------------------
@@ -107,7 +94,7 @@ BODY_ROUTES: list[tuple[str, dict[str, Any]]] = [
 async def test_a_body_that_is_not_json_is_a_415_and_changes_nothing(
     client: httpx.AsyncClient, content_type: str | None
 ) -> None:
-    before = await head(client)
+    before = await head_rev(client)
     headers = {"content-type": content_type} if content_type else {}
     for path, body in BODY_ROUTES:
         request = client.build_request("POST", path, json=body)
@@ -119,7 +106,7 @@ async def test_a_body_that_is_not_json_is_a_415_and_changes_nothing(
     assert not await stored(client, "form-commit")
     assert not await stored(client, "form-commits")
     assert (await client.get("/api/v1/leases/page-lease")).json()["lease"] is None
-    assert await head(client) == before, "nothing was written"
+    assert await head_rev(client) == before, "nothing was written"
 
 
 @pytest.mark.anyio
